@@ -1,0 +1,292 @@
+"""ElasticFakeQuantize: a torch.ao FakeQuantizeBase holding one learnable quantizer per cell of the space.
+
+A *cell* is (symmetric, per_channel, bits). Every cell has its own learnable scale (and, when asymmetric, its own
+learnable zero point, rounded to an integer in the forward pass), so each subnet keeps the range that suits it
+(paper Table 4). Tables are stored per (symmetry, granularity): shape (C, n_bits) per-channel, (1, n_bits)
+per-tensor. Switching the active cell is `set_cell`; it changes which column the forward pass reads.
+
+Integer grids (one source of truth: `primitives.int_range`):
+  * weights: signed grid [-2^(b-1), 2^(b-1)-1]; symmetric cells have zero point 0.
+  * activations: unsigned grid [0, 2^b-1] (dtype quint8, what torch.ao's default backend config accepts);
+    symmetric cells use zero point 0 for non-negative data and 2^(b-1) for signed data, which is exactly the
+    signed symmetric grid shifted by 2^(b-1). Signedness is found by calibration (`signed` buffer).
+
+The module is a FakeQuantizeBase so that torch.ao FX places, converts and serializes it like its own fake-quants.
+The flags and the active cell live in buffers (DDP broadcasts them, state_dict round-trips them); a Python mirror
+of them is what forward reads, so the forward pass never synchronizes with the device.
+"""
+from __future__ import annotations
+
+import torch
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+from .primitives import EPS, fake_quantize, grid_search_qparams, int_range, lsq_grad_factor
+from .space import ElasticSpace
+
+__all__ = ["ElasticFakeQuantize"]
+
+_SAMPLES_PER_BATCH = 8192       # activation values kept from each calibration batch
+_SAMPLE_CAPACITY = 16384        # activation values kept in all (strided subsample beyond that)
+_WEIGHT_SAMPLES_PER_CHANNEL = 512
+
+
+def _tag(symmetric: bool, per_channel: bool) -> str:
+    return ("sym" if symmetric else "asym") + ("_channel" if per_channel else "_tensor")
+
+
+def _strided(t: torch.Tensor, n: int) -> torch.Tensor:
+    """At most about `n` values of the last dimension of `t`, evenly strided (deterministic, no RNG)."""
+    step = max(1, -(-t.shape[-1] // n))
+    return t[..., ::step]
+
+
+class ElasticFakeQuantize(FakeQuantizeBase):
+    """Fake quantizer with independent learnable (scale, zero point) per (symmetry, granularity, bits) cell.
+
+    Args:
+        is_weight: True for a weight quantizer (signed grid, per-channel cells allowed), False for activations.
+        space: the `ElasticSpace` whose cells this quantizer holds (default: the full paper space).
+        ch_axis: channel axis of per-channel weight cells (0 for Conv/Linear weights).
+        factory_kwargs: device/dtype for the parameters (torch.ao passes this to weight quantizers).
+
+    Use through `elastic_qconfig_mapping()`; `Supernet` enumerates and drives these modules.
+    """
+
+    def __init__(self, is_weight: bool = False, space: ElasticSpace | None = None, ch_axis: int = 0,
+                 factory_kwargs: dict | None = None) -> None:
+        super().__init__()
+        space = space if space is not None else ElasticSpace()
+        if not isinstance(space, ElasticSpace):
+            raise TypeError(f"space must be an ElasticSpace, got {type(space).__name__}")
+        fk = dict(factory_kwargs or {})
+        fk["dtype"] = torch.float32
+        self.is_weight = bool(is_weight)
+        self.space = space
+        self.ch_axis = int(ch_axis) if is_weight else -1
+        self.bit_choices = space.cell_bits(is_weight)
+        self.sym_choices = space.weight_symmetric if is_weight else space.act_symmetric
+        self.pc_choices = space.weight_per_channel if is_weight else (False,)
+        self._col = {b: i for i, b in enumerate(self.bit_choices)}
+        n = len(self.bit_choices)
+        for sym in self.sym_choices:
+            for pc in self.pc_choices:
+                tag = _tag(sym, pc)
+                self.register_parameter(f"scale_{tag}", torch.nn.Parameter(torch.ones(1, n, **fk)))
+                if not sym:
+                    self.register_parameter(f"zero_point_{tag}", torch.nn.Parameter(torch.zeros(1, n, **fk)))
+        dev = fk.get("device")
+        # Default active cell: the widest bits, the first symmetry/granularity of the space.
+        self.register_buffer("active_bits", torch.tensor([max(self.bit_choices)], dtype=torch.long, device=dev))
+        self.register_buffer("active_symmetric", torch.tensor([int(self.sym_choices[0])], dtype=torch.uint8,
+                                                              device=dev))
+        self.register_buffer("active_per_channel", torch.tensor([int(self.pc_choices[0])], dtype=torch.uint8,
+                                                                device=dev))
+        self.register_buffer("signed", torch.tensor([int(self.is_weight)], dtype=torch.uint8, device=dev))
+        self.register_buffer("eps", torch.tensor([EPS], device=dev))
+        self.observer_enabled.fill_(0)     # "observer" = collect calibration statistics; off until calibrate()
+        self._calib_reset()
+        self._sync_mirror()
+
+    # --- FakeQuantizeBase contract -------------------------------------------------------------------------
+    is_dynamic = False
+
+    @property
+    def activation_post_process(self):
+        """torch.ao reads observer attributes (dtype, quant_min, ...) from here; we are our own observer."""
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.qint8 if self.is_weight else torch.quint8
+
+    @property
+    def qscheme(self) -> torch.qscheme:
+        if self._pc:
+            return torch.per_channel_symmetric if self._sym else torch.per_channel_affine
+        return torch.per_tensor_symmetric if self._sym else torch.per_tensor_affine
+
+    @property
+    def quant_min(self) -> int:
+        return self._grid()[0]
+
+    @property
+    def quant_max(self) -> int:
+        return self._grid()[1]
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        super().enable_fake_quant(enabled)
+        self._fq_on = bool(enabled)
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        super().enable_observer(enabled)
+        self._observing = bool(enabled)
+
+    @torch.no_grad()
+    def calculate_qparams(self):
+        """(scale, zero_point) of the active cell: float (C,) or (1,), and integer zero point of the same shape."""
+        scale, zp = self._active_qparams()
+        return scale.detach().clone(), zp.detach().round().to(torch.int32)
+
+    # --- the active cell -----------------------------------------------------------------------------------
+    @property
+    def cell(self) -> tuple[int, bool, bool]:
+        """(bits, symmetric, per_channel) of the active cell."""
+        return self._bits, self._sym, self._pc
+
+    def set_cell(self, bits: int, symmetric: bool = True, per_channel: bool = False) -> None:
+        """Make (bits, symmetric, per_channel) the active cell; raises ValueError naming the valid choices."""
+        if bits not in self._col:
+            raise ValueError(f"{bits}-bit is not in this quantizer's space {self.bit_choices}; pick one of them or "
+                             "widen the ElasticSpace passed to elastic_qconfig_mapping")
+        if symmetric not in self.sym_choices:
+            raise ValueError(f"symmetric={symmetric} is not in this quantizer's space {self.sym_choices}")
+        if per_channel not in self.pc_choices:
+            what = "activations are per-tensor only" if not self.is_weight else f"space allows {self.pc_choices}"
+            raise ValueError(f"per_channel={per_channel} is not allowed here: {what}")
+        self.active_bits.fill_(int(bits))
+        self.active_symmetric.fill_(int(symmetric))
+        self.active_per_channel.fill_(int(per_channel))
+        self._bits, self._sym, self._pc = int(bits), bool(symmetric), bool(per_channel)
+
+    def _sync_mirror(self) -> None:
+        """Refresh the Python copy of the buffers (after construction or load_state_dict; syncs once)."""
+        self._bits = int(self.active_bits.item())
+        self._sym = bool(self.active_symmetric.item())
+        self._pc = bool(self.active_per_channel.item())
+        self._signed = bool(self.signed.item())
+        self._fq_on = bool(self.fake_quant_enabled.item())
+        self._observing = bool(self.observer_enabled.item())
+
+    def _grid(self, bits: int | None = None) -> tuple[int, int]:
+        return int_range(self._bits if bits is None else bits, signed=self.is_weight)
+
+    def _fixed_zero_point(self, bits: int) -> int:
+        """Zero point of a symmetric cell: 0, except signed activations on the unsigned grid (2^(b-1))."""
+        return (1 << (bits - 1)) if (not self.is_weight and self._signed) else 0
+
+    def _active_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tag, col = _tag(self._sym, self._pc), self._col[self._bits]
+        scale = getattr(self, f"scale_{tag}")[:, col].abs().clamp(min=EPS)
+        if self._sym:
+            zp = torch.full_like(scale, float(self._fixed_zero_point(self._bits)))
+        else:
+            zp = getattr(self, f"zero_point_{tag}")[:, col]
+        return scale, zp
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observing:
+            self._observe(x)
+        if not self._fq_on:
+            return x
+        scale, zp = self._active_qparams()
+        qmin, qmax = self._grid()
+        if self._pc:
+            shape = [1] * x.dim()
+            shape[self.ch_axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+            numel = x.numel() // max(x.shape[self.ch_axis], 1)
+        else:
+            numel = x.numel()
+        qmax_pos = qmax if not (self.is_weight or self._signed) else (1 << (self._bits - 1)) - 1
+        return fake_quantize(x, scale, zp, qmin, qmax, lsq_grad_factor(numel, qmax_pos))
+
+    # --- per-channel tables --------------------------------------------------------------------------------
+    def materialize(self, num_channels: int) -> None:
+        """Size the per-channel tables for `num_channels` output channels (`Supernet` calls this)."""
+        if not self.is_weight or True not in self.pc_choices:
+            return
+        for sym in self.sym_choices:
+            names = [f"scale_{_tag(sym, True)}"] + ([] if sym else [f"zero_point_{_tag(sym, True)}"])
+            for name in names:
+                p = getattr(self, name)
+                if p.shape[0] != num_channels:
+                    p.data = p.data[:1].expand(num_channels, -1).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Per-channel tables take the channel count of the checkpoint (a freshly prepared model has C = 1).
+        for name, p in self.named_parameters(recurse=False):
+            src = state_dict.get(prefix + name)
+            if src is not None and src.dim() == 2 and src.shape[1] == p.shape[1] and src.shape[0] != p.shape[0]:
+                p.data = torch.empty_like(src, device=p.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._sync_mirror()
+
+    # --- calibration ---------------------------------------------------------------------------------------
+    def _calib_reset(self) -> None:
+        self._calib_samples: list[torch.Tensor] = []
+        self._calib_count = 0
+        self._calib_min: torch.Tensor | None = None
+        self._weight_seen: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        if self.is_weight:
+            self._weight_seen = x.detach()
+            return
+        flat = x.detach().reshape(1, -1).float()
+        mn = flat.min()
+        self._calib_min = mn if self._calib_min is None else torch.minimum(self._calib_min, mn)
+        self._calib_samples.append(_strided(flat, _SAMPLES_PER_BATCH)[0])
+        self._calib_count += 1
+
+    @torch.no_grad()
+    def finish_calibration(self, all_gather=None) -> None:
+        """Initialize every cell from what was observed since the observer was enabled (paper grid search).
+
+        Args:
+            all_gather: optional callable mapping a 1-D tensor to the concatenation of that tensor over all
+                ranks (data-parallel training: every rank then computes identical scales). `Supernet.calibrate`
+                passes one when torch.distributed is initialized.
+        Raises:
+            RuntimeError: nothing was observed.
+        """
+        if self.is_weight:
+            if self._weight_seen is None:
+                raise RuntimeError("calibration saw no weight: run forward passes with the observer enabled")
+            self._init_weight_cells(self._weight_seen)
+        else:
+            if not self._calib_samples:
+                raise RuntimeError("calibration saw no activation: this quantizer was never reached by the "
+                                   "calibration batches (check the batches reach every branch of the model)")
+            sample = _strided(torch.cat(self._calib_samples)[None], _SAMPLE_CAPACITY)[0]
+            if all_gather is not None:
+                sample = all_gather(sample)
+            self._init_act_cells(sample)
+        self._calib_reset()
+
+    def _init_weight_cells(self, w: torch.Tensor) -> None:
+        w = w.detach().float().movedim(self.ch_axis, 0)
+        for sym in self.sym_choices:
+            for pc in self.pc_choices:
+                x = _strided(w.reshape(w.shape[0], -1), _WEIGHT_SAMPLES_PER_CHANNEL) if pc else \
+                    _strided(w.reshape(1, -1), _SAMPLE_CAPACITY)
+                tag = _tag(sym, pc)
+                if pc:
+                    self.materialize(w.shape[0])
+                for b, col in self._col.items():
+                    s, z = grid_search_qparams(x, b, signed=True, symmetric=sym, per_channel=True)
+                    getattr(self, f"scale_{tag}")[:, col] = s
+                    if not sym:
+                        getattr(self, f"zero_point_{tag}")[:, col] = z
+
+    def _init_act_cells(self, x: torch.Tensor) -> None:
+        signed = bool(x.numel()) and bool(x.min() < 0)
+        self.signed.fill_(int(signed))
+        self._signed = signed
+        for sym in self.sym_choices:
+            tag = _tag(sym, False)
+            for b, col in self._col.items():
+                # symmetric signed data: signed grid (zero point fixed at 2^(b-1) on the unsigned grid);
+                # everything else: the unsigned grid.
+                s, z = grid_search_qparams(x, b, signed=sym and signed, symmetric=sym, per_channel=False)
+                getattr(self, f"scale_{tag}")[:, col] = s
+                if not sym:
+                    getattr(self, f"zero_point_{tag}")[:, col] = z
+
+    def extra_repr(self) -> str:
+        kind = "weight" if self.is_weight else ("activation, signed" if self._signed else "activation, unsigned")
+        return (f"{kind}, bits={self.bit_choices}, active=(bits={self._bits}, symmetric={self._sym}, "
+                f"per_channel={self._pc})")

@@ -1,0 +1,365 @@
+"""`Supernet`: a view over a prepared GraphModule that enumerates quantizer groups and layers and switches subnets.
+
+The model stays the user's GraphModule (train it, wrap it in DDP, save its state_dict as usual); the Supernet only
+holds references to its `ElasticFakeQuantize` modules and knows the graph around them.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .fake_quant import ElasticFakeQuantize
+from .fx import convert_reference, unprepared_layers
+from .space import ElasticSpace, QuantChoice, SubnetConfig
+
+__all__ = ["Supernet", "Layer", "batch_inputs"]
+
+_SHAPE_WALK_LIMIT = 16   # how many non-quantizer nodes to walk back from a layer to find its input quantizer
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A weighted layer: its module name and type, and the names of its weight and input-activation groups
+    (`input` is None when no activation quantizer feeds it)."""
+
+    name: str
+    kind: str
+    weight: str
+    input: str | None
+
+
+def batch_inputs(batch) -> torch.Tensor:
+    """The input tensor of a batch that is either a tensor or an (inputs, targets, ...) tuple/list."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(f"a batch must be a tensor or an (inputs, targets) tuple, got {type(batch).__name__}")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class Supernet:
+    """View over a GraphModule prepared with `elastic_qconfig_mapping`.
+
+    Args:
+        model: the output of `prepare_qat_fx(model, elastic_qconfig_mapping(space), example_inputs)`.
+        space: the space to sample from (default: the space the quantizers were built with). It must be covered by
+            the quantizers' cells.
+
+    Attributes:
+        groups: name -> ElasticFakeQuantize, one entry per distinct quantizer object (FX may reuse one for several
+            nodes), weights and activations in graph order.
+        layers: the weighted layers (`Layer`), in graph order.
+        fixed_groups: groups kept at `space.fixed_bits`: the first and last layers' weight and input quantizers and
+            the quantizers of the model outputs.
+
+    Example:
+        >>> sn = Supernet(gm)                                  # doctest: +SKIP
+        >>> sn.calibrate(batches)                              # doctest: +SKIP
+        >>> with sn.activate(sn.uniform(4, 4)):                # doctest: +SKIP
+        ...     logits = gm(x)
+    """
+
+    def __init__(self, model: torch.fx.GraphModule, space: ElasticSpace | None = None) -> None:
+        if not isinstance(model, torch.fx.GraphModule):
+            raise TypeError(f"Supernet needs the GraphModule returned by prepare_qat_fx, got {type(model).__name__}; "
+                            "call prepare_qat_fx(model, eqnet_plugin.elastic_qconfig_mapping(), example_inputs) first")
+        self.model = model
+        named = list(model.named_modules(remove_duplicate=False))
+        fqs = [(n, m) for n, m in named if isinstance(m, ElasticFakeQuantize)]
+        if not fqs:
+            raise ValueError("the model holds no ElasticFakeQuantize: prepare it with "
+                             "prepare_qat_fx(model, eqnet_plugin.elastic_qconfig_mapping(), example_inputs)")
+        left = unprepared_layers(model)
+        if left:
+            raise ValueError(f"layers {left[:6]} were not prepared for QAT (their qconfig was dropped, e.g. by a "
+                             "backend_config that rejects the elastic dtypes): prepare without backend_config or "
+                             "with elastic_backend_config()")
+        self.space = space if space is not None else fqs[0][1].space
+        if not isinstance(self.space, ElasticSpace):
+            raise TypeError(f"space must be an ElasticSpace, got {type(self.space).__name__}")
+
+        name_of: dict[int, str] = {}
+        for n, m in fqs:
+            name_of.setdefault(id(m), n)
+        modules = dict(named)
+        by_name = {name_of[id(m)]: m for _, m in fqs}
+
+        # Graph walk: order of activation groups, layers and their inputs, output groups.
+        act_order: list[str] = []
+        layers: list[Layer] = []
+        output_groups: set[str] = set()
+        for node in model.graph.nodes:
+            mod = modules.get(node.target) if node.op == "call_module" else None
+            if isinstance(mod, ElasticFakeQuantize):
+                g = name_of[id(mod)]
+                if g not in act_order:
+                    act_order.append(g)
+                if any(u.op == "output" for u in node.users):
+                    output_groups.add(g)
+            elif isinstance(getattr(mod, "weight_fake_quant", None), ElasticFakeQuantize):
+                layers.append(Layer(node.target, type(mod).__name__, name_of[id(mod.weight_fake_quant)],
+                                    self._input_group(node, modules, name_of)))
+                mod.weight_fake_quant.materialize(mod.weight.shape[0])
+        weight_order = [lay.weight for lay in layers]
+        # Weight quantizers of modules not called in the graph (rare) still are groups.
+        weight_order += [name_of[id(m)] for n, m in fqs if m.is_weight and name_of[id(m)] not in weight_order]
+        self.groups: dict[str, ElasticFakeQuantize] = {g: by_name[g] for g in weight_order + act_order}
+        self.layers: list[Layer] = layers
+        self.weight_groups = [g for g in self.groups if self.groups[g].is_weight]
+        self.act_groups = [g for g in self.groups if not self.groups[g].is_weight]
+
+        fixed: set[str] = set()
+        if self.space.fixed_bits is not None and layers:
+            for lay in (layers[0], layers[-1]):
+                fixed.add(lay.weight)
+                if lay.input is not None:
+                    fixed.add(lay.input)
+            fixed |= output_groups
+        self.fixed_groups = frozenset(fixed)
+        self._check_space_covered()
+
+    @staticmethod
+    def _input_group(node, modules, name_of) -> str | None:
+        cur = node.args[0] if node.args else None
+        for _ in range(_SHAPE_WALK_LIMIT):
+            if not isinstance(cur, torch.fx.Node):
+                return None
+            mod = modules.get(cur.target) if cur.op == "call_module" else None
+            if isinstance(mod, ElasticFakeQuantize):
+                return name_of[id(mod)]
+            cur = cur.args[0] if cur.args else None
+        return None
+
+    def _check_space_covered(self) -> None:
+        for g, fq in self.groups.items():
+            bits = self.space.weight_bits if fq.is_weight else self.space.act_bits
+            syms = self.space.weight_symmetric if fq.is_weight else self.space.act_symmetric
+            missing = [b for b in bits if b not in fq.bit_choices] + [s for s in syms if s not in fq.sym_choices]
+            if fq.is_weight:
+                missing += [p for p in self.space.weight_per_channel if p not in fq.pc_choices]
+            if missing:
+                raise ValueError(f"the Supernet space asks for {missing} that quantizer {g!r} was not built with; "
+                                 "prepare the model with elastic_qconfig_mapping(space) for the same space")
+
+    # --- configs --------------------------------------------------------------------------------------------
+    def _choices(self, g: str) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[bool, ...]]:
+        fq = self.groups[g]
+        if fq.is_weight:
+            bits, syms, pcs = self.space.weight_bits, self.space.weight_symmetric, self.space.weight_per_channel
+        else:
+            bits, syms, pcs = self.space.act_bits, self.space.act_symmetric, (False,)
+        if g in self.fixed_groups:
+            bits = (self.space.fixed_bits,)
+        return bits, syms, pcs
+
+    def validate(self, cfg: SubnetConfig) -> None:
+        """Raise ValueError naming the problem if `cfg` does not fit this supernet and space."""
+        if not isinstance(cfg, SubnetConfig):
+            raise TypeError(f"expected a SubnetConfig, got {type(cfg).__name__}")
+        extra = [g for g in cfg.groups if g not in self.groups]
+        if extra:
+            raise ValueError(f"SubnetConfig names groups this model does not have: {extra[:6]}; valid group names "
+                             f"come from Supernet.groups (e.g. {next(iter(self.groups))!r})")
+        missing = [g for g in self.groups if g not in cfg.groups]
+        if missing:
+            raise ValueError(f"SubnetConfig misses groups {missing[:6]} ({len(missing)} in all); build configs with "
+                             "Supernet.sample/uniform/max_config or SubnetConfig.replace on one of them")
+        for g, ch in cfg.groups.items():
+            bits, syms, pcs = self._choices(g)
+            if ch.bits not in bits:
+                why = " (first/last layer or model output: fixed_bits)" if g in self.fixed_groups else ""
+                raise ValueError(f"group {g!r}: {ch.bits}-bit is outside the space{why}; allowed bits: {bits}")
+            if ch.symmetric not in syms:
+                raise ValueError(f"group {g!r}: symmetric={ch.symmetric} is outside the space; allowed: {syms}")
+            if ch.per_channel not in pcs:
+                raise ValueError(f"group {g!r}: per_channel={ch.per_channel} is not allowed; allowed: {pcs}"
+                                 + ("" if self.groups[g].is_weight else " (activations are per-tensor)"))
+
+    def apply(self, cfg: SubnetConfig) -> None:
+        """Switch every quantizer to its cell in `cfg` (validated first; nothing changes if it is invalid)."""
+        self.validate(cfg)
+        for g, ch in cfg.groups.items():
+            self.groups[g].set_cell(ch.bits, ch.symmetric, ch.per_channel)
+
+    @contextlib.contextmanager
+    def activate(self, cfg: SubnetConfig) -> Iterator[SubnetConfig]:
+        """Context manager: run with `cfg` active, restore the previous cells afterwards (also on error)."""
+        previous = self.current_config()
+        self.apply(cfg)
+        try:
+            yield cfg
+        finally:
+            for g, ch in previous.groups.items():
+                self.groups[g].set_cell(ch.bits, ch.symmetric, ch.per_channel)
+
+    def current_config(self) -> SubnetConfig:
+        """The active cells as a SubnetConfig."""
+        return SubnetConfig({g: QuantChoice(*fq.cell) for g, fq in self.groups.items()})
+
+    def _build(self, pick_bits, symmetric, per_channel, generator, act_symmetric=None) -> SubnetConfig:
+        out = {}
+        for g in self.groups:
+            bits, syms, pcs = self._choices(g)
+            sym = act_symmetric if (act_symmetric is not None and not self.groups[g].is_weight) else symmetric
+            out[g] = QuantChoice(pick_bits(g, bits), self._pick(g, "symmetric", sym, syms, generator),
+                                 self._pick(g, "per_channel", per_channel, pcs, generator))
+        return SubnetConfig(out)
+
+    @staticmethod
+    def _pick(g: str, what: str, want: bool | None, options: tuple, generator) -> bool:
+        if want is None:
+            if generator is None or len(options) == 1:
+                return options[0]
+            return options[int(torch.randint(len(options), (1,), generator=generator))]
+        if want not in options:
+            if what == "per_channel" and want and options == (False,):
+                return False        # activations are per-tensor whatever the weights use
+            raise ValueError(f"{what}={want} is outside the space for group {g!r}; allowed: {options}")
+        return want
+
+    def sample(self, generator: torch.Generator | None = None, symmetric: bool | None = None,
+               per_channel: bool | None = None) -> SubnetConfig:
+        """A random subnet: uniform bits per group; symmetry/granularity random per group unless given."""
+        def pick(g, bits):
+            return bits[int(torch.randint(len(bits), (1,), generator=generator))]
+        return self._build(pick, symmetric, per_channel, generator)
+
+    def max_config(self, symmetric: bool | None = None, per_channel: bool | None = None,
+                   generator: torch.Generator | None = None) -> SubnetConfig:
+        """Every group at its widest bits. Symmetry/granularity as given, random per group with a generator, else
+        the space's first option (symmetric, per-channel for the default space)."""
+        return self._build(lambda g, bits: max(bits), symmetric, per_channel, generator)
+
+    def min_config(self, symmetric: bool | None = None, per_channel: bool | None = None,
+                   generator: torch.Generator | None = None) -> SubnetConfig:
+        """Every group at its narrowest bits (fixed groups stay at fixed_bits)."""
+        return self._build(lambda g, bits: min(bits), symmetric, per_channel, generator)
+
+    def uniform(self, w_bits: int, a_bits: int, symmetric: bool = True, per_channel: bool = False,
+                act_symmetric: bool | None = None) -> SubnetConfig:
+        """Weights at `w_bits`, activations at `a_bits` (fixed groups at fixed_bits), one scheme everywhere.
+
+        `act_symmetric` overrides `symmetric` for activations (e.g. TensorRT-style W sym / A sym, QNN-style
+        W sym / A asym).
+        """
+        for what, b, allowed in (("w_bits", w_bits, self.space.weight_bits), ("a_bits", a_bits, self.space.act_bits)):
+            if b not in allowed:
+                raise ValueError(f"{what}={b} is outside the space; allowed: {allowed}")
+        return self._build(lambda g, bits: bits[0] if len(bits) == 1 else
+                           (w_bits if self.groups[g].is_weight else a_bits),
+                           symmetric, per_channel, None, act_symmetric)
+
+    # --- data-driven steps ----------------------------------------------------------------------------------
+    def _elastic_modules(self) -> list[ElasticFakeQuantize]:
+        return list(self.groups.values())
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable, max_batches: int | None = None) -> int:
+        """Initialize every cell of every quantizer (paper grid search) from float activations on `batches`.
+
+        Args:
+            batches: iterable of input tensors or (inputs, targets) tuples.
+            max_batches: stop after this many batches.
+        Returns:
+            the number of batches used.
+        Under torch.distributed the statistics are gathered from all ranks, so every rank gets identical scales.
+        """
+        fqs = self._elastic_modules()
+        was_training = self.model.training
+        device = _device_of(self.model)
+        self.model.eval()
+        n = 0
+        try:
+            for fq in fqs:
+                fq.enable_observer(True)
+                fq.enable_fake_quant(False)
+            for batch in batches:
+                if max_batches is not None and n >= max_batches:
+                    break
+                self.model(batch_inputs(batch).to(device))
+                n += 1
+            if n == 0:
+                raise ValueError("calibrate() got no batches; pass an iterable of input tensors or (x, y) tuples")
+            gather = _all_gather_fn()
+            for fq in fqs:
+                fq.finish_calibration(all_gather=None if fq.is_weight else gather)
+        finally:
+            for fq in fqs:
+                fq.enable_observer(False)
+                fq.enable_fake_quant(True)
+                fq._calib_reset()
+            self.model.train(was_training)
+        return n
+
+    @torch.no_grad()
+    def recalibrate_bn(self, batches: Iterable, max_batches: int | None = None) -> int:
+        """Re-estimate BatchNorm statistics for the active subnet on `batches` (reset, then cumulative average).
+
+        Use training batches, never test data. Returns the number of batches used.
+        """
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            return 0
+        saved = [(m.momentum, m.training) for m in bns]
+        was_training = self.model.training
+        device = _device_of(self.model)
+        n = 0
+        try:
+            self.model.eval()
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            for batch in batches:
+                if max_batches is not None and n >= max_batches:
+                    break
+                self.model(batch_inputs(batch).to(device))
+                n += 1
+        finally:
+            for m, (momentum, training) in zip(bns, saved):
+                m.momentum = momentum
+                m.train(training)
+            self.model.train(was_training)
+        if n == 0:
+            raise ValueError("recalibrate_bn() got no batches; pass training batches (tensors or (x, y) tuples)")
+        return n
+
+    def to_reference(self, cfg: SubnetConfig | None = None) -> torch.fx.GraphModule:
+        """Decomposed reference model of one subnet (default: the active one); keeps sub-8-bit ranges and matches
+        the prepared model's eval output. The supernet itself is left unchanged."""
+        with self.activate(cfg if cfg is not None else self.current_config()):
+            return convert_reference(self.model)
+
+    def __repr__(self) -> str:
+        return (f"Supernet({len(self.layers)} layers, {len(self.weight_groups)} weight groups, "
+                f"{len(self.act_groups)} activation groups, {len(self.fixed_groups)} fixed)")
+
+
+def _all_gather_fn():
+    """A callable concatenating a 1-D tensor over all ranks, or None outside torch.distributed."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        n = torch.tensor([t.numel()], device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, n)
+        width = int(max(s.item() for s in sizes))
+        padded = torch.zeros(width, dtype=t.dtype, device=t.device)
+        padded[: t.numel()] = t
+        out = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(out, padded)
+        return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+    return gather
