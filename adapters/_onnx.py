@@ -1,0 +1,138 @@
+"""Shared ONNX plumbing for the adapters: export a FrozenSubnet with *markers* at every quantized tensor, then let
+each adapter replace the markers by what its target needs.
+
+Why markers instead of torch's quantized ONNX export: torch's exporters reject or silently drop sub-8-bit ranges
+(FACTS.md), and ONNX Runtime's `quantize_static` places Q/DQ by its own rules, which differ from where torch.ao
+placed the fake-quants we trained with. A marker (custom op ``eqnet.QuantPoint`` carrying the group name) survives
+the TorchScript exporter exactly where the QuantPoint was, so every adapter writes its nodes at the training
+placement: Q -> DQ (optionally with Clip for sub-8-bit) for ONNX Runtime and TensorRT, nothing (a stable tensor
+name) for QNN's encodings file.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import tempfile
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from eqnet_plugin.freeze import FrozenSubnet, QuantPoint
+
+__all__ = ["MARKER_DOMAIN", "MARKER_OP", "export_marked", "replace_markers", "save_model_atomic"]
+
+MARKER_DOMAIN = "eqnet"
+MARKER_OP = "QuantPoint"
+
+
+class _Marker(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, name: str):
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g, x, name: str):
+        return g.op(f"{MARKER_DOMAIN}::{MARKER_OP}", x, group_s=name).setType(x.type())
+
+
+class _MarkerPoint(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x):
+        return _Marker.apply(x, self.name)
+
+
+def _swap_points(module: nn.Module) -> nn.Module:
+    """Replace every QuantPoint (also inside Quant layers) by a marker, in place."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, QuantPoint):
+            setattr(module, name, _MarkerPoint(child.name))
+        else:
+            _swap_points(child)
+    return module
+
+
+def export_marked(frozen: FrozenSubnet, example_inputs: tuple, opset: int = 17, input_names=("input",),
+                  output_names=("output",), dynamic_batch: bool = True):
+    """Export `frozen` as float ONNX with an ``eqnet.QuantPoint`` marker node at every quantized tensor.
+
+    Returns the `onnx.ModelProto` (markers included; not yet valid for runtimes).
+    """
+    import onnx
+
+    if not isinstance(example_inputs, tuple):
+        raise TypeError("example_inputs must be a tuple of tensors, e.g. (torch.randn(1, 3, 224, 224),)")
+    graph = _swap_points(copy.deepcopy(frozen.graph)).eval()
+    axes = {n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, example_inputs, buf, opset_version=opset, input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=axes, dynamo=False,
+                          do_constant_folding=True, custom_opsets={MARKER_DOMAIN: 1})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def replace_markers(model, make_nodes: Callable[[str, str, str], list]) -> dict[str, str]:
+    """Replace each marker node by ``make_nodes(group, input_name, output_name)`` (a list of onnx NodeProtos
+    reading `input_name` and writing `output_name`; an empty list means "wire input straight through").
+
+    Returns group -> the tensor name that carries the quantized value (the marker's output name, or its input
+    name where the marker was removed). Removes the marker opset import. Raises if a marker has no group.
+    """
+    graph = model.graph
+    new_nodes, carried, renames = [], {}, {}
+    for node in graph.node:
+        if node.domain == MARKER_DOMAIN and node.op_type == MARKER_OP:
+            group = next((a.s.decode() for a in node.attribute if a.name == "group"), None)
+            if group is None:
+                raise ValueError("marker node without a group attribute")
+            src = renames.get(node.input[0], node.input[0])
+            nodes = make_nodes(group, src, node.output[0])
+            if nodes:
+                new_nodes.extend(nodes)
+                carried.setdefault(group, node.output[0])
+            else:
+                renames[node.output[0]] = src
+                carried.setdefault(group, src)
+        else:
+            for i, name in enumerate(node.input):
+                if name in renames:
+                    node.input[i] = renames[name]
+            new_nodes.append(node)
+    for out in graph.output:
+        if out.name in renames:
+            # a graph output must keep its name: add an Identity
+            from onnx import helper
+            new_nodes.append(helper.make_node("Identity", [renames[out.name]], [out.name]))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    keep = [o for o in model.opset_import if o.domain != MARKER_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return carried
+
+
+def save_model_atomic(model, path: str | os.PathLike) -> str:
+    """Check and write an ONNX model via a temporary file and a rename; returns the path."""
+    import onnx
+
+    path = os.fspath(path)
+    onnx.checker.check_model(model)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".onnx")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

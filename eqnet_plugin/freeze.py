@@ -1,0 +1,280 @@
+"""Freeze one subnet into the neutral export IR that every adapter reads (DESIGN section 7).
+
+`freeze(supernet, cfg)` returns a `FrozenSubnet`: a float `torch.fx.GraphModule` with BatchNorm folded into the
+weights (using the subnet's own BN statistics) in which every quantized tensor passes through a `QuantPoint`
+carrying its `QParams` (scale, zero point, integer range, bits, axis, symmetry, signedness). Weighted layers become
+`QuantConv{1,2,3}d` / `QuantLinear`: plain torch layers whose weight passes through their own `QuantPoint`.
+Its forward pass reproduces the supernet's eval output under `activate(cfg)`; adapters swap the QuantPoints (and
+layers) for their framework's modules or for ONNX Q/DQ nodes.
+
+QParams grids are the natural ones for export: weights on the signed grid; activations on the unsigned grid,
+except symmetric activations of signed data, which use the signed grid with zero point 0 (the training module
+stores them on the unsigned grid with zero point 2^(b-1): the same numbers).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fake_quant import ElasticFakeQuantize
+from .primitives import int_range
+from .space import SubnetConfig
+
+__all__ = ["QParams", "QuantPoint", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "FrozenLayer",
+           "FrozenSubnet", "freeze"]
+
+
+@dataclass(frozen=True, eq=False)
+class QParams:
+    """How one tensor is quantized: ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``,
+    ``x_hat = (q - zero_point) * scale``.
+
+    Attributes:
+        scale: float32 tensor, shape (C,) per-channel or (1,) per-tensor.
+        zero_point: int32 tensor of the same shape, inside [qmin, qmax].
+        qmin, qmax: the integer grid; `signed` is ``qmin < 0``.
+        bits: bit-width.
+        axis: channel axis for per-channel tensors, None for per-tensor.
+        symmetric: the zero point is fixed at 0 (signed grid) / 0 (unsigned grid, non-negative data).
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+    bits: int
+    axis: int | None
+    symmetric: bool
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def _broadcast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z = self.scale.to(x.device), self.zero_point.to(x.device, torch.float32)
+        if self.axis is not None:
+            shape = [1] * x.dim()
+            shape[self.axis] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+        return s, z
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (int32) of `x`."""
+        s, z = self._broadcast(x)
+        return torch.clamp(torch.round(x * (1.0 / s)) + z, self.qmin, self.qmax).to(torch.int32)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        s, z = self._broadcast(q)
+        return (q.to(torch.float32) - z) * s
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize with exactly the arithmetic of training (`primitives.fake_quantize`)."""
+        s, z = self._broadcast(x)
+        return (torch.clamp(torch.round(x * (1.0 / s)) + z, self.qmin, self.qmax) - z) * s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale.tolist(), "zero_point": self.zero_point.tolist(), "qmin": self.qmin,
+                "qmax": self.qmax, "bits": self.bits, "axis": self.axis, "symmetric": self.symmetric,
+                "signed": self.signed}
+
+    @classmethod
+    def from_fake_quant(cls, fq: ElasticFakeQuantize) -> "QParams":
+        """The active cell of `fq`, on the natural export grid (see module docstring)."""
+        scale, zp = fq.calculate_qparams()
+        bits, symmetric, per_channel = fq.cell
+        scale = scale.detach().float().cpu()
+        zp = zp.detach().to(torch.int32).cpu()
+        if fq.is_weight:
+            qmin, qmax = int_range(bits, signed=True)
+        elif symmetric and fq._signed:
+            qmin, qmax = int_range(bits, signed=True)
+            zp = torch.zeros_like(zp)
+        else:
+            qmin, qmax = int_range(bits, signed=False)
+        return cls(scale, zp, qmin, qmax, bits, fq.ch_axis if per_channel else None, symmetric)
+
+
+class QuantPoint(nn.Module):
+    """Marks a quantized tensor in a frozen graph; forward = fake quantization with its `QParams`."""
+
+    def __init__(self, name: str, qparams: QParams) -> None:
+        super().__init__()
+        self.name = name
+        self.qparams = qparams
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qparams.fake_quant(x)
+
+    def extra_repr(self) -> str:
+        q = self.qparams
+        return (f"{self.name!r}, bits={q.bits}, {'signed' if q.signed else 'unsigned'}, "
+                f"{'symmetric' if q.symmetric else 'asymmetric'}, {'per-channel' if q.per_channel else 'per-tensor'}")
+
+
+class _QuantWeightMixin:
+    weight_quant: QuantPoint
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized (dequantized) weight the layer computes with."""
+        return self.weight_quant(self.weight)
+
+
+class QuantConv1d(_QuantWeightMixin, nn.Conv1d):
+    def forward(self, x):
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+
+
+class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+
+
+class QuantConv3d(_QuantWeightMixin, nn.Conv3d):
+    def forward(self, x):
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+
+
+class QuantLinear(_QuantWeightMixin, nn.Linear):
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight_quant(self.weight), self.bias)
+
+
+_CONV_BY_DIM = {1: QuantConv1d, 2: QuantConv2d, 3: QuantConv3d}
+
+
+@dataclass(frozen=True)
+class FrozenLayer:
+    """A weighted layer of the frozen graph: `module` is the QuantConv/QuantLinear at graph target `name`
+    (wrapped as ``nn.Sequential(layer, nn.ReLU())`` when the training module had a fused ReLU)."""
+
+    name: str
+    kind: str
+    weight_group: str
+    input_group: str | None
+    relu: bool
+
+
+class FrozenSubnet(nn.Module):
+    """The neutral export IR of one subnet (see module docstring).
+
+    Attributes:
+        graph: float GraphModule with QuantPoints and Quant layers.
+        config: the SubnetConfig it was frozen from.
+        qparams: group name -> QParams, for every quantized tensor (weights and activations).
+        layers: the weighted layers (`FrozenLayer`), in graph order.
+    """
+
+    def __init__(self, graph: torch.fx.GraphModule, config: SubnetConfig, qparams: dict[str, QParams],
+                 layers: list[FrozenLayer]) -> None:
+        super().__init__()
+        self.graph = graph
+        self.config = config
+        self.qparams = qparams
+        self.layers = layers
+
+    def forward(self, *args):
+        return self.graph(*args)
+
+    def layer_module(self, name: str) -> nn.Module:
+        """The QuantConv/QuantLinear of layer `name` (unwrapping the ReLU Sequential)."""
+        mod = self.graph.get_submodule(name)
+        return mod[0] if isinstance(mod, nn.Sequential) else mod
+
+    def quant_points(self) -> dict[str, QuantPoint]:
+        """Activation QuantPoints by group name (weights' QuantPoints live inside their layers)."""
+        out: dict[str, QuantPoint] = {}
+        for _, m in self.graph.named_modules():
+            if isinstance(m, QuantPoint) and not self.qparams_is_weight(m.name):
+                out.setdefault(m.name, m)
+        return out
+
+    def qparams_is_weight(self, group: str) -> bool:
+        return any(lay.weight_group == group for lay in self.layers)
+
+
+def _fold(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float weight and bias of a QAT module with its BatchNorm folded in, computed exactly as the QAT module
+    computes the tensor its weight quantizer sees (weight * gamma / sqrt(running_var + eps))."""
+    w = mod.weight.detach()
+    b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
+    bn = getattr(mod, "bn", None)
+    if bn is None:
+        return w.clone(), None if b is None else b.clone()
+    running_std = torch.sqrt(bn.running_var + bn.eps)
+    scale_factor = bn.weight.detach() / running_std
+    shape = [1] * w.dim()
+    shape[0] = -1
+    w = w * scale_factor.reshape(shape)
+    b0 = b if b is not None else torch.zeros_like(bn.running_mean)
+    bias = (b0 - bn.running_mean) * scale_factor + bn.bias.detach()
+    return w, bias
+
+
+def _float_layer(mod: nn.Module, qp: QuantPoint) -> nn.Module:
+    w, b = _fold(mod)
+    if isinstance(mod, nn.Linear):
+        new = QuantLinear(mod.in_features, mod.out_features, bias=b is not None)
+    else:
+        dim = w.dim() - 2
+        cls = _CONV_BY_DIM[dim]
+        new = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                  mod.groups, bias=b is not None, padding_mode=mod.padding_mode)
+    new = new.to(device=w.device)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    new.weight_quant = qp
+    return new
+
+
+@torch.no_grad()
+def freeze(supernet, cfg: SubnetConfig | None = None) -> FrozenSubnet:
+    """Freeze subnet `cfg` (default: the active one) of `supernet` into a `FrozenSubnet`.
+
+    The supernet is left unchanged. The frozen model is in eval mode; its output equals the supernet's eval output
+    under ``activate(cfg)`` up to float rounding of the BN fold (measured in the adapter tests).
+
+    Raises:
+        ValueError: `cfg` does not fit the supernet (from `Supernet.validate`).
+    """
+    cfg = cfg if cfg is not None else supernet.current_config()
+    with supernet.activate(cfg):
+        qparams = {g: QParams.from_fake_quant(fq) for g, fq in supernet.groups.items()}
+        gm = copy.deepcopy(supernet.model)
+    gm.eval()
+    points = {g: QuantPoint(g, qp) for g, qp in qparams.items()}
+    ids = {id(fq): g for g, fq in supernet.groups.items()}
+    src_modules = dict(supernet.model.named_modules(remove_duplicate=False))
+
+    layers: list[FrozenLayer] = []
+    for lay in supernet.layers:
+        mod = gm.get_submodule(lay.name)
+        relu = "ReLU" in type(mod).__name__
+        new = _float_layer(mod, points[lay.weight])
+        _set_submodule(gm, lay.name, nn.Sequential(new, nn.ReLU()) if relu else new)
+        layers.append(FrozenLayer(lay.name, type(new).__name__, lay.weight, lay.input, relu))
+    for name, m in src_modules.items():
+        if isinstance(m, ElasticFakeQuantize) and not m.is_weight and id(m) in ids:
+            _set_submodule(gm, name, points[ids[id(m)]])
+    leftover = [n for n, m in gm.named_modules() if isinstance(m, ElasticFakeQuantize)]
+    if leftover:
+        raise RuntimeError(f"freeze left elastic quantizers in the graph: {leftover[:5]} (unsupported module "
+                           "holding a weight quantizer); please report the model")
+    gm.recompile()
+    frozen = FrozenSubnet(gm, cfg, qparams, layers)
+    return frozen.eval()
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent_name, _, attr = target.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
