@@ -49,7 +49,11 @@ class _MarkerPoint(nn.Module):
 
 def _swap_points(module: nn.Module) -> nn.Module:
     """Replace every QuantPoint (also inside Quant layers) by a marker, in place."""
-    for name, child in list(module.named_children()):
+    # _modules, not named_children(): FX shares one quantizer under several attribute names, and
+    # named_children() yields a shared module only once, which would leave the second use un-marked.
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
         if isinstance(child, QuantPoint):
             setattr(module, name, _MarkerPoint(child.name))
         else:

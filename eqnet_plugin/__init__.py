@@ -1,15 +1,24 @@
-"""eqnet_plugin: EQ-Net elastic quantization for torch.ao FX QAT.
+"""eqnet_plugin: EQ-Net elastic quantization (one weight-sharing supernet, many mixed-precision subnets) for
+torch.ao FX QAT, with search and export to TensorRT, Brevitas and Qualcomm QNN.
 
     gm = prepare_qat_fx(model, elastic_qconfig_mapping(), example_inputs)
     sn = Supernet(gm); sn.calibrate(batches)
-    with sn.activate(sn.uniform(4, 4)): logits = gm(x)
+    losses = sandwich_step(sn, x, y, optimizer, generator=g)         # inside your training loop
+    acc = evaluate(sn, sn.uniform(4, 4), val_loader, bn_batches)
+    frozen = freeze(sn, best_cfg)                                      # then eqnet_plugin.adapters.*
 """
-from .fake_quant import ElasticFakeQuantize
-from .fx import elastic_backend_config, elastic_qconfig_mapping, prepare_qat
-from .space import ElasticSpace, QuantChoice, SubnetConfig
-from .supernet import Supernet
-
 __version__ = "0.1.0"
 
+from . import search
+from .fake_quant import ElasticFakeQuantize
+from .freeze import FrozenSubnet, QParams, freeze
+from .fx import elastic_backend_config, elastic_qconfig_mapping, prepare_qat
+from .losses import WDRLoss, gpg_losses
+from .space import ElasticSpace, QuantChoice, SubnetConfig
+from .supernet import Supernet
+from .train import evaluate, evaluate_configs, load_checkpoint, sandwich_step, save_checkpoint, train_supernet
+
 __all__ = ["ElasticSpace", "QuantChoice", "SubnetConfig", "ElasticFakeQuantize", "elastic_qconfig_mapping",
-           "elastic_backend_config", "prepare_qat", "Supernet", "__version__"]
+           "elastic_backend_config", "prepare_qat", "Supernet", "WDRLoss", "gpg_losses", "sandwich_step",
+           "evaluate", "evaluate_configs", "train_supernet", "save_checkpoint", "load_checkpoint", "freeze",
+           "FrozenSubnet", "QParams", "search", "__version__"]

@@ -41,6 +41,8 @@ class DataSplits:
         in_channels: image channels C.
         mean, std: per-channel normalization statistics (of the training split) that were applied.
         classes: class names, index = label.
+        indices: for each split, the positions of its samples in the source data (train, val, test order), so a
+            split can be reproduced or audited.
     """
 
     train: TensorDataset
@@ -51,6 +53,7 @@ class DataSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    indices: tuple[tuple[int, ...], ...] = ()
 
     @property
     def image_size(self) -> int:
@@ -108,7 +111,7 @@ def _make_splits(images: torch.Tensor, labels: np.ndarray, parts: tuple[np.ndarr
     y = torch.as_tensor(labels, dtype=torch.long)
     sets = [TensorDataset(x, y[torch.as_tensor(p, dtype=torch.long)]) for x, p in zip((tr, va, te), parts)]
     return DataSplits(*sets, num_classes=num_classes, in_channels=int(images.shape[1]), mean=mean, std=std,
-                      classes=classes)
+                      classes=classes, indices=tuple(tuple(int(i) for i in p) for p in parts))
 
 
 # --- digits ---------------------------------------------------------------------------------------------------

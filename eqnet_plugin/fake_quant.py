@@ -179,16 +179,22 @@ class ElasticFakeQuantize(FakeQuantizeBase):
             self._observe(x)
         if not self._fq_on:
             return x
-        scale, zp = self._active_qparams()
+        bits, tag = self._bits, _tag(self._sym, self._pc)
+        col = self._col[bits]
+        scale = getattr(self, "scale_" + tag)[:, col].abs().clamp(min=EPS)                  # (C,) or (1,)
+        # Symmetric cells: a fixed integer zero point (no gradient, scalar clamp bounds in the kernel).
+        zp = self._fixed_zero_point(bits) if self._sym else getattr(self, "zero_point_" + tag)[:, col]
         qmin, qmax = self._grid()
         if self._pc:
             shape = [1] * x.dim()
             shape[self.ch_axis] = -1
-            scale, zp = scale.reshape(shape), zp.reshape(shape)
+            scale = scale.reshape(shape)                                                    # (C, 1, ..., 1)
+            if not self._sym:
+                zp = zp.reshape(shape)
             numel = x.numel() // max(x.shape[self.ch_axis], 1)
         else:
             numel = x.numel()
-        qmax_pos = qmax if not (self.is_weight or self._signed) else (1 << (self._bits - 1)) - 1
+        qmax_pos = qmax if not (self.is_weight or self._signed) else (1 << (bits - 1)) - 1
         return fake_quantize(x, scale, zp, qmin, qmax, lsq_grad_factor(numel, qmax_pos))
 
     # --- per-channel tables --------------------------------------------------------------------------------

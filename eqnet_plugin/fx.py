@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.ao.nn.intrinsic as nni
 import torch.ao.nn.intrinsic.qat as nniqat
+from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 import torch.ao.nn.qat as nnqat
 import torch.nn.functional as F
 from torch import nn
@@ -205,15 +206,42 @@ def prepare_qat(model: nn.Module, example_inputs: tuple, space: ElasticSpace | N
 
 
 def convert_reference(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Decomposed reference conversion (keeps sub-8-bit ranges). Converts a deep copy; observers are disabled."""
+    """Decomposed reference conversion (keeps sub-8-bit ranges). Converts a deep copy; observers are disabled.
+
+    torch.ao folds BatchNorm into the converted conv weights as ``w * (gamma * rsqrt(var + eps))``, while the QAT
+    Conv-BN modules fake-quantize ``w * (gamma / sqrt(var + eps))``; the two differ in the last bit for some
+    channels, and a weight that sits within one ulp of a rounding boundary then lands on another integer (about one
+    weight in a million once BN statistics have moved away from their initial values). The converted weights are
+    therefore replaced by the exact values the QAT forward quantizes, so the reference integer weights are the
+    trained ones.
+    """
     gm = copy.deepcopy(gm)
     for m in gm.modules():
         if isinstance(m, FakeQuantizeBase):
             m.disable_observer()
     gm.eval()
+    qat_weights = {name: _qat_folded_weight(m) for name, m in gm.named_modules() if isinstance(m, _ConvBnNd)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        return _convert_to_reference_decomposed_fx(gm)
+        ref = _convert_to_reference_decomposed_fx(gm)
+    for name, w in qat_weights.items():
+        conv = ref.get_submodule(name)
+        conv = conv[0] if isinstance(conv, nni._FusedModule) else conv                  # ConvReLU: (conv, relu)
+        if getattr(conv, "weight", None) is None or conv.weight.shape != w.shape:
+            raise RuntimeError(f"reference conversion changed layer {name!r} unexpectedly ({type(conv).__name__}); "
+                               "please report this with the torch version")
+        with torch.no_grad():
+            conv.weight.copy_(w)
+    return ref
+
+
+@torch.no_grad()
+def _qat_folded_weight(m: "_ConvBnNd") -> torch.Tensor:
+    """The weight a QAT Conv-BN module feeds its weight fake-quant, computed exactly as torch.ao's forward does."""
+    bn = m.bn
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+    scale_factor = gamma / torch.sqrt(bn.running_var + bn.eps)
+    return (m.weight * scale_factor.reshape([-1] + [1] * (m.weight.dim() - 1))).detach().clone()
 
 
 def unprepared_layers(gm: torch.fx.GraphModule) -> list[str]:

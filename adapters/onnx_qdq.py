@@ -1,0 +1,342 @@
+"""Generic ONNX Q/DQ export of a frozen subnet, for ONNX Runtime (DESIGN section 7).
+
+Every quantized tensor of the `FrozenSubnet` becomes explicit QuantizeLinear / DequantizeLinear nodes at exactly the
+place torch.ao put the fake-quant we trained with (the markers of `adapters._onnx.export_marked`):
+
+* weights: the integer codes are computed here with `QParams.quantize` (the arithmetic of training) and stored as an
+  int8 (or int4) initializer feeding one DequantizeLinear (per-channel: 1-D scale and zero point with ``axis``). This
+  is the pattern ONNX Runtime's own quantizer writes, so Conv/Gemm fuse into QLinearConv/QGemm, and the weights are
+  bit-exact whatever their bit-width (codes of a b-bit grid are valid int8 codes).
+  With ``low_bit="int4"`` (opset >= 21) weights of <= 4 bits are stored as INT4.
+* activations: ``QuantizeLinear -> DequantizeLinear`` with a scalar scale and a zero point whose type is the grid's
+  (uint8 for the unsigned grid, int8 for the signed one). Sub-8-bit grids keep the 8-bit container and add a
+  ``Clip(qmin, qmax)`` between Q and DQ. They are not written as INT4/UINT4 even with ``low_bit="int4"``: ONNX
+  Runtime 1.32 fuses ``DQ(uint4) -> Conv`` into a QLinearConv that rejects 4-bit inputs (the default session fails
+  to load the model), its MaxPool rejects uint4 inputs, and ONNX Clip has no 4-bit types for 2/3-bit grids.
+
+torch's exporters reject or silently drop sub-8-bit ranges (FACTS.md), and ONNX Runtime's `quantize_static` places
+Q/DQ by its own rules (e.g. it does not re-quantize after an average pool as torch.ao does), so the nodes are written
+here explicitly.
+
+ONNX Runtime computes ``round(x / scale)`` where training computes ``round(x * (1 / scale))``; values exactly at a
+rounding boundary may therefore land one step apart, which is why parity is measured in LSBs (tests).
+
+Shared quantizers: torch.ao re-uses one fake-quant for an op's input and output (ReLU -> average pool -> ...); each
+use gets its own Q/DQ pair with the same scale and zero point, as in training.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from eqnet_plugin.freeze import FrozenLayer, FrozenSubnet, QParams, QuantPoint, freeze
+
+from ._onnx import export_marked, replace_markers, save_model_atomic
+
+__all__ = ["export_onnx", "build_qdq_model", "as_frozen", "generic_encoding", "int_tensor", "Encoding", "LOW_BIT_MODES"]
+
+LOW_BIT_MODES = ("clip", "int4")
+MIN_QDQ_OPSET = 13          # per-axis QuantizeLinear/DequantizeLinear
+INT4_OPSET = 21             # INT4/UINT4 tensor types
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How one quantized tensor is written in ONNX.
+
+    Attributes:
+        dtype: ONNX TensorProto type of the integer tensor (INT8, UINT8, INT4, UINT4).
+        scale: float32 array, shape () per-tensor or (C,) per-channel.
+        zero_point: integer array of the same shape (values in the `dtype` range).
+        axis: channel axis for per-channel tensors, else None.
+        clip: integer range to Clip to between Q and DQ (sub-8-bit grids in 8-bit containers), else None.
+    """
+
+    dtype: int
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+    clip: tuple[int, int] | None = None
+
+
+def as_frozen(model, cfg=None) -> FrozenSubnet:
+    """A `FrozenSubnet` from a FrozenSubnet, a `Supernet` (+ optional `cfg`, default its active subnet), or a
+    ``(supernet, cfg)`` tuple.
+
+    Raises:
+        TypeError: anything else.
+        ValueError: `cfg` does not fit the supernet.
+    """
+    from eqnet_plugin.supernet import Supernet
+
+    if isinstance(model, FrozenSubnet):
+        if cfg is not None:
+            raise TypeError("cfg is only used with a Supernet; a FrozenSubnet already holds its subnet")
+        return model
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], Supernet):
+        if cfg is not None:
+            raise TypeError("pass either (supernet, cfg) or supernet with cfg=..., not both")
+        return freeze(*model)
+    if isinstance(model, Supernet):
+        return freeze(model, cfg)
+    raise TypeError(f"expected a FrozenSubnet, a Supernet or a (Supernet, SubnetConfig) tuple, got "
+                    f"{type(model).__name__}; freeze a subnet with eqnet_plugin.freeze.freeze(supernet, cfg)")
+
+
+def _onnx_int_types():
+    from onnx import TensorProto
+    return {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8,
+            (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4}
+
+
+def int_tensor(name: str, dtype: int, values: np.ndarray):
+    """An integer initializer of ONNX type `dtype` (INT8/UINT8 via raw bytes; INT4/UINT4 packed by onnx)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if dtype in (TensorProto.INT8, TensorProto.UINT8):
+        np_dtype = np.int8 if dtype == TensorProto.INT8 else np.uint8
+        return numpy_helper.from_array(np.asarray(values).astype(np_dtype), name)
+    values = np.asarray(values)
+    return helper.make_tensor(name, dtype, list(values.shape), values.reshape(-1).astype(np.int64).tolist())
+
+
+def _np_array(values: torch.Tensor, per_channel: bool, dtype) -> np.ndarray:
+    arr = values.detach().cpu().numpy().astype(dtype)
+    return arr if per_channel else arr.reshape(())
+
+
+def generic_encoding(qp: QParams, is_weight: bool, low_bit: str = "clip", opset: int = 17) -> Encoding:
+    """The `Encoding` `export_onnx` uses for `qp` (see module docstring).
+
+    ``low_bit="int4"`` stores weights of <= 4 bits as INT4 (opset >= 21). Activations always use 8-bit containers:
+    ONNX Runtime 1.32 fuses ``DQ(uint4) -> Conv`` into a QLinearConv that rejects 4-bit inputs (invalid graph at
+    the default optimization level), and its MaxPool rejects uint4 inputs.
+    """
+    types = _onnx_int_types()
+    use_int4 = is_weight and low_bit == "int4" and opset >= INT4_OPSET and qp.bits <= 4
+    container = 4 if use_int4 else 8
+    dtype = types[(container, qp.signed)]
+    clip = (qp.qmin, qp.qmax) if qp.bits < container and not is_weight else None   # weights: codes are constants
+    zp_np = np.int8 if qp.signed else np.uint8
+    return Encoding(dtype, _np_array(qp.scale, qp.per_channel, np.float32),
+                    _np_array(qp.zero_point, qp.per_channel, zp_np), qp.axis, clip)
+
+
+def _unshared(frozen: FrozenSubnet) -> FrozenSubnet:
+    """A copy whose QuantPoints are distinct objects at every place they are used.
+
+    torch.ao reuses one fake-quant for an op's input and output (e.g. ReLU -> avg pool), and the marker export only
+    swaps each module object once, so shared points are split here (same name and QParams) to get one marker each.
+    """
+    graph = copy.deepcopy(frozen.graph)
+    seen: set[int] = set()
+    for name, mod in list(graph.named_modules(remove_duplicate=False)):
+        if isinstance(mod, QuantPoint):
+            if id(mod) in seen:
+                parent_name, _, attr = name.rpartition(".")
+                parent = graph.get_submodule(parent_name) if parent_name else graph
+                setattr(parent, attr, QuantPoint(mod.name, mod.qparams))
+            seen.add(id(mod))
+    return FrozenSubnet(graph, frozen.config, frozen.qparams, frozen.layers)
+
+
+def _constants(graph) -> Callable[[str], np.ndarray | None]:
+    """A lookup of constant tensors by name: initializers, Constant nodes and Identity chains over them (torch's
+    exporter de-duplicates equal initializers through Identity nodes)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def value(name: str, depth: int = 0) -> np.ndarray | None:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producers.get(name)
+        if node is None or depth > 8:
+            return None
+        if node.op_type == "Identity":
+            return value(node.input[0], depth + 1)
+        if node.op_type == "Constant":
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            return None if attr is None else numpy_helper.to_array(attr.t)
+        return None
+    return value
+
+
+def _split_bias(node, bias: np.ndarray, weight_rank: int, new_inits: dict) -> list:
+    """Rewrite ``Conv/Gemm(x, W, b)`` as ``Add(Conv/Gemm(x, W), b)``; returns [the new Add node]."""
+    from onnx import helper, numpy_helper
+
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        bias = bias * np.float32(attrs.get("beta", 1.0))                      # (C,) broadcasts over (N, C)
+    else:
+        bias = bias.reshape((-1,) + (1,) * (weight_rank - 2))                 # (C, 1, 1) for 2-D convs
+    name = f"{node.output[0]}.bias"
+    new_inits[name] = numpy_helper.from_array(bias.astype(np.float32), name)
+    out = node.output[0]
+    node.output[0] = f"{out}.no_bias"
+    del node.input[2:]
+    return [helper.make_node("Add", [node.output[0], name], [out], name=f"{out}.add_bias")]
+
+
+def build_qdq_model(frozen: FrozenSubnet, example_inputs: tuple, opset: int,
+                    encode: Callable[[str, QParams, bool], Encoding],
+                    float_bias_add: Callable[[FrozenLayer], bool] | None = None):
+    """Export `frozen` with Q/DQ nodes written by ``encode(group, qparams, is_weight)``; returns the onnx.ModelProto.
+
+    Weight groups become integer initializers + DequantizeLinear; activation groups become QuantizeLinear
+    (-> Clip) -> DequantizeLinear. Unused float weight initializers are removed. Layers for which
+    ``float_bias_add(layer)`` is true get their bias as a separate float Add after the Conv/Gemm (see
+    `export_onnx`).
+    """
+    from onnx import helper
+
+    if opset < MIN_QDQ_OPSET:
+        raise ValueError(f"opset {opset} is too old for per-channel Q/DQ; use opset >= {MIN_QDQ_OPSET}")
+    model = export_marked(_unshared(frozen), example_inputs, opset=opset)
+    graph = model.graph
+    constant = _constants(graph)
+    layer_of_weight = {lay.weight_group: lay for lay in frozen.layers}
+    new_inits: dict[str, object] = {}
+    encodings: dict[str, Encoding] = {}
+    weight_outputs: dict[str, FrozenLayer] = {}
+
+    def qparams_inits(group: str, enc: Encoding) -> tuple[str, str]:
+        s_name, z_name = f"{group}.scale", f"{group}.zero_point"
+        if s_name not in new_inits:
+            new_inits[s_name] = helper.make_tensor(s_name, 1, list(enc.scale.shape), enc.scale.reshape(-1).tolist())
+            new_inits[z_name] = int_tensor(z_name, enc.dtype, enc.zero_point)
+        return s_name, z_name
+
+    def make_nodes(group: str, src: str, dst: str) -> list:
+        if group not in frozen.qparams:
+            raise KeyError(f"marker for unknown group {group!r}; the FrozenSubnet and its graph disagree")
+        qp = frozen.qparams[group]
+        is_weight = group in layer_of_weight
+        enc = encodings.setdefault(group, encode(group, qp, is_weight))
+        axis = {} if enc.axis is None else {"axis": int(enc.axis)}
+        s_name, z_name = qparams_inits(group, enc)
+        if is_weight:
+            w = constant(src)
+            if w is None:
+                raise RuntimeError(f"weight marker {group!r} does not read a constant ({src!r}); please report the "
+                                   "model (weights computed in the graph are not supported)")
+            codes = qp.quantize(torch.from_numpy(w.copy())).numpy()             # int32 codes on qp's grid
+            q_name = f"{group}.weight_quantized"
+            new_inits[q_name] = int_tensor(q_name, enc.dtype, codes)
+            weight_outputs[dst] = layer_of_weight[group]
+            return [helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dst], name=f"{dst}.dq", **axis)]
+        q_out = f"{dst}.q"
+        nodes = [helper.make_node("QuantizeLinear", [src, s_name, z_name], [q_out], name=f"{dst}.quantize", **axis)]
+        if enc.clip is not None:
+            lo, hi = f"{group}.qmin", f"{group}.qmax"
+            if lo not in new_inits:
+                new_inits[lo] = int_tensor(lo, enc.dtype, np.array(enc.clip[0]))
+                new_inits[hi] = int_tensor(hi, enc.dtype, np.array(enc.clip[1]))
+            nodes.append(helper.make_node("Clip", [q_out, lo, hi], [f"{dst}.clip"], name=f"{dst}.clip"))
+            q_out = f"{dst}.clip"
+        nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dst], name=f"{dst}.dequantize",
+                                      **axis))
+        return nodes
+
+    replace_markers(model, make_nodes)
+    if float_bias_add is not None:
+        nodes = []
+        for node in graph.node:
+            nodes.append(node)
+            lay = weight_outputs.get(node.input[1]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 \
+                else None
+            if lay is None or len(node.input) < 3 or not node.input[2] or not float_bias_add(lay):
+                continue
+            bias = constant(node.input[2])
+            if bias is not None:
+                rank = frozen.layer_module(lay.name).weight.dim()
+                nodes.extend(_split_bias(node, bias, rank, new_inits))
+        del graph.node[:]
+        graph.node.extend(nodes)
+    graph.initializer.extend(new_inits.values())
+    _drop_unused(graph)
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = opset
+    return model
+
+
+def _drop_unused(graph) -> None:
+    """Remove nodes and initializers that no graph output depends on (e.g. float weights replaced by codes)."""
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    needed: set[str] = set()
+    live: set[int] = set()
+    stack = [o.name for o in graph.output]
+    while stack:                      # bounded: each name is expanded once
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        i = producer.get(name)
+        if i is not None and i not in live:
+            live.add(i)
+            stack.extend(x for x in nodes[i].input if x)
+    keep_inits = [t for t in graph.initializer if t.name in needed]
+    del graph.node[:]
+    graph.node.extend(n for i, n in enumerate(nodes) if i in live)
+    del graph.initializer[:]
+    graph.initializer.extend(keep_inits)
+
+
+def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=None, opset: int | None = None,
+                low_bit: str = "clip") -> str:
+    """Write `frozen` as an ONNX model with Q/DQ nodes at every quantized tensor, runnable by ONNX Runtime.
+
+    Args:
+        frozen: a `FrozenSubnet`, a `Supernet` (with `cfg`, default its active subnet) or a ``(supernet, cfg)`` tuple.
+        example_inputs: tuple of input tensors for tracing (the batch dimension is exported as dynamic).
+        path: output file; written atomically (nothing is left behind on error).
+        cfg: the subnet, when `frozen` is a Supernet.
+        opset: ONNX opset (default 17, or 21 for ``low_bit="int4"``).
+        low_bit: ``"clip"``: sub-8-bit activations in 8-bit containers with Clip between Q and DQ, sub-8-bit
+            weights as int8 codes; ``"int4"``: in addition, weights of <= 4 bits stored as INT4 (opset >= 21).
+            Activations keep 8-bit containers in both modes (see `generic_encoding`).
+    Returns:
+        `path` as a string.
+    Raises:
+        ValueError: unknown `low_bit`, or ``low_bit="int4"`` with opset < 21.
+
+    Numerics: ONNX Runtime executing the graph as written (``GraphOptimizationLevel.ORT_DISABLE_ALL``) computes
+    the subnet's arithmetic; results differ from torch only where float rounding (summation order, ``x / s`` vs
+    ``x * (1 / s)``) tips a value across a rounding boundary (the tests measure this in output LSBs). Its default
+    session instead runs integer kernels (QLinearConv, QLinearAdd, QLinearGlobalAveragePool) and first rounds float
+    biases to int32 at scale ``s_in * s_w`` (its WeightBiasQuantization pass): fast for 8-bit layers, and a small
+    but real change of arithmetic (measured: trained compact models keep >= 99% top-1 agreement; a random-init
+    MobileNetV2, whose outputs move by tens of LSBs under any float-rounding change, only 56-66%). Pass
+    ``disabled_optimizers=["WeightBiasQuantization"]`` to ``InferenceSession`` to keep float biases. Layers with a
+    sub-8-bit input or weight grid (no integer kernels exist for them) get their bias as a separate float Add,
+    which that pass leaves alone (it moved 4-bit subnets far more: top-1 agreement 70% on a compact model).
+
+    Example:
+        >>> export_onnx(freeze(sn, cfg), (torch.randn(1, 3, 224, 224),), "runs/subnet.onnx")  # doctest: +SKIP
+    """
+    if low_bit not in LOW_BIT_MODES:
+        raise ValueError(f"low_bit must be one of {LOW_BIT_MODES}, got {low_bit!r}")
+    if opset is None:
+        opset = INT4_OPSET if low_bit == "int4" else 17
+    if low_bit == "int4" and opset < INT4_OPSET:
+        raise ValueError(f"low_bit='int4' needs the INT4/UINT4 types of opset {INT4_OPSET}; pass opset="
+                         f"{INT4_OPSET} (or low_bit='clip' for 8-bit containers)")
+    frozen = as_frozen(frozen, cfg)
+
+    def low_bit_layer(lay: FrozenLayer) -> bool:
+        groups = [lay.weight_group] + ([lay.input_group] if lay.input_group else [])
+        return any(frozen.qparams[g].bits < 8 for g in groups)
+
+    model = build_qdq_model(frozen, example_inputs, opset,
+                            lambda group, qp, is_weight: generic_encoding(qp, is_weight, low_bit, opset),
+                            float_bias_add=low_bit_layer)
+    return save_model_atomic(model, path)

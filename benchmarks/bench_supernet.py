@@ -1,0 +1,276 @@
+"""One EQ-Net supernet vs a dedicated LSQ QAT run per reference config, on the embedded digits (issue 3).
+
+For every model (TinyResNet, TinyMobileNetV2) and every split seed:
+  0. a float model is trained (Adam, cosine) and calibrated once (`Supernet.calibrate`, all cells);
+  (a) ONE supernet training from that start: sandwich rule (H / R / L), GPG (lam 0.5, T 1), WDR (1.0 / 0.015);
+  (b) a dedicated LSQ QAT run per reference config, W2A2 / W3A3 / W4A4 / W8A8 x {sym per-tensor, asym per-tensor,
+      sym per-channel}, from the same calibrated start, with the same per-step recipe (Adam, lr, cosine schedule,
+      batches in the same order, same number of steps), one forward per step, cross-entropy;
+  (c) ablations of (a): without WDR, and without GPG (plain cross-entropy for every subnet), evaluated at 2 and 3 bits.
+Every subnet is evaluated on the test split after BN recalibration on 8 fixed training batches. Wall times count
+training only (the float model and the calibration are shared by all runs).
+
+    python benchmarks/bench_supernet.py --budget small          # smoke run, a few steps, writes nothing
+    python benchmarks/bench_supernet.py --budget full           # the recorded configuration (BENCHMARKS.md)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, update_section  # noqa: E402
+
+from eqnet_plugin import Supernet, elastic_backend_config, elastic_qconfig_mapping  # noqa: E402
+from eqnet_plugin.data import digits_loaders  # noqa: E402
+from eqnet_plugin.losses import WDRLoss  # noqa: E402
+from eqnet_plugin.models import build_model  # noqa: E402
+from eqnet_plugin.train import (accuracy, bn_batches_from, cosine_scheduler, evaluate, evaluate_configs,  # noqa: E402
+                                lsq_qat, train_float, train_supernet)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_supernet.json"
+PARTIAL = Path(__file__).resolve().parent.parent / "runs" / "bench_supernet_partial.json"   # git-ignored
+SCHEMES = {"sym/tensor": (True, False), "asym/tensor": (False, False), "sym/channel": (True, True)}
+BITS = (2, 3, 4, 8)
+BUDGETS = {
+    # name: models, split seeds, float epochs, QAT epochs, max QAT steps (None = all)
+    "small": dict(models=("tiny_resnet", "tiny_mobilenet_v2"), seeds=(0,), float_epochs=1, epochs=1, max_steps=3),
+    "full": dict(models=("tiny_resnet", "tiny_mobilenet_v2"), seeds=(0, 1, 2), float_epochs=30, epochs=8,
+                 max_steps=None),
+}
+
+
+def reference_configs(sn: Supernet) -> dict[str, object]:
+    return {f"W{b}A{b} {s}": sn.uniform(b, b, symmetric=sym, per_channel=pc)
+            for b in BITS for s, (sym, pc) in SCHEMES.items()}
+
+
+def _prepare(model, example):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bc = elastic_backend_config() if "mobilenet" in type(model).__name__.lower() else None
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+        gm = prepare_qat_fx(copy.deepcopy(model), elastic_qconfig_mapping(), example, backend_config=bc)
+    return Supernet(gm)
+
+
+def _copy(sn: Supernet) -> Supernet:
+    return Supernet(copy.deepcopy(sn.model), sn.space)
+
+
+def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int, image_size: int,
+              float_lr: float = 3e-3) -> dict:
+    train, _, test = digits_loaders(batch_size, image_size, seed=seed, split_seed=seed)
+    steps = cfg["epochs"] * len(train) if cfg["max_steps"] is None else cfg["max_steps"]
+    torch.manual_seed(seed)
+    model = build_model(model_name)
+    t = time.perf_counter()
+    train_float(model, train, cfg["float_epochs"], lr=float_lr)
+    out = {"model": model_name, "seed": seed, "steps": steps, "float_seconds": time.perf_counter() - t,
+           "float_acc": accuracy(model, test)}
+    bn = bn_batches_from(train.dataset, 8, batch_size, seed=seed)
+    base = _prepare(model, (bn[0][0],))
+    t = time.perf_counter()
+    base.calibrate(bn)
+    out["calibration_seconds"] = time.perf_counter() - t
+    configs = reference_configs(base)
+    low = {k: v for k, v in configs.items() if k.startswith(("W2", "W3"))}
+
+    def fresh_loader_state():
+        train.generator.manual_seed(seed)            # every run sees the same batches in the same order
+
+    def supernet_run(**kw) -> tuple[Supernet, float]:
+        sn = _copy(base)
+        opt = torch.optim.Adam(sn.model.parameters(), lr=lr)
+        fresh_loader_state()
+        h = train_supernet(sn, train, opt, cfg["epochs"], scheduler=cosine_scheduler(opt, steps),
+                           generator=torch.Generator().manual_seed(seed), max_steps=cfg["max_steps"],
+                           progress=False, **kw)
+        return sn, h["seconds"]
+
+    sn, out["supernet_seconds"] = supernet_run(wdr=WDRLoss())
+    out["supernet"] = evaluate_configs(sn, configs, test, bn)
+    out["dedicated"], out["dedicated_seconds"] = {}, {}
+    for name, c in configs.items():
+        d = _copy(base)
+        opt = torch.optim.Adam(d.model.parameters(), lr=lr)
+        fresh_loader_state()
+        h = lsq_qat(d, c, train, opt, cfg["epochs"],
+                    scheduler=cosine_scheduler(opt, steps), max_steps=cfg["max_steps"])
+        out["dedicated_seconds"][name] = h["seconds"]
+        out["dedicated"][name] = evaluate(d, c, test, bn)
+    for key, kw in (("no_wdr", dict(wdr=None)), ("no_gpg", dict(wdr=WDRLoss(), gpg=False))):
+        sn, out[f"{key}_seconds"] = supernet_run(**kw)
+        out[key] = evaluate_configs(sn, low, test, bn)
+    return out
+
+
+def _run_job(job: tuple) -> dict:
+    warnings.filterwarnings("ignore")
+    return run_split(*job)
+
+
+def _ms(values: list[float]) -> str:
+    """mean +- sample std in percent points."""
+    m = 100 * statistics.fmean(values)
+    return f"{m:.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{m:.2f}"
+
+
+def summarize(runs: list[dict], budget: str, args) -> str:
+    models = sorted({r["model"] for r in runs}, key=lambda m: m != "tiny_resnet")
+    seeds = sorted({r["seed"] for r in runs})
+    names = list(runs[0]["supernet"])
+    lines = [f"Machine: {machine()}. Budget `{budget}`: split seeds {seeds} (stratified train/val/test of the "
+             f"1797 digits at {args.image_size}x{args.image_size}; test = 360 images, so one image = 0.28 points), "
+             f"float pretraining {runs[0].get('recipe', BUDGETS[budget])['float_epochs']} epochs (Adam lr "
+             f"{args.float_lr}, cosine), QAT {runs[0]['steps']} steps (batch {args.batch_size}, Adam lr {args.lr}, "
+             "cosine) for the supernet and for each dedicated run. "
+             "Accuracies in %, mean ± std over the split seeds; gap = dedicated - supernet (positive: the "
+             "supernet is worse).", ""]
+    summary = []
+    for m in models:
+        rs = [r for r in runs if r["model"] == m]
+        lines += [f"**{m}** (float: {_ms([r['float_acc'] for r in rs])})", "",
+                  "| config | supernet subnet | dedicated LSQ QAT | gap (points) |", "|---|---|---|---|"]
+        gaps = {}
+        for n in names:
+            g = [100 * (r["dedicated"][n] - r["supernet"][n]) for r in rs]
+            gaps[n] = statistics.fmean(g)
+            lines.append(f"| {n} | {_ms([r['supernet'][n] for r in rs])} | {_ms([r['dedicated'][n] for r in rs])} "
+                         f"| {gaps[n]:+.2f} |")
+        hi = statistics.fmean(v for k, v in gaps.items() if k.startswith(("W4", "W8")))
+        lo = statistics.fmean(v for k, v in gaps.items() if k.startswith(("W2", "W3")))
+        t_a = statistics.fmean(r["supernet_seconds"] for r in rs)
+        t_b = statistics.fmean(sum(r["dedicated_seconds"].values()) for r in rs)
+        summary.append((m, hi, lo, t_a, t_b))
+        lines += ["", "| ablation (2-3 bit configs) | " + " | ".join(k for k in rs[0]["no_wdr"]) + " | mean |",
+                  "|---|" + "---|" * (len(rs[0]["no_wdr"]) + 1)]
+        for label, key in (("EQ-Net (GPG + WDR)", "supernet"), ("without WDR", "no_wdr"),
+                           ("without GPG (CE per subnet)", "no_gpg")):
+            accs = [statistics.fmean(r[key][k] for r in rs) for k in rs[0]["no_wdr"]]
+            lines.append(f"| {label} | " + " | ".join(f"{100 * a:.2f}" for a in accs)
+                         + f" | {100 * statistics.fmean(accs):.2f} |")
+        lines.append("")
+    lines += ["| model | mean gap W4/W8 (target <= 0.3) | mean gap W2/W3 (target <= 1.0) | supernet wall time | "
+              "sum of 12 dedicated runs | ratio (target <= 0.3) |", "|---|---|---|---|---|---|"]
+    for m, hi, lo, t_a, t_b in summary:
+        lines.append(f"| {m} | {hi:+.2f} | {lo:+.2f} | {t_a:.0f} s | {t_b:.0f} s | {t_a / t_b:.2f}x |")
+    return "\n".join(lines)
+
+
+def _recipe(cfg: dict, args) -> dict:
+    return {"float_epochs": cfg["float_epochs"], "epochs": cfg["epochs"], "max_steps": cfg["max_steps"],
+            "lr": args.lr, "float_lr": args.float_lr, "batch_size": args.batch_size, "image_size": args.image_size}
+
+
+def _load_partial(recipe: dict) -> dict:
+    """Finished (model, seed) runs of an interrupted invocation with the same recipe."""
+    if not PARTIAL.exists():
+        return {}
+    done = json.loads(PARTIAL.read_text())
+    return {(r["model"], r["seed"]): r for r in done if r.get("recipe") == recipe}
+
+
+def _save_partial(runs: list[dict]) -> None:
+    PARTIAL.parent.mkdir(parents=True, exist_ok=True)
+    tmp = PARTIAL.with_suffix(".tmp")
+    tmp.write_text(json.dumps(runs))
+    os.replace(tmp, PARTIAL)
+
+
+def _print_run(r: dict) -> None:
+    print(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}), flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    p.add_argument("--models", nargs="*", default=None)
+    p.add_argument("--seeds", nargs="*", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="override the budget's QAT epochs")
+    p.add_argument("--lr", type=float, default=1e-3, help="QAT learning rate (paper: Adam 1e-3, cosine)")
+    p.add_argument("--float-lr", type=float, default=3e-3, help="float pretraining learning rate")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=1, help="run (model, seed) pairs in this many processes")
+    p.add_argument("--resume", action="store_true", help=f"reuse finished runs saved in {PARTIAL.name}")
+    p.add_argument("--from-results", action="store_true",
+                   help=f"only rebuild the BENCHMARKS.md section from {RESULTS.name} (no training)")
+    p.add_argument("--write", action="store_true", help="record in BENCHMARKS.md (default for --budget full)")
+    p.add_argument("--notes", default="", help="markdown appended to the BENCHMARKS.md section")
+    args = p.parse_args(argv)
+    if args.from_results:
+        saved = json.loads(RESULTS.read_text())
+        for k in ("lr", "float_lr", "batch_size", "image_size"):
+            setattr(args, k, saved["recipe"][k])
+        _report_section(saved["runs"], saved["budget"], args, saved["footer"], write=True)
+        return
+    if args.threads or args.jobs > 1:
+        torch.set_num_threads(1 if args.jobs > 1 else args.threads)
+    cfg = dict(BUDGETS[args.budget])
+    cfg["models"] = tuple(args.models or cfg["models"])
+    cfg["seeds"] = tuple(args.seeds if args.seeds is not None else cfg["seeds"])
+    if args.epochs is not None:
+        cfg["epochs"] = args.epochs
+    recipe = _recipe(cfg, args)
+    t0 = time.perf_counter()
+    done = _load_partial(recipe) if args.resume else {}
+    runs = [done[(m, s)] for m in cfg["models"] for s in cfg["seeds"] if (m, s) in done]
+    jobs = [(m, s, cfg, args.lr, args.batch_size, args.image_size, args.float_lr) for m in cfg["models"]
+            for s in cfg["seeds"] if (m, s) not in done]
+    for r in runs:
+        _print_run(r)
+
+    def finished(r: dict) -> None:
+        r["recipe"] = recipe
+        runs.append(r)
+        _save_partial(runs)
+        _print_run(r)
+
+    if args.jobs > 1:
+        # independent (model, seed) runs in parallel processes, one thread each; every ratio is measured inside
+        # one process, so the runs' timings stay comparable
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(1,)) as pool:
+            for fut in as_completed([pool.submit(_run_job, job) for job in jobs]):
+                finished(fut.result())
+    else:
+        for job in jobs:
+            finished(_run_job(job))
+    order = {(m, s): i for i, (m, s) in enumerate((m, s) for m in cfg["models"] for s in cfg["seeds"])}
+    runs.sort(key=lambda r: order[(r["model"], r["seed"])])
+    load = os.getloadavg()[1] if hasattr(os, "getloadavg") else float("nan")
+    footer = (f"Whole benchmark: {time.perf_counter() - t0:.0f} s wall time"
+              + (f" ({args.jobs} processes in parallel, 1 thread each)" if args.jobs > 1 else "")
+              + (f", {len(done)} of the runs reused from an interrupted invocation (--resume)" if done else "")
+              + f"; machine load average (5 min) at the end: {load:.1f} on {os.cpu_count()} cores.")
+    write = args.write or args.budget == "full"
+    if write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({"budget": args.budget, "recipe": recipe, "footer": footer, "runs": runs},
+                                      indent=1))
+    _report_section(runs, args.budget, args, footer, write)
+
+
+def _report_section(runs: list[dict], budget: str, args, footer: str, write: bool) -> None:
+    text = summarize(runs, budget, args) + "\n\n" + footer + "\n"
+    print(text)
+    if write:
+        update_section("bench_supernet", "## bench_supernet: one supernet vs dedicated QAT (digits)\n\n"
+                       + __doc__.split("\n\n")[1].strip() + "\n\n" + text + ("\n" + args.notes if args.notes else ""))
+
+
+if __name__ == "__main__":
+    main()

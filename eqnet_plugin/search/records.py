@@ -1,0 +1,169 @@
+"""Measured (subnet, accuracy) records for fitting the CQAP, stored as JSON lines (resumable).
+
+Each line: ``{"version": 1, "index": i, "seed": s, "config": {...SubnetConfig...}, "accuracy": a, "costs": {...}}``.
+Record ``i`` is drawn from ``numpy.random.default_rng([seed, i])``, so it depends only on (seed, i): a run that
+stopped halfway resumes by re-drawing the stored records' configs (checked against the file) and measuring the rest.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from ..space import SubnetConfig
+from .cost import CostModel
+from .encoding import SearchSpace
+from .profiles import BackendProfile
+
+__all__ = ["Record", "collect_records", "load_records", "sample_config", "RECORDS_VERSION"]
+
+RECORDS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Record:
+    """One measured subnet: its config, accuracy, costs (`Costs.to_dict()` keys) and any other metrics the
+    evaluation function returned (e.g. loss)."""
+
+    index: int
+    config: SubnetConfig
+    accuracy: float
+    costs: dict
+    metrics: dict = field(default_factory=dict)
+
+    def to_json_line(self, seed: int) -> str:
+        d = {"version": RECORDS_VERSION, "index": self.index, "seed": seed, "config": self.config.to_dict(),
+             "accuracy": self.accuracy, "costs": self.costs}
+        if self.metrics:
+            d["metrics"] = self.metrics
+        return json.dumps(d, separators=(",", ":")) + "\n"
+
+
+def sample_config(space: SearchSpace, seed: int, index: int, spread: float = 1.0) -> SubnetConfig:
+    """Record `index`'s subnet: the paper's sampling (`SearchSpace.sample_around`) from rng([seed, index])."""
+    bits, cond = space.sample_around(1, np.random.default_rng([seed, index]), spread)
+    return space.decode(bits[0], cond[0])
+
+
+def _parse(line: str, where: str) -> Record:
+    d = json.loads(line)
+    if not isinstance(d, dict) or d.get("version") != RECORDS_VERSION:
+        raise ValueError(f"{where}: record version {d.get('version') if isinstance(d, dict) else None!r} is not "
+                         f"supported (this release reads version {RECORDS_VERSION})")
+    try:
+        return Record(int(d["index"]), SubnetConfig.from_dict(d["config"]), float(d["accuracy"]), dict(d["costs"]),
+                      dict(d.get("metrics", {})))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where}: malformed record ({e}); records are written by collect_records") from None
+
+
+def _read(path: str, repair: bool) -> list[Record]:
+    """Records of `path`. A truncated or unparsable LAST line (an interrupted write) is dropped, and with
+    `repair` cut from the file; a bad line elsewhere raises."""
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    records, good_end, pos = [], 0, 0
+    for i, raw in enumerate(lines):
+        end = pos + len(raw) + 1
+        last = i == len(lines) - 1 or (i == len(lines) - 2 and lines[-1] == b"")
+        complete = end <= len(data)               # the line ends with a newline
+        if raw.strip():
+            try:
+                if not complete:
+                    raise ValueError("no trailing newline")
+                records.append(_parse(raw.decode(), f"{path}:{i + 1}"))
+            except ValueError as e:
+                if not last:
+                    raise ValueError(f"{path}:{i + 1} is corrupt ({e}); fix or delete that line, or start a new "
+                                     "records file") from None
+                break
+        if complete:
+            good_end = end
+        pos = end
+    if repair and good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return records
+
+
+def load_records(path: str | os.PathLike) -> list[Record]:
+    """All complete records of a JSON-lines file (an interrupted last line is ignored).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: a corrupt line that is not the last.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"records file {path!r} does not exist; write it with collect_records")
+    return _read(path, repair=False)
+
+
+def collect_records(supernet, loader: Iterable, bn_batches, n: int, path: str | os.PathLike, *, seed: int = 0,
+                    profile: str | BackendProfile | None = None, cost_model: CostModel | None = None,
+                    evaluate_fn: Callable | None = None, spread: float = 1.0,
+                    progress: Callable[[int, Record], None] | None = None) -> list[Record]:
+    """Measure `n` sampled subnets and append them to the JSON-lines file `path` (resumable).
+
+    Subnets are drawn the paper's way (a uniform target average bit-width, per-group bits around it; one global
+    condition per subnet) from the supernet's space restricted by `profile`. Each is measured with
+    ``evaluate_fn(supernet, cfg, loader, bn_batches)`` (default `eqnet_plugin.train.evaluate`: BN recalibrated on
+    `bn_batches`, then accuracy on `loader`).
+
+    Args:
+        supernet: a calibrated, trained `Supernet`.
+        loader: held-out part of the TRAINING data (a validation split), never the test set.
+        bn_batches: training batches for BatchNorm re-estimation.
+        n: total number of records wanted in the file (existing ones count).
+        path: the JSON-lines file; appended to, one flushed line per record.
+        seed: sampling seed (must match the file's when resuming).
+        profile: restrict sampling to a backend profile (None: the whole space).
+        cost_model: for the costs stored with each record; default: built from the first batch of `loader`.
+        evaluate_fn: accuracy function with `eqnet_plugin.train.evaluate`'s signature; it may return a float or a
+            mapping with an ``"accuracy"`` key and other metrics (stored in `Record.metrics`).
+        spread: spread of per-group bits around the target (`SearchSpace.sample_around`).
+        progress: called as ``progress(i, record)`` after each new record.
+    Returns:
+        all n records (stored and new), in index order.
+    Raises:
+        ValueError: the file holds records of another seed/supernet/profile, or a corrupt line before the last.
+    """
+    from ..supernet import batch_inputs
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    path = os.fspath(path)
+    space = SearchSpace.from_supernet(supernet, profile)
+    if evaluate_fn is None:
+        from ..train import evaluate as evaluate_fn
+    records = _read(path, repair=True) if os.path.exists(path) else []
+    for i, r in enumerate(records[:n]):
+        if r.index != i or r.config != sample_config(space, seed, i, spread):
+            raise ValueError(f"{path}: record {i} does not match seed={seed} for this supernet/profile (index "
+                             f"{r.index}); resume with the seed, profile and supernet that wrote it, or use a new path")
+    if len(records) >= n:
+        return records[:n]
+    if cost_model is None:
+        cost_model = CostModel.from_supernet(supernet, batch_inputs(next(iter(loader)))[:1])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        for i in range(len(records), n):
+            cfg = sample_config(space, seed, i, spread)
+            out = evaluate_fn(supernet, cfg, loader, bn_batches)
+            if isinstance(out, Mapping):
+                if "accuracy" not in out:
+                    raise ValueError("evaluate_fn returned a mapping without an 'accuracy' key")
+                metrics = {str(k): float(v) for k, v in out.items() if k != "accuracy"}
+                out = out["accuracy"]
+            else:
+                metrics = {}
+            rec = Record(i, cfg, float(out), cost_model(cfg).to_dict(), metrics)
+            f.write(rec.to_json_line(seed))
+            f.flush()
+            os.fsync(f.fileno())
+            records.append(rec)
+            if progress is not None:
+                progress(i, rec)
+    return records

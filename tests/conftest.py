@@ -1,0 +1,70 @@
+"""Shared pytest fixtures. Any test module may use them; they need no data set (random inputs only).
+
+* ``random_batches`` -- factory ``make(n=2, batch=8, shape=(1, 16, 16), seed=0, classes=10) -> list[(x, y)]``:
+  deterministic random (inputs, labels) batches, x of shape (batch, *shape), y int64 in [0, classes).
+* ``tiny_resnet_supernet`` -- factory ``make(space=None, seed=0, widths=(8, 16, 32), calibrate=True) -> Supernet``:
+  a `TinyResNet` (1 input channel, 10 classes, residual adds) prepared with
+  ``prepare_qat_fx(model, elastic_qconfig_mapping(space), example)`` (no backend_config) and calibrated on two
+  random batches of 8 x 1x16x16 (``random_batches(seed=seed)``). The model is built and calibrated once per
+  argument set per session; every call returns an independent deep copy (a new GraphModule and a new Supernet over
+  it), so tests may train, switch cells or load state into it freely. The model is in train mode, with the
+  default cell of every quantizer active (max bits, first symmetry/granularity of the space).
+
+Use them as ordinary fixtures::
+
+    def test_something(tiny_resnet_supernet, random_batches):
+        sn = tiny_resnet_supernet(ElasticSpace(weight_bits=(4, 8), act_bits=(4, 8)))
+        x, y = random_batches(n=1)[0]
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from eqnet_plugin import ElasticSpace, Supernet, elastic_qconfig_mapping
+from eqnet_plugin.models import TinyResNet
+
+IMAGE_SHAPE = (1, 16, 16)
+
+
+def make_random_batches(n: int = 2, batch: int = 8, shape: tuple[int, ...] = IMAGE_SHAPE, seed: int = 0,
+                        classes: int = 10) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, *shape, generator=g), torch.randint(classes, (batch,), generator=g))
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def random_batches():
+    """Factory of deterministic random (x, y) batches; see the module docstring."""
+    return make_random_batches
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_supernet():
+    """Factory of prepared + calibrated TinyResNet supernets (fresh deep copies); see the module docstring."""
+    built: dict[tuple, Supernet] = {}
+
+    def make(space: ElasticSpace | None = None, seed: int = 0, widths: tuple[int, ...] = (8, 16, 32),
+             calibrate: bool = True) -> Supernet:
+        key = (space, seed, tuple(widths), calibrate)
+        if key not in built:
+            with torch.random.fork_rng():           # deterministic init without touching the global RNG
+                torch.manual_seed(seed)
+                model = TinyResNet(num_classes=10, in_channels=IMAGE_SHAPE[0], widths=tuple(widths))
+            batches = make_random_batches(seed=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torch.ao.quantization.quantize_fx import prepare_qat_fx
+                gm = prepare_qat_fx(model.train(), elastic_qconfig_mapping(space), (batches[0][0][:1],))
+            sn = Supernet(gm, space)
+            if calibrate:
+                sn.calibrate(batches)
+            built[key] = sn
+        base = built[key]
+        return Supernet(copy.deepcopy(base.model), base.space)
+
+    return make

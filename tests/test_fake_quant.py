@@ -1,0 +1,271 @@
+"""ElasticFakeQuantize: the torch.ao FakeQuantizeBase contract, cells, calibration, serialization, gradients."""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+from torch.ao.quantization import disable_fake_quant, disable_observer, enable_fake_quant, enable_observer
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+from eqnet_plugin import ElasticFakeQuantize, ElasticSpace
+from eqnet_plugin.primitives import fake_quantize, int_range
+
+CELLS = [(b, sym, pc) for b in range(2, 9) for sym in (True, False) for pc in (True, False)]
+
+
+def _calibrated_weight(c: int = 6, seed: int = 0) -> tuple[ElasticFakeQuantize, torch.Tensor]:
+    """A calibrated weight quantizer (fresh copy each call; calibrated once) and its (c, 3, 3, 3) weight."""
+    fq, w = _calibrate_weight(c, seed)
+    return copy.deepcopy(fq), w.clone()
+
+
+def _calibrated_act(signed: bool, space: ElasticSpace | None = None) -> tuple[ElasticFakeQuantize, torch.Tensor]:
+    """A calibrated activation quantizer (fresh copy each call) and its (4, 5, 6, 6) input (ReLU'd if unsigned)."""
+    fq, x = _calibrate_act(signed, space)
+    return copy.deepcopy(fq), x.clone()
+
+
+@functools.lru_cache(maxsize=None)
+def _calibrate_weight(c: int, seed: int) -> tuple[ElasticFakeQuantize, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c, 3, 3, 3, generator=g) * torch.linspace(0.2, 2.0, c)[:, None, None, None]
+    fq = ElasticFakeQuantize(is_weight=True)
+    fq.enable_observer(True)
+    fq.enable_fake_quant(False)
+    fq(w)
+    fq.finish_calibration()
+    fq.enable_observer(False)
+    fq.enable_fake_quant(True)
+    return fq, w
+
+
+@functools.lru_cache(maxsize=None)
+def _calibrate_act(signed: bool, space: ElasticSpace | None) -> tuple[ElasticFakeQuantize, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 5, 6, 6, generator=g) * 2
+    x = x if signed else x.relu()
+    fq = ElasticFakeQuantize(is_weight=False, space=space)
+    fq.enable_observer(True)
+    fq.enable_fake_quant(False)
+    fq(x[:2])
+    fq(x[2:])
+    fq.finish_calibration()
+    fq.enable_observer(False)
+    fq.enable_fake_quant(True)
+    return fq, x
+
+
+# --- construction and the FakeQuantizeBase contract ------------------------------------------------------------
+def test_parameters_exist_before_calibration():
+    w = ElasticFakeQuantize(is_weight=True)
+    assert {n: tuple(p.shape) for n, p in w.named_parameters()} == {
+        "scale_sym_channel": (1, 7), "scale_sym_tensor": (1, 7), "scale_asym_channel": (1, 7),
+        "zero_point_asym_channel": (1, 7), "scale_asym_tensor": (1, 7), "zero_point_asym_tensor": (1, 7)}
+    a = ElasticFakeQuantize(is_weight=False, space=ElasticSpace(act_bits=(4,), act_symmetric=(False,)))
+    assert {n: tuple(p.shape) for n, p in a.named_parameters()} == {
+        "scale_asym_tensor": (1, 2), "zero_point_asym_tensor": (1, 2)}      # 4 bits + fixed 8 bits
+    torch.optim.SGD(w.parameters(), lr=0.1)                                   # an optimizer can hold them now
+    out = w(torch.randn(4, 3))                                                # and forward works uncalibrated
+    assert torch.isfinite(out).all()
+
+
+def test_fake_quantize_base_contract():
+    w, a = ElasticFakeQuantize(is_weight=True), ElasticFakeQuantize(is_weight=False)
+    for fq in (w, a):
+        assert isinstance(fq, FakeQuantizeBase)
+        assert fq.activation_post_process is fq and fq.is_dynamic is False
+        assert fq.eps.item() > 0 and fq.eps.dtype == torch.float32
+        for name in ("fake_quant_enabled", "observer_enabled", "active_bits", "active_symmetric",
+                     "active_per_channel", "signed"):
+            assert name in dict(fq.named_buffers())                          # DDP broadcasts, state_dict keeps
+    assert (w.dtype, w.ch_axis, a.dtype, a.ch_axis) == (torch.qint8, 0, torch.quint8, -1)
+    assert w.cell == (8, True, True) and a.cell == (8, True, False)         # widest bits, first options
+
+
+@pytest.mark.parametrize("bits, sym, pc", CELLS)
+def test_qscheme_and_range_follow_the_active_cell(bits, sym, pc):
+    w = ElasticFakeQuantize(is_weight=True)
+    w.set_cell(bits, sym, pc)
+    assert w.cell == (bits, sym, pc)
+    assert (w.active_bits.item(), w.active_symmetric.item(), w.active_per_channel.item()) == (bits, sym, pc)
+    want = {(True, True): torch.per_channel_symmetric, (False, True): torch.per_channel_affine,
+            (True, False): torch.per_tensor_symmetric, (False, False): torch.per_tensor_affine}[(sym, pc)]
+    assert w.qscheme == want
+    assert (w.quant_min, w.quant_max) == int_range(bits, signed=True)
+    if not pc:
+        a = ElasticFakeQuantize(is_weight=False)
+        a.set_cell(bits, sym, False)
+        assert (a.quant_min, a.quant_max) == (0, 2 ** bits - 1)
+        assert a.qscheme == (torch.per_tensor_symmetric if sym else torch.per_tensor_affine)
+
+
+def test_with_args_and_factory_kwargs():
+    ctor = ElasticFakeQuantize.with_args(is_weight=True, space=ElasticSpace(weight_bits=(4, 8)), ch_axis=0)
+    fq = ctor(factory_kwargs={"device": torch.device("cpu")})
+    assert isinstance(fq, ElasticFakeQuantize) and fq.bit_choices == (4, 8) and fq.is_weight
+    assert fq.scale_sym_channel.device.type == "cpu" and fq.scale_sym_channel.dtype == torch.float32
+    with pytest.raises(TypeError, match="space must be an ElasticSpace"):
+        ElasticFakeQuantize(space={"weight_bits": (4,)})
+
+
+def test_enable_disable_observer_and_fake_quant():
+    fq, w = _calibrated_weight()
+    x = w.clone()
+    fq.apply(disable_fake_quant)
+    assert fq.fake_quant_enabled.item() == 0 and fq(x) is x                 # identity when disabled
+    fq.apply(enable_fake_quant)
+    assert fq.fake_quant_enabled.item() == 1 and not torch.equal(fq(x), x)
+    a = ElasticFakeQuantize()
+    assert a.observer_enabled.item() == 0                                    # off until calibration
+    a.apply(enable_observer)
+    assert a.observer_enabled.item() == 1
+    a(torch.randn(10))
+    assert a._calib_count == 1
+    a.apply(disable_observer)
+    a(torch.randn(10))
+    assert a._calib_count == 1 and a.observer_enabled.item() == 0
+
+
+@pytest.mark.parametrize("bits, sym, pc", CELLS)
+def test_calculate_qparams_of_active_cell_match_torch_fake_quantize(bits, sym, pc):
+    """Forward == torch.fake_quantize_per_{tensor,channel}_affine(calculate_qparams(), quant_min/max), exactly."""
+    fq, w = _calibrated_weight()
+    fq.set_cell(bits, sym, pc)
+    scale, zp = fq.calculate_qparams()
+    assert scale.dtype == torch.float32 and zp.dtype == torch.int32
+    assert scale.shape == zp.shape == ((6,) if pc else (1,))
+    assert (scale > 0).all()
+    if sym:
+        assert (zp == 0).all()
+    if pc:
+        ref = torch.fake_quantize_per_channel_affine(w, scale, zp, 0, fq.quant_min, fq.quant_max)
+    else:
+        ref = torch.fake_quantize_per_tensor_affine(w, scale.item(), int(zp.item()), fq.quant_min, fq.quant_max)
+    assert torch.equal(fq(w), ref)
+    tag = ("sym" if sym else "asym") + ("_channel" if pc else "_tensor")
+    col = fq.bit_choices.index(bits)
+    assert torch.equal(scale, getattr(fq, "scale_" + tag)[:, col].abs())     # calibrated values, no copy drift
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_8bit_symmetric_per_tensor_cells_equal_torch_bit_for_bit(signed):
+    """The W8 / A8 symmetric per-tensor cells are torch's own 8-bit fake-quant (forward and input gradient)."""
+    act, x = _calibrated_act(signed)
+    act.set_cell(8, True, False)
+    w, wt = _calibrated_weight()
+    w.set_cell(8, True, False)
+    for fq, t, (qmin, qmax, zp) in ((act, x, (0, 255, 128 if signed else 0)), (w, wt, (-128, 127, 0))):
+        s = fq.calculate_qparams()[0].item()
+        a, b = t.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        ours, ref = fq(a), torch.fake_quantize_per_tensor_affine(b, s, zp, qmin, qmax)
+        assert torch.equal(ours, ref)
+        g = torch.randn_like(t)
+        ours.backward(g)
+        ref.backward(g)
+        assert torch.equal(a.grad, b.grad)
+    w.set_cell(8, True, True)
+    s, zp = w.calculate_qparams()
+    assert torch.equal(w(wt), torch.fake_quantize_per_channel_affine(wt, s, zp, 0, -128, 127))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_signed_detection_by_calibration(signed):
+    fq, x = _calibrated_act(signed)
+    assert fq.signed.item() == int(signed)
+    for bits in range(2, 9):
+        fq.set_cell(bits, True, False)
+        assert (fq.quant_min, fq.quant_max) == (0, 2 ** bits - 1)            # always the unsigned grid
+        assert fq.calculate_qparams()[1].item() == ((1 << (bits - 1)) if signed else 0)
+        fq.set_cell(bits, False, False)
+        zp = fq.calculate_qparams()[1].item()
+        assert 0 <= zp < 2 ** bits and (zp == 0) == (not signed)             # min(x) < 0 needs a zero point > 0
+    assert ("activation, signed" in repr(fq)) == signed and ("activation, unsigned" in repr(fq)) == (not signed)
+
+
+def test_calibration_error_names_the_cause():
+    a = ElasticFakeQuantize()
+    with pytest.raises(RuntimeError, match="never reached by the calibration batches"):
+        a.finish_calibration()
+    with pytest.raises(RuntimeError, match="calibration saw no weight"):
+        ElasticFakeQuantize(is_weight=True).finish_calibration()
+
+
+def test_set_cell_errors_name_the_valid_choices():
+    fq = ElasticFakeQuantize(is_weight=True, space=ElasticSpace(weight_bits=(4, 8), weight_symmetric=(True,)))
+    with pytest.raises(ValueError, match=r"3-bit is not in this quantizer's space \(4, 8\); pick one of them or "
+                                         "widen the ElasticSpace"):
+        fq.set_cell(3)
+    with pytest.raises(ValueError, match=r"symmetric=False is not in this quantizer's space \(True,\)"):
+        fq.set_cell(8, False)
+    act = ElasticFakeQuantize()
+    with pytest.raises(ValueError, match="per_channel=True is not allowed here: activations are per-tensor only"):
+        act.set_cell(8, True, True)
+    assert act.cell == (8, True, False)                                      # unchanged after errors
+
+
+# --- serialization ---------------------------------------------------------------------------------------------
+def test_state_dict_round_trip_into_fresh_module():
+    fq, w = _calibrated_weight(c=6)
+    fq.set_cell(3, False, True)
+    out = fq(w)
+    fresh = ElasticFakeQuantize(is_weight=True)
+    assert fresh.scale_asym_channel.shape == (1, 7)
+    fresh.load_state_dict(fq.state_dict())                                   # strict
+    assert fresh.scale_asym_channel.shape == (6, 7) and fresh.zero_point_asym_channel.shape == (6, 7)
+    assert fresh.cell == (3, False, True)
+    assert torch.equal(fresh(w), out)
+    act, x = _calibrated_act(signed=True)
+    act.set_cell(5, True, False)
+    fresh_act = ElasticFakeQuantize()
+    fresh_act.load_state_dict(act.state_dict())
+    assert fresh_act.cell == (5, True, False) and fresh_act.signed.item() == 1
+    assert torch.equal(fresh_act(x), act(x))
+
+
+def test_deepcopy_keeps_active_cell_and_output():
+    fq, w = _calibrated_weight()
+    fq.set_cell(4, True, False)
+    dup = copy.deepcopy(fq)
+    assert dup.cell == (4, True, False) and torch.equal(dup(w), fq(w))
+    dup.set_cell(2, False, True)
+    assert fq.cell == (4, True, False)                                       # independent copies
+
+
+# --- gradients -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["weight_pc", "weight_pt", "act_unsigned", "act_signed"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_lsq_gradient_scale_and_active_column_only(kind, sym):
+    """Scale (and zero-point) gradients are LSQ-scaled by 1/sqrt(N * Qp) and reach only the active cell's column."""
+    bits = 4
+    if kind.startswith("weight"):
+        fq, x = _calibrated_weight()
+        pc = kind == "weight_pc"
+        n, qp = (x[0].numel() if pc else x.numel()), 2 ** (bits - 1) - 1
+    else:
+        fq, x = _calibrated_act(signed=kind == "act_signed")
+        pc, n = False, x.numel()
+        qp = 2 ** (bits - 1) - 1 if kind == "act_signed" else 2 ** bits - 1
+    fq.set_cell(bits, sym, pc)
+    tag = ("sym" if sym else "asym") + ("_channel" if pc else "_tensor")
+    col = fq.bit_choices.index(bits)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    fq(x).backward(g)
+    table = getattr(fq, "scale_" + tag)
+    s = table.detach()[:, col].clone().requires_grad_(True)
+    shape = (-1, 1, 1, 1) if pc else (-1,)
+    qmin, qmax = fq.quant_min, fq.quant_max
+    if sym:
+        zp = fq.calculate_qparams()[1][0].item()
+        fake_quantize(x, s.reshape(shape), int(zp), qmin, qmax, 1 / math.sqrt(n * qp)).backward(g)
+    else:
+        z = getattr(fq, "zero_point_" + tag).detach()[:, col].clone().requires_grad_(True)
+        fake_quantize(x, s.reshape(shape), z.reshape(shape), qmin, qmax, 1 / math.sqrt(n * qp)).backward(g)
+        assert torch.equal(getattr(fq, "zero_point_" + tag).grad[:, col], z.grad)
+    assert torch.equal(table.grad[:, col], s.grad)
+    others = [c for c in range(table.shape[1]) if c != col]
+    assert (table.grad[:, others] == 0).all()
+    untouched = [p for name, p in fq.named_parameters() if not name.endswith(tag)]
+    assert all(p.grad is None for p in untouched)

@@ -1,0 +1,158 @@
+"""Accuracy records (JSON lines, resumable) and the CQAP predictor."""
+import json
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+import eqnet_plugin as eq
+from eqnet_plugin.models import TinyResNet
+from eqnet_plugin.search import (CQAP, CostModel, SearchSpace, collect_records, kendall_tau, load_records, pearson,
+                                 sample_config)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The MLP and the tiny supernet are faster on one thread (and immune to a busy shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sn():
+    gm = prepare_qat_fx(TinyResNet(widths=(4, 8)).train(), eq.elastic_qconfig_mapping(), (torch.randn(2, 1, 8, 8),))
+    return eq.Supernet(gm)
+
+
+def _fake_eval(calls):
+    def evaluate(supernet, cfg, loader, bn_batches):
+        calls.append(cfg)
+        return sum(c.bits for c in cfg.groups.values()) / 1000
+    return evaluate
+
+
+def test_records_append_resume_and_truncated_last_line(sn, tmp_path):
+    path = tmp_path / "rec.jsonl"
+    loader = [(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))]
+    calls = []
+    recs = collect_records(sn, loader, None, 4, path, seed=3, evaluate_fn=_fake_eval(calls))
+    assert len(recs) == len(calls) == 4 and len(path.read_text().splitlines()) == 4
+    assert [r.index for r in recs] == [0, 1, 2, 3]
+    assert recs[2].config == sample_config(SearchSpace.from_supernet(sn), 3, 2)
+    cm = CostModel.from_supernet(sn, torch.randn(1, 1, 8, 8))
+    assert recs[1].costs == cm(recs[1].config).to_dict()
+    # resume: only the missing records are measured
+    recs6 = collect_records(sn, loader, None, 6, path, seed=3, evaluate_fn=_fake_eval(calls))
+    assert len(calls) == 6 and recs6[:4] == recs
+    # an interrupted write leaves half a line: it is cut and re-measured
+    with open(path, "a") as f:
+        f.write('{"version": 1, "index": 6, "config": {"ver')
+    assert len(load_records(path)) == 6
+    recs8 = collect_records(sn, loader, None, 8, path, seed=3, evaluate_fn=_fake_eval(calls))
+    assert len(calls) == 8 and len(recs8) == 8
+    lines = path.read_text().splitlines()
+    assert len(lines) == 8 and all(json.loads(line)["version"] == 1 for line in lines)
+    assert load_records(path) == recs8
+    # asking for fewer returns the stored ones without measuring
+    assert collect_records(sn, loader, None, 3, path, seed=3, evaluate_fn=_fake_eval(calls)) == recs8[:3]
+    assert len(calls) == 8
+
+
+def test_records_wrong_seed_or_corrupt_middle_line_raise(sn, tmp_path):
+    path = tmp_path / "rec.jsonl"
+    loader = [(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))]
+    collect_records(sn, loader, None, 3, path, seed=0, evaluate_fn=_fake_eval([]))
+    with pytest.raises(ValueError, match="seed=1"):
+        collect_records(sn, loader, None, 5, path, seed=1, evaluate_fn=_fake_eval([]))
+    with pytest.raises(ValueError, match="does not match"):
+        collect_records(sn, loader, None, 5, path, seed=0, profile="tensorrt", evaluate_fn=_fake_eval([]))
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n{garbage\n" + lines[2] + "\n")
+    with pytest.raises(ValueError, match=r"rec.jsonl:2 is corrupt"):
+        load_records(path)
+    with pytest.raises(FileNotFoundError):
+        load_records(tmp_path / "none.jsonl")
+
+
+def test_records_store_extra_metrics(sn, tmp_path):
+    loader = [(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))]
+
+    def evaluate(supernet, cfg, loader, bn_batches):
+        return {"accuracy": 0.5, "loss": 1.25}
+    recs = collect_records(sn, loader, None, 2, tmp_path / "m.jsonl", evaluate_fn=evaluate)
+    assert recs[0].metrics == {"loss": 1.25} and load_records(tmp_path / "m.jsonl") == recs
+    with pytest.raises(ValueError, match="'accuracy' key"):
+        collect_records(sn, loader, None, 1, tmp_path / "x.jsonl", evaluate_fn=lambda *a: {"acc": 1.0})
+
+
+def test_records_with_real_evaluate(sn, tmp_path):
+    from eqnet_plugin.train import evaluate
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+    sn.calibrate(data)
+    recs = collect_records(sn, data[:1], data[1:], 2, tmp_path / "r.jsonl", seed=0)
+    assert all(0.0 <= r.accuracy <= 1.0 for r in recs)
+    assert recs[0].accuracy == evaluate(sn, recs[0].config, data[:1], data[1:])
+
+
+def test_kendall_and_pearson_match_scipy():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, 700).astype(float)           # many ties
+    y = x + rng.normal(0, 5, 700)
+    y[::7] = y[0]
+    assert kendall_tau(x, y) == pytest.approx(scipy.stats.kendalltau(x, y)[0], abs=1e-12)
+    assert pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-12)
+    with pytest.raises(ValueError):
+        kendall_tau([1.0], [2.0])
+
+
+def _synthetic(sp, n, seed):
+    """Configs with a known accuracy: saturating in each group's bits, group-dependent weights, a condition term."""
+    rng = np.random.default_rng(seed)
+    bits, cond = sp.sample_around(n, rng)
+    w = np.random.default_rng(99).uniform(0.2, 1.0, len(sp.group_names))
+    f = sp.flags(cond)
+    acc = (w * (1 - np.exp(-(bits - 1) / 1.5))).sum(1) + 0.3 * f[:, 0] - 0.2 * (~f[:, 2])
+    return [sp.decode(b, c) for b, c in zip(bits, cond)], acc
+
+
+def test_cqap_learns_synthetic_target_and_round_trips(sn, tmp_path):
+    sp = SearchSpace.from_supernet(sn)
+    tr_cfg, tr_acc = _synthetic(sp, 400, 0)
+    te_cfg, te_acc = _synthetic(sp, 200, 1)
+    cqap = CQAP(sp, hidden=(128, 128), seed=0).fit(tr_cfg, tr_acc, epochs=60, batch_size=128)
+    m = cqap.evaluate(te_cfg, te_acc)
+    assert m["kendall_tau"] > 0.85 and m["pearson"] > 0.95, m
+    assert cqap.n_features == 3 + sum(len(c) for c, s in zip(sp.choices, sp.searchable) if s)
+    again = CQAP(sp, hidden=(128, 128), seed=0).fit(tr_cfg, tr_acc, epochs=60, batch_size=128)
+    assert np.array_equal(again.predict(te_cfg), cqap.predict(te_cfg))          # deterministic on CPU
+    cqap.save(tmp_path / "cqap.pt")
+    loaded = CQAP.load(tmp_path / "cqap.pt")
+    assert np.array_equal(loaded.predict(te_cfg), cqap.predict(te_cfg))
+    bits = np.stack([sp.encode(c)[0] for c in te_cfg[:5]])
+    cond = np.array([sp.encode(c)[1] for c in te_cfg[:5]])
+    assert np.array_equal(loaded.predict_arrays(sp.group_names, bits, sp.flags(cond)), cqap.predict(te_cfg[:5]))
+
+
+def test_cqap_errors(sn, tmp_path):
+    sp = SearchSpace.from_supernet(sn)
+    cfgs, acc = _synthetic(sp, 10, 0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        CQAP(sp).predict(cfgs)
+    with pytest.raises(ValueError, match="accuracies"):
+        CQAP(sp).fit(cfgs, acc[:5])
+    cqap = CQAP(sp, hidden=(8,)).fit(cfgs, acc, epochs=1)
+    with pytest.raises(ValueError, match="groups differ"):
+        cqap.predict_arrays(sp.group_names[::-1], np.zeros((1, len(sp.group_names)), int), np.zeros((1, 3), bool))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a CQAP file"):
+        CQAP.load(tmp_path / "bad.pt")
+    torch.save({"version": 99}, tmp_path / "v99.pt")
+    with pytest.raises(ValueError, match="version 99"):
+        CQAP.load(tmp_path / "v99.pt")
+    with pytest.raises(FileNotFoundError):
+        CQAP.load(tmp_path / "missing.pt")
