@@ -33,8 +33,8 @@ import warnings
 import torch
 from torch import nn
 
-from eqnet_plugin.freeze import FrozenSubnet, QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, \
-    QuantPoint, freeze
+from eqnet_plugin.freeze import (FrozenSubnet, QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantPoint,
+                                 as_frozen, set_submodule)
 from eqnet_plugin.supernet import Supernet
 
 __all__ = ["to_brevitas", "export_brevitas_qcdq", "export_brevitas_qonnx"]
@@ -62,17 +62,6 @@ def _require_export() -> None:
         import onnxoptimizer  # noqa: F401
     except ImportError as err:
         raise ImportError(f"Brevitas' ONNX exporters need 'onnx' and 'onnxoptimizer': {_INSTALL_HINT}") from err
-
-
-def _as_frozen(frozen, cfg=None) -> FrozenSubnet:
-    if isinstance(frozen, FrozenSubnet):
-        if cfg is not None:
-            raise TypeError("pass either a FrozenSubnet or (supernet, cfg), not a FrozenSubnet and a cfg")
-        return frozen
-    if isinstance(frozen, Supernet):
-        return freeze(frozen, cfg)
-    raise TypeError(f"expected a FrozenSubnet (eqnet_plugin.freeze.freeze(supernet, cfg)) or a Supernet and a "
-                    f"SubnetConfig, got {type(frozen).__name__}")
 
 
 # --- Brevitas building blocks (created lazily: they subclass Brevitas types) -------------------------------------
@@ -187,11 +176,6 @@ def _brevitas_layer(layer: nn.Module, exact: bool) -> nn.Module:
     return new
 
 
-def _set(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent, _, attr = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
 def to_brevitas(frozen, cfg=None, exact: bool = True) -> nn.Module:
     """The frozen subnet as a GraphModule of `brevitas.nn` modules with quantizers holding its QParams.
 
@@ -214,7 +198,7 @@ def to_brevitas(frozen, cfg=None, exact: bool = True) -> nn.Module:
     _require_brevitas()
     import brevitas.nn as qnn
 
-    frozen = _as_frozen(frozen, cfg)
+    frozen = as_frozen(frozen, cfg)
     gm = copy.deepcopy(frozen.graph)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="brevitas")
@@ -222,14 +206,14 @@ def to_brevitas(frozen, cfg=None, exact: bool = True) -> nn.Module:
             mod = gm.get_submodule(lay.name)
             inner = mod[0] if isinstance(mod, nn.Sequential) else mod
             new = _brevitas_layer(inner, exact)
-            _set(gm, lay.name, nn.Sequential(new, *list(mod)[1:]) if isinstance(mod, nn.Sequential) else new)
+            set_submodule(gm, lay.name, nn.Sequential(new, *list(mod)[1:]) if isinstance(mod, nn.Sequential) else new)
         made: dict[str, nn.Module] = {}     # one QuantIdentity per group (FX may call one quantizer at two places)
         for name, mod in list(gm.named_modules(remove_duplicate=False)):
             if isinstance(mod, QuantPoint):
                 if mod.name not in made:
                     made[mod.name] = qnn.QuantIdentity(act_quant=_act_quant(mod.qparams, exact),
                                                        return_quant_tensor=False)
-                _set(gm, name, made[mod.name])
+                set_submodule(gm, name, made[mod.name])
     left = [n for n, m in gm.named_modules() if isinstance(m, QuantPoint)]
     if left:
         raise RuntimeError(f"to_brevitas left QuantPoints in the graph: {left[:5]}; please report the model")

@@ -26,7 +26,6 @@ use gets its own Q/DQ pair with the same scale and zero point, as in training.
 """
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -34,11 +33,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from eqnet_plugin.freeze import FrozenLayer, FrozenSubnet, QParams, QuantPoint, freeze
+from eqnet_plugin.freeze import FrozenLayer, FrozenSubnet, QParams, as_frozen
 
 from ._onnx import export_marked, replace_markers, save_model_atomic
 
-__all__ = ["export_onnx", "build_qdq_model", "as_frozen", "generic_encoding", "int_tensor", "Encoding", "LOW_BIT_MODES"]
+__all__ = ["export_onnx", "build_qdq_model", "generic_encoding", "int_tensor", "Encoding", "LOW_BIT_MODES"]
 
 LOW_BIT_MODES = ("clip", "int4")
 MIN_QDQ_OPSET = 13          # per-axis QuantizeLinear/DequantizeLinear
@@ -62,30 +61,6 @@ class Encoding:
     zero_point: np.ndarray
     axis: int | None
     clip: tuple[int, int] | None = None
-
-
-def as_frozen(model, cfg=None) -> FrozenSubnet:
-    """A `FrozenSubnet` from a FrozenSubnet, a `Supernet` (+ optional `cfg`, default its active subnet), or a
-    ``(supernet, cfg)`` tuple.
-
-    Raises:
-        TypeError: anything else.
-        ValueError: `cfg` does not fit the supernet.
-    """
-    from eqnet_plugin.supernet import Supernet
-
-    if isinstance(model, FrozenSubnet):
-        if cfg is not None:
-            raise TypeError("cfg is only used with a Supernet; a FrozenSubnet already holds its subnet")
-        return model
-    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], Supernet):
-        if cfg is not None:
-            raise TypeError("pass either (supernet, cfg) or supernet with cfg=..., not both")
-        return freeze(*model)
-    if isinstance(model, Supernet):
-        return freeze(model, cfg)
-    raise TypeError(f"expected a FrozenSubnet, a Supernet or a (Supernet, SubnetConfig) tuple, got "
-                    f"{type(model).__name__}; freeze a subnet with eqnet_plugin.freeze.freeze(supernet, cfg)")
 
 
 def _onnx_int_types():
@@ -125,24 +100,6 @@ def generic_encoding(qp: QParams, is_weight: bool, low_bit: str = "clip", opset:
     zp_np = np.int8 if qp.signed else np.uint8
     return Encoding(dtype, _np_array(qp.scale, qp.per_channel, np.float32),
                     _np_array(qp.zero_point, qp.per_channel, zp_np), qp.axis, clip)
-
-
-def _unshared(frozen: FrozenSubnet) -> FrozenSubnet:
-    """A copy whose QuantPoints are distinct objects at every place they are used.
-
-    torch.ao reuses one fake-quant for an op's input and output (e.g. ReLU -> avg pool), and the marker export only
-    swaps each module object once, so shared points are split here (same name and QParams) to get one marker each.
-    """
-    graph = copy.deepcopy(frozen.graph)
-    seen: set[int] = set()
-    for name, mod in list(graph.named_modules(remove_duplicate=False)):
-        if isinstance(mod, QuantPoint):
-            if id(mod) in seen:
-                parent_name, _, attr = name.rpartition(".")
-                parent = graph.get_submodule(parent_name) if parent_name else graph
-                setattr(parent, attr, QuantPoint(mod.name, mod.qparams))
-            seen.add(id(mod))
-    return FrozenSubnet(graph, frozen.config, frozen.qparams, frozen.layers)
 
 
 def _constants(graph) -> Callable[[str], np.ndarray | None]:
@@ -199,7 +156,7 @@ def build_qdq_model(frozen: FrozenSubnet, example_inputs: tuple, opset: int,
 
     if opset < MIN_QDQ_OPSET:
         raise ValueError(f"opset {opset} is too old for per-channel Q/DQ; use opset >= {MIN_QDQ_OPSET}")
-    model = export_marked(_unshared(frozen), example_inputs, opset=opset)
+    model = export_marked(frozen, example_inputs, opset=opset)
     graph = model.graph
     constant = _constants(graph)
     layer_of_weight = {lay.weight_group: lay for lay in frozen.layers}

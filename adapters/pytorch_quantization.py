@@ -30,9 +30,8 @@ import warnings
 import torch
 from torch import nn
 
-from eqnet_plugin.freeze import FrozenSubnet, QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, \
-    QuantPoint, freeze
-from eqnet_plugin.supernet import Supernet
+from eqnet_plugin.freeze import (QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantPoint, as_frozen,
+                                 set_submodule)
 
 __all__ = ["to_pytorch_quantization", "pq_amax"]
 
@@ -47,17 +46,6 @@ def _require_pq():
     except ImportError as err:   # pragma: no cover - CI installs the extra
         raise ImportError("the pytorch-quantization adapter needs the 'pytorch-quantization' package (2.1.3): "
                           f"{_INSTALL_HINT}") from err
-
-
-def _as_frozen(frozen, cfg=None) -> FrozenSubnet:
-    if isinstance(frozen, FrozenSubnet):
-        if cfg is not None:
-            raise TypeError("pass either a FrozenSubnet or (supernet, cfg), not a FrozenSubnet and a cfg")
-        return frozen
-    if isinstance(frozen, Supernet):
-        return freeze(frozen, cfg)
-    raise TypeError(f"expected a FrozenSubnet (eqnet_plugin.freeze.freeze(supernet, cfg)) or a Supernet and a "
-                    f"SubnetConfig, got {type(frozen).__name__}")
 
 
 def _check(group: str, qp: QParams) -> None:
@@ -110,11 +98,6 @@ def _pq_layer(layer: nn.Module) -> nn.Module:
     return new
 
 
-def _set(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent, _, attr = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
 def to_pytorch_quantization(frozen, cfg=None) -> nn.Module:
     """The frozen subnet as a GraphModule of pytorch-quantization modules with `amax` loaded.
 
@@ -135,7 +118,7 @@ def to_pytorch_quantization(frozen, cfg=None) -> nn.Module:
     _require_pq()
     from pytorch_quantization import nn as quant_nn
 
-    frozen = _as_frozen(frozen, cfg)
+    frozen = as_frozen(frozen, cfg)
     for group, qp in frozen.qparams.items():
         _check(group, qp)
     gm = copy.deepcopy(frozen.graph)
@@ -145,13 +128,13 @@ def to_pytorch_quantization(frozen, cfg=None) -> nn.Module:
             mod = gm.get_submodule(lay.name)
             inner = mod[0] if isinstance(mod, nn.Sequential) else mod
             new = _pq_layer(inner)
-            _set(gm, lay.name, nn.Sequential(new, *list(mod)[1:]) if isinstance(mod, nn.Sequential) else new)
+            set_submodule(gm, lay.name, nn.Sequential(new, *list(mod)[1:]) if isinstance(mod, nn.Sequential) else new)
         made: dict[str, nn.Module] = {}     # one TensorQuantizer per group (FX may call one quantizer twice)
         for name, mod in list(gm.named_modules(remove_duplicate=False)):
             if isinstance(mod, QuantPoint):
                 if mod.name not in made:
                     made[mod.name] = quant_nn.TensorQuantizer(_desc(mod.qparams, 1))
-                _set(gm, name, made[mod.name])
+                set_submodule(gm, name, made[mod.name])
     left = [n for n, m in gm.named_modules() if isinstance(m, QuantPoint)]
     if left:
         raise RuntimeError(f"to_pytorch_quantization left QuantPoints in the graph: {left[:5]}; please report "

@@ -60,7 +60,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from eqnet_plugin import __version__
-from eqnet_plugin.freeze import FrozenSubnet, QParams, freeze
+from eqnet_plugin.freeze import FrozenSubnet, QParams, as_frozen
 
 from ._onnx import export_marked, replace_markers
 
@@ -82,15 +82,6 @@ class QnnExport(NamedTuple):
 
 
 # --- subnet checks --------------------------------------------------------------------------------------------
-def _as_frozen(frozen) -> FrozenSubnet:
-    if isinstance(frozen, FrozenSubnet):
-        return frozen
-    if isinstance(frozen, tuple) and len(frozen) == 2:
-        return freeze(*frozen)
-    raise TypeError(f"export_qnn needs a FrozenSubnet or a (supernet, cfg) pair, got {type(frozen).__name__}; "
-                    "build one with eqnet_plugin.freeze.freeze(supernet, cfg)")
-
-
 def _check_full_grid(group: str, qp: QParams) -> None:
     if qp.qmax - qp.qmin != (1 << qp.bits) - 1:
         raise ValueError(f"group {group!r} uses the integer range [{qp.qmin}, {qp.qmax}], not the full {qp.bits}-bit "
@@ -368,7 +359,7 @@ def export_qnn(frozen, example_inputs: tuple, out_dir_or_prefix, *, encoding_ver
     """
     if encoding_version not in ENCODING_VERSIONS:
         raise ValueError(f"encoding_version={encoding_version!r} is not supported; choose one of {ENCODING_VERSIONS}")
-    frozen = _as_frozen(frozen)
+    frozen = as_frozen(frozen)
     for g, qp in frozen.qparams.items():
         _check_full_grid(g, qp)
     if strict:

@@ -184,6 +184,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-fq", action="store_true", help="skip the fake-quant-alone table")
     args = ap.parse_args(argv)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     torch.set_num_threads(args.threads[0])
     md_machine = machine()
 
@@ -219,8 +220,9 @@ def main(argv=None) -> None:
               f"torchvision ResNet-18 (num_classes={CLASSES}), {SIZE}x{SIZE} inputs, batch {BATCH}, forward + "
               f"cross-entropy + backward + SGD step, CPU. Median of {n} steps per variant ({args.rounds} interleaved "
               f"rounds of {args.steps}, after {args.warmup} warm-up steps); ratios are within one run.\n\n"
-              f"Machine: {md_machine}; load average when the run started: {load}.\n\n" + "\n".join(parts)
-              + f"\nRerun: `python benchmarks/bench_step.py --threads {' '.join(map(str, args.threads))}`\n")
+              f"Machine: {md_machine}; load average when the run started: {load}; OMP_WAIT_POLICY={policy}.\n\n"
+              + "\n".join(parts) + f"\nRerun: `{'OMP_WAIT_POLICY=' + policy + ' ' if policy != 'unset' else ''}"
+              f"python benchmarks/bench_step.py --threads {' '.join(map(str, args.threads))}`\n")
         update_section("bench_step", md + _NOTES)
 
 
@@ -248,15 +250,18 @@ two OpenMP threads mostly wait on each other, and every extra small op costs mil
   also need an int32 zero point (the float one rounds `x/s + z`, a different formula) and the per-channel one syncs
   the device to range-check it. One autograd Function over the scale tables (indexing, abs and clamp folded in):
   about 200 us per call on tiny tensors either way, no gain, reverted.
-* **Why 2 threads look worse than 1 here**: with other jobs on the two cores, an op that OpenMP splits over two
-  threads waits for the second thread to be scheduled, 8 or 16 ms at a time (measured: `x * y` on 2.4M values
-  0.6 ms with 1 thread, 8.0 ms with 2 under load). Elastic issues about 7 full-size ops per fake-quant forward
-  (torch.ao: 3, but scalar ones), so on a busy machine it pays more such waits; on an idle one the 1-thread
-  ratios are the better guide to the compute cost.
-* **Calibration** (`grid_search_qparams`): the candidate scales are evaluated in chunks of 2^18 values updated in
+* **Busy machine, OpenMP waiting**: this machine's two cores are shared with other jobs. With OpenMP's default
+  (active) wait policy, an op split over two threads spins until the second thread gets a core, up to 8-16 ms per
+  op (`x * y` on 2.4M values: 0.6 ms on 1 thread, 8 ms on 2). Elastic issues about 7 vectorized full-size ops per
+  fake-quant forward, torch.ao 2-3 (scalar) ones, so on a busy machine the default policy penalizes elastic: the
+  same script with the policy unset measured between 0.90x and 1.42x (worst of W8A8 / random subnet, 2 threads) in
+  four runs at load averages 2-12, and 0.85x-0.94x on 1 thread. With `OMP_WAIT_POLICY=PASSIVE` (the table above) the waits go away
+  and 2 threads agree with 1 thread; on an idle machine the policy should not matter.
+* **Calibration** (`grid_search_qparams`): the candidate scales are evaluated in chunks of 2^20 values updated in
   place (the temporaries stay in cache), and |e|^2.4 is computed as exp(2.4 log|e|) (a quarter faster than `pow`);
-  results unchanged on the test data. `Supernet.calibrate` on ResNet-18 (one batch of 8): 15.7 s -> 6.7 s CPU time
-  (1 thread); the remaining time is mostly exp/log of the 2.4-norm.
+  results unchanged on the test data. `Supernet.calibrate` on ResNet-18 (one batch of 8): 14.2 s -> 5.7 s CPU time
+  (1 thread, same run); the remaining time is mostly exp/log of the 2.4-norm. Chunks of 2^18 values were 20%
+  faster on an idle core but issue 4x more ops, which a busy machine punishes (see above), so 2^20 it is.
 * **Reference conversion**: `convert_reference` now copies the exact QAT folded weights into the converted convs
   (torch.ao folds BN with `rsqrt`, QAT with `1/sqrt`, and about one weight in a million landed on another integer).
 """

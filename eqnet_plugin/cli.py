@@ -54,7 +54,8 @@ def _common(p: argparse.ArgumentParser, model_defaults: bool) -> None:
     g.add_argument("--act-bits", type=int, nargs="+", default=None, help="elastic activation bit-widths (2..8)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 for demo)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     r.add_argument("--config", default=None, help="YAML/JSON file with option values (command-line flags win)")
     r.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int, default=None, help="override the budget's GA generations")
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
+    # The demo's models are tiny: on one thread it takes about 2.5 CPU-minutes, and it avoids the many-fold slowdown
+    # of oversubscribed OpenMP threads on a busy machine (measured here). --threads N overrides it.
+    p.set_defaults(threads=1)
     return parser
 
 

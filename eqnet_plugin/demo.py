@@ -28,7 +28,7 @@ import torch
 from . import pipeline as P
 from .space import atomic_write_text
 
-__all__ = ["DemoBudget", "BUDGETS", "run_demo"]
+__all__ = ["DemoBudget", "BUDGETS", "run_demo", "describe_scheme"]
 
 
 @dataclass(frozen=True)

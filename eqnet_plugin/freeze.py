@@ -25,7 +25,7 @@ from .primitives import int_range
 from .space import SubnetConfig
 
 __all__ = ["QParams", "QuantPoint", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "FrozenLayer",
-           "FrozenSubnet", "freeze"]
+           "FrozenSubnet", "freeze", "as_frozen"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -260,11 +260,11 @@ def freeze(supernet, cfg: SubnetConfig | None = None) -> FrozenSubnet:
         mod = gm.get_submodule(lay.name)
         relu = "ReLU" in type(mod).__name__
         new = _float_layer(mod, points[lay.weight])
-        _set_submodule(gm, lay.name, nn.Sequential(new, nn.ReLU()) if relu else new)
+        set_submodule(gm, lay.name, nn.Sequential(new, nn.ReLU()) if relu else new)
         layers.append(FrozenLayer(lay.name, type(new).__name__, lay.weight, lay.input, relu))
     for name, m in src_modules.items():
         if isinstance(m, ElasticFakeQuantize) and not m.is_weight and id(m) in ids:
-            _set_submodule(gm, name, points[ids[id(m)]])
+            set_submodule(gm, name, points[ids[id(m)]])
     leftover = [n for n, m in gm.named_modules() if isinstance(m, ElasticFakeQuantize)]
     if leftover:
         raise RuntimeError(f"freeze left elastic quantizers in the graph: {leftover[:5]} (unsupported module "
@@ -274,7 +274,33 @@ def freeze(supernet, cfg: SubnetConfig | None = None) -> FrozenSubnet:
     return frozen.eval()
 
 
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+def as_frozen(model, cfg: SubnetConfig | None = None) -> FrozenSubnet:
+    """What every adapter accepts: a FrozenSubnet, a `Supernet` (+ optional `cfg`, default its active subnet), or
+    a ``(supernet, cfg)`` tuple.
+
+    Raises:
+        TypeError: anything else, or a cfg given twice / with a FrozenSubnet.
+        ValueError: `cfg` does not fit the supernet.
+    """
+    from .supernet import Supernet
+
+    if isinstance(model, FrozenSubnet):
+        if cfg is not None:
+            raise TypeError("pass either a FrozenSubnet or a Supernet with cfg, not both: a FrozenSubnet already "
+                            "holds its subnet")
+        return model
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], Supernet):
+        if cfg is not None:
+            raise TypeError("pass either (supernet, cfg) or supernet with cfg=..., not both")
+        return freeze(*model)
+    if isinstance(model, Supernet):
+        return freeze(model, cfg)
+    raise TypeError(f"expected a FrozenSubnet, a Supernet or a (Supernet, SubnetConfig) tuple, got "
+                    f"{type(model).__name__}; freeze a subnet with eqnet_plugin.freeze.freeze(supernet, cfg)")
+
+
+def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path `target` of `root` by `module`."""
     parent_name, _, attr = target.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, module)

@@ -41,7 +41,7 @@ from .train import (CheckpointError, bn_batches_from, cosine_scheduler, evaluate
 __all__ = ["RunSpec", "Experiment", "SCHEMES", "TARGETS", "TARGET_SCHEMES", "TARGET_PROFILES", "build_model",
            "load_data", "build_experiment", "train_experiment", "load_experiment", "read_run_spec", "uniform_config",
            "parse_subnet", "uniform_table", "SearchOutcome", "search_experiment", "freeze_subnet", "export_subnet",
-           "onnx_agreement",
+           "onnx_agreement", "fit_predictor", "collect", "model_in_channels", "write_json",
            "format_table"]
 
 COMPACT_MODELS = ("tiny_resnet", "tiny_mobilenet_v2")

@@ -16,7 +16,7 @@ __all__ = ["int_range", "lsq_grad_factor", "fake_quantize", "fake_quantize_refer
 
 EPS = 2.0 ** -20          # smallest scale a quantizer may use
 CALIBRATION_NORM = 2.4    # the paper's |x - Q(x)|^p calibration loss
-_CHUNK = 1 << 18          # values per grid-search chunk (about 1 MiB of float32)
+_CHUNK = 1 << 20          # values per grid-search chunk (4 MiB of float32: cache-sized, few ops)
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:

@@ -346,7 +346,7 @@ def test_paths_inputs_and_bad_arguments(tiny_resnet, tmp_path):
     with pytest.raises(ValueError, match="choose one of"):
         export_qnn((sn, cfg), ex, tmp_path / "v", encoding_version="1.0")
     with pytest.raises(TypeError, match="FrozenSubnet"):
-        export_qnn(sn, ex, tmp_path / "t")
+        export_qnn(torch.nn.Linear(2, 2), ex, tmp_path / "t")
 
 
 def test_atomic_write(tiny_resnet, tmp_path, monkeypatch):

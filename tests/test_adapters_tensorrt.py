@@ -215,7 +215,7 @@ def test_residual_adds_are_quantized_by_torch_ao_placement(setup, tmp_path):
     (lambda sn: sn.uniform(8, 8, symmetric=False, per_channel=True), {"zero-point"}),
     (lambda sn: sn.uniform(8, 4, symmetric=True, per_channel=True), {"activation-bits"}),
     (lambda sn: sn.uniform(4, 4, symmetric=False, per_channel=False), {"zero-point", "activation-bits"}),
-])
+], ids=["asymmetric", "4-bit-activations", "asymmetric-4-bit"])
 def test_refuses_subnets_tensorrt_cannot_run(setup, tmp_path, make_cfg, rules):
     sn = setup["signed"]
     cfg = make_cfg(sn)
