@@ -15,7 +15,6 @@ import io
 import itertools
 import os
 import random
-import tempfile
 import time
 import zipfile
 from typing import Iterable, Mapping
@@ -30,7 +29,7 @@ from torch.utils.data import DataLoader
 from . import distributed as D
 from .fake_quant import ElasticFakeQuantize
 from .losses import WDRLoss, gpg_term
-from .space import ElasticSpace, SubnetConfig
+from .space import ElasticSpace, SubnetConfig, atomic_write_bytes
 from .supernet import Supernet
 
 __all__ = ["sample_sandwich", "sandwich_step", "qat_step", "evaluate", "evaluate_configs", "accuracy",
@@ -356,20 +355,9 @@ def save_checkpoint(path: str | os.PathLike, supernet: Supernet, optimizer: torc
         "rng": _rng_state(),
         "extra": dict(extra) if extra is not None else {},
     }
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
     return True
 
 

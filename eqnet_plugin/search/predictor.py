@@ -11,14 +11,13 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..space import MAX_BITS, SubnetConfig
+from ..space import MAX_BITS, SubnetConfig, atomic_write_bytes
 from .encoding import SearchSpace
 
 __all__ = ["CQAP", "kendall_tau", "pearson", "PREDICTOR_VERSION"]
@@ -206,18 +205,7 @@ class CQAP:
                  "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
         buf = io.BytesIO()
         torch.save(state, buf)
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CQAP":
