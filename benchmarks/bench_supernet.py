@@ -125,12 +125,13 @@ def _ms(values: list[float]) -> str:
     return f"{m:.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{m:.2f}"
 
 
-def summarize(runs: list[dict], budget: str, args) -> str:
+def summarize(runs: list[dict], budget: str, args, machine_line: str | None = None) -> str:
     models = sorted({r["model"] for r in runs}, key=lambda m: m != "tiny_resnet")
     seeds = sorted({r["seed"] for r in runs})
     names = list(runs[0]["supernet"])
-    lines = [f"Machine: {machine()}. Budget `{budget}`: split seeds {seeds} (stratified train/val/test of the "
-             f"1797 digits at {args.image_size}x{args.image_size}; test = 360 images, so one image = 0.28 points), "
+    lines = [f"Machine: {machine_line or machine()}. Budget `{budget}`: split seeds {seeds} (stratified "
+             f"train/val/test of the 1797 digits at {args.image_size}x{args.image_size}; test = 360 images, so one "
+             "image = 0.28 points), "
              f"float pretraining {runs[0].get('recipe', BUDGETS[budget])['float_epochs']} epochs (Adam lr "
              f"{args.float_lr}, cosine), QAT {runs[0]['steps']} steps (batch {args.batch_size}, Adam lr {args.lr}, "
              "cosine) for the supernet and for each dedicated run. "
@@ -213,7 +214,7 @@ def main(argv=None) -> None:
         saved = json.loads(RESULTS.read_text())
         for k in ("lr", "float_lr", "batch_size", "image_size"):
             setattr(args, k, saved["recipe"][k])
-        _report_section(saved["runs"], saved["budget"], args, saved["footer"], write=True)
+        _report_section(saved["runs"], saved["budget"], args, saved["footer"], True, saved.get("machine"))
         return
     if args.threads or args.jobs > 1:
         torch.set_num_threads(1 if args.jobs > 1 else args.threads)
@@ -259,13 +260,14 @@ def main(argv=None) -> None:
     write = args.write or args.budget == "full"
     if write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"budget": args.budget, "recipe": recipe, "footer": footer, "runs": runs},
-                                      indent=1))
+        RESULTS.write_text(json.dumps({"budget": args.budget, "recipe": recipe, "machine": machine(),
+                                       "footer": footer, "runs": runs}, indent=1))
     _report_section(runs, args.budget, args, footer, write)
 
 
-def _report_section(runs: list[dict], budget: str, args, footer: str, write: bool) -> None:
-    text = summarize(runs, budget, args) + "\n\n" + footer + "\n"
+def _report_section(runs: list[dict], budget: str, args, footer: str, write: bool,
+                    machine_line: str | None = None) -> None:
+    text = summarize(runs, budget, args, machine_line) + "\n\n" + footer + "\n"
     print(text)
     if write:
         update_section("bench_supernet", "## bench_supernet: one supernet vs dedicated QAT (digits)\n\n"

@@ -451,7 +451,8 @@ def train_supernet(supernet: Supernet, train_loader: DataLoader, optimizer: torc
                    eval_configs: Mapping[str, SubnetConfig] | None = None, eval_every: int = 1,
                    bn_batches: list | None = None, num_bn_batches: int = 8,
                    checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-                   checkpoint_extra: Mapping | None = None, resume: bool = True, generator: torch.Generator | None = None, model: nn.Module | None = None,
+                   checkpoint_extra: Mapping | None = None, resume: bool = True,
+                   generator: torch.Generator | None = None, model: nn.Module | None = None,
                    wdr: WDRLoss | None = WDRLoss(), lam: float = 0.5, temperature: float = 1.0,
                    grad_clip: float | None = None, gpg: bool = True, scheme: str = "group",
                    max_steps: int | None = None, progress: bool = True) -> dict:
