@@ -36,7 +36,7 @@ from .losses import WDRLoss
 from .space import ElasticSpace, SubnetConfig, atomic_write_text
 from .supernet import Supernet
 from .train import (CheckpointError, bn_batches_from, cosine_scheduler, evaluate, evaluate_configs,
-                    load_checkpoint, save_checkpoint, train_float, train_supernet)
+                    load_checkpoint, read_checkpoint, save_checkpoint, train_float, train_supernet)
 
 __all__ = ["RunSpec", "Experiment", "SCHEMES", "TARGETS", "TARGET_SCHEMES", "TARGET_PROFILES", "build_model",
            "load_data", "build_experiment", "train_experiment", "load_experiment", "read_run_spec", "uniform_config",
@@ -326,9 +326,8 @@ def read_run_spec(checkpoint: str | os.PathLike) -> tuple[RunSpec, dict]:
     Raises:
         FileNotFoundError: no file. CheckpointError: not a checkpoint, or one without a run spec.
     """
-    from .train import _read_checkpoint
     path = os.fspath(checkpoint)
-    ckpt = _read_checkpoint(path, "cpu")
+    ckpt = read_checkpoint(path, "cpu")
     extra = ckpt.get("extra") or {}
     if "run" not in extra:
         raise CheckpointError(f"{path!r} holds no run description (it was not written by `eqnet train`/"

@@ -34,7 +34,7 @@ from .supernet import Supernet
 
 __all__ = ["sample_sandwich", "sandwich_step", "qat_step", "evaluate", "evaluate_configs", "accuracy",
            "bn_batches_from", "cosine_scheduler", "train_supernet", "train_float", "lsq_qat", "save_checkpoint",
-           "load_checkpoint", "CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+           "load_checkpoint", "read_checkpoint", "CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
 CHECKPOINT_FORMAT = "eqnet_plugin.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -361,7 +361,13 @@ def save_checkpoint(path: str | os.PathLike, supernet: Supernet, optimizer: torc
     return True
 
 
-def _read_checkpoint(path: str, map_location) -> dict:
+def read_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
+    """The raw checkpoint dict written by `save_checkpoint` (validated: format, version); restores nothing.
+
+    Raises:
+        FileNotFoundError: no file. CheckpointError: truncated, corrupt or foreign file.
+    """
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
@@ -400,7 +406,7 @@ def load_checkpoint(path: str | os.PathLike, supernet: Supernet, optimizer: torc
         CheckpointError: the file is truncated/corrupt, not ours, or holds another model's (or space's) state.
     """
     path = os.fspath(path)
-    ckpt = _read_checkpoint(path, "cpu")
+    ckpt = read_checkpoint(path, "cpu")
     space = ElasticSpace.from_dict(ckpt["space"])
     if space != supernet.space:
         raise CheckpointError(f"{path!r} was trained with space {space} but this supernet uses {supernet.space}; "

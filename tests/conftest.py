@@ -2,6 +2,8 @@
 
 * ``random_batches`` -- factory ``make(n=2, batch=8, shape=(1, 16, 16), seed=0, classes=10) -> list[(x, y)]``:
   deterministic random (inputs, labels) batches, x of shape (batch, *shape), y int64 in [0, classes).
+* ``one_thread`` -- module-scoped: torch on one thread for the module, restored afterwards (small models run
+  faster on one thread, and are immune to a busy shared CPU). Use ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 * ``tiny_resnet_supernet`` -- factory ``make(space=None, seed=0, widths=(8, 16, 32), calibrate=True) -> Supernet``:
   a `TinyResNet` (1 input channel, 10 classes, residual adds) prepared with
   ``prepare_qat_fx(model, elastic_qconfig_mapping(space), example)`` (no backend_config) and calibrated on two
@@ -68,3 +70,11 @@ def tiny_resnet_supernet():
         return Supernet(copy.deepcopy(base.model), base.space)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

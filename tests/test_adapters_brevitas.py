@@ -19,44 +19,27 @@ from torch import nn
 import eqnet_plugin
 from eqnet_plugin import ElasticSpace, Supernet, models
 from eqnet_plugin.adapters.brevitas import export_brevitas_qcdq, export_brevitas_qonnx, to_brevitas
+from _supernets import moved_bn_supernet
 from eqnet_plugin.freeze import FrozenSubnet, QParams, QuantPoint, freeze
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------
-def _supernet(build, shape, space=None, backend_config=None, seed=0) -> Supernet:
-    """Prepared, calibrated supernet with BN statistics moved a little (so that BN folding matters)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = build()
-    gm = eqnet_plugin.prepare_qat(model, (torch.randn(2, *shape, generator=g),), space=space,
-                                  backend_config=backend_config)
-    sn = Supernet(gm)
-    sn.calibrate([torch.randn(4, *shape, generator=g)])
-    with torch.no_grad():
-        for m in gm.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.mul_(1 + 0.2 * torch.rand(m.running_var.shape, generator=g))
-    return sn
-
-
 @pytest.fixture(scope="module")
 def tiny_resnet():
-    return _supernet(models.TinyResNet, (1, 16, 16))            # the full paper space: 2..8 bits, sym/asym, pc/pt
+    return moved_bn_supernet(models.TinyResNet, (1, 16, 16))            # the full paper space: 2..8 bits, sym/asym, pc/pt
 
 
 @pytest.fixture(scope="module")
 def tiny_mobilenet():
     space = ElasticSpace(weight_bits=(3, 4, 8), act_bits=(3, 4, 8))
-    return _supernet(models.TinyMobileNetV2, (1, 16, 16), space, eqnet_plugin.elastic_backend_config())
+    return moved_bn_supernet(models.TinyMobileNetV2, (1, 16, 16), space, eqnet_plugin.elastic_backend_config())
 
 
 @pytest.fixture(scope="module")
 def resnet18():
     import torchvision
     space = ElasticSpace(weight_bits=(4, 8), act_bits=(4, 8))
-    return _supernet(lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32), space)
+    return moved_bn_supernet(lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32), space)
 
 
 def _inputs(shape, n=32, seed=1):

@@ -17,41 +17,24 @@ import pytest
 import torch
 from torch import nn
 
-import eqnet_plugin
-from eqnet_plugin import ElasticSpace, Supernet, models
+from eqnet_plugin import ElasticSpace, models
 from eqnet_plugin.adapters.pytorch_quantization import pq_amax, to_pytorch_quantization
+from _supernets import moved_bn_supernet
 from eqnet_plugin.freeze import FrozenSubnet, QParams, QuantPoint, freeze
 from eqnet_plugin.primitives import int_range
 
 SYMMETRIC_SPACE = ElasticSpace(weight_bits=(4, 8), act_bits=(4, 8), weight_symmetric=(True,), act_symmetric=(True,))
 
 
-def _supernet(build, shape, seed=0) -> Supernet:
-    """Prepared, calibrated supernet (symmetric cells only) with BN statistics moved a little."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = build()
-    gm = eqnet_plugin.prepare_qat(model, (torch.randn(2, *shape, generator=g),), space=SYMMETRIC_SPACE)
-    sn = Supernet(gm)
-    sn.calibrate([torch.randn(4, *shape, generator=g)])
-    with torch.no_grad():
-        for m in gm.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.mul_(1 + 0.2 * torch.rand(m.running_var.shape, generator=g))
-    return sn
-
-
 @pytest.fixture(scope="module")
 def tiny_resnet():
-    return _supernet(models.TinyResNet, (1, 16, 16))
+    return moved_bn_supernet(models.TinyResNet, (1, 16, 16), space=SYMMETRIC_SPACE)
 
 
 @pytest.fixture(scope="module")
 def resnet18():
     import torchvision
-    return _supernet(lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32))
+    return moved_bn_supernet(lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32), space=SYMMETRIC_SPACE)
 
 
 CONFIGS = {

@@ -11,13 +11,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 from eqnet_plugin import ElasticSpace, Supernet, prepare_qat
 from eqnet_plugin.adapters.onnx_qdq import export_onnx
 from eqnet_plugin.adapters.tensorrt import (RULES, TensorRTCompatibilityError, assert_tensorrt_onnx,
                                             check_tensorrt_onnx, export_to_tensorrt, tensorrt_subnet_problems)
 from eqnet_plugin.data import digits_splits
+from _supernets import perturb_bn
 from eqnet_plugin.freeze import freeze
 from eqnet_plugin.models import TinyResNet
 
@@ -134,18 +134,7 @@ def _signed_activations(sn: Supernet) -> None:
 
 def _perturbed_resnet(x: torch.Tensor) -> TinyResNet:
     torch.manual_seed(0)   # layer init of the test model only
-    model = TinyResNet()
-    gen = torch.Generator().manual_seed(1)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    with torch.no_grad():
-        model.train()
-        for bn in bns:
-            bn.momentum = None
-        model(x)
-        for bn in bns:
-            bn.weight.mul_(1 + 0.3 * torch.randn(bn.weight.shape, generator=gen))
-            bn.bias.add_(0.2 * torch.randn(bn.bias.shape, generator=gen))
-    return model
+    return perturb_bn(TinyResNet(), x, torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from torch import nn
 
 from eqnet_plugin import ElasticFakeQuantize, ElasticSpace, Supernet, elastic_backend_config, prepare_qat
 from eqnet_plugin.data import digits_splits
+from _supernets import perturb_bn
 from eqnet_plugin.freeze import FrozenSubnet, QParams, QuantPoint, freeze
 from eqnet_plugin.models import TinyMobileNetV2, TinyResNet
 from eqnet_plugin.space import QuantChoice
@@ -37,21 +38,6 @@ def data():
     return sp.train.tensors[0][:256], sp.test.tensors[0][:256]
 
 
-def _perturb_bn(model: nn.Module, batches: torch.Tensor, gen: torch.Generator) -> nn.Module:
-    """Real BN statistics (train-mode passes) plus a random perturbation of the affine parameters, so that the
-    BN fold is not a near-identity (an untouched net has mean 0, var 1)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    with torch.no_grad():
-        model.train()
-        for bn in bns:
-            bn.momentum = None
-        model(batches)
-        for bn in bns:
-            bn.weight.mul_(1 + 0.3 * torch.randn(bn.weight.shape, generator=gen))
-            bn.bias.add_(0.2 * torch.randn(bn.bias.shape, generator=gen))
-    return model
-
-
 def _supernet(model, data, backend_config=None) -> Supernet:
     train, _ = data
     gm = prepare_qat(model, (train[:2],), space=SPACE, backend_config=backend_config)
@@ -67,8 +53,8 @@ def nets(data):
     torch.manual_seed(0)   # layer init of the test models only
     return {
         "no_bn": _supernet(_NoBN(), data),
-        "tiny_resnet": _supernet(_perturb_bn(TinyResNet(), data[0], gen), data),
-        "tiny_mobilenet_v2": _supernet(_perturb_bn(TinyMobileNetV2(), data[0], gen), data, elastic_backend_config()),
+        "tiny_resnet": _supernet(perturb_bn(TinyResNet(), data[0], gen), data),
+        "tiny_mobilenet_v2": _supernet(perturb_bn(TinyMobileNetV2(), data[0], gen), data, elastic_backend_config()),
     }
 
 

@@ -12,13 +12,7 @@ from eqnet_plugin.search.cost import FLOAT_BITS
 from eqnet_plugin.space import QuantChoice
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models run faster on one thread (and are immune to a busy shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Toy(nn.Module):

@@ -15,13 +15,7 @@ from eqnet_plugin.search import (PROFILES, BackendProfile, Constraints, CostMode
 from eqnet_plugin.space import QuantChoice
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models run faster on one thread (and are immune to a busy shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from eqnet_plugin.search import (CQAP, CostModel, SearchSpace, collect_records, 
                                  sample_config)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The MLP and the tiny supernet are faster on one thread (and immune to a busy shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
