@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from eqnet_plugin.exact_pool import ExactGlobalAvgPool, exact_global_avg_pool
 from eqnet_plugin.freeze import FrozenSubnet, QuantPoint
 
 __all__ = ["MARKER_DOMAIN", "MARKER_OP", "export_marked", "replace_markers", "save_model_atomic"]
@@ -61,9 +62,30 @@ def _swap_points(module: nn.Module) -> nn.Module:
     return module
 
 
+def _plain_pools(module: nn.Module) -> nn.Module:
+    """Replace every ExactGlobalAvgPool module by ``nn.AdaptiveAvgPool2d(1)`` (exported as GlobalAveragePool), in
+    place; for targets without float64 (TensorRT, QNN)."""
+    for name, child in list(module._modules.items()):
+        if isinstance(child, ExactGlobalAvgPool):
+            setattr(module, name, nn.AdaptiveAvgPool2d(1))
+        elif child is not None:
+            _plain_pools(child)
+    if isinstance(module, torch.fx.GraphModule):
+        calls = [n for n in module.graph.nodes if n.op == "call_function" and n.target is exact_global_avg_pool]
+        for node in calls:
+            node.target, node.args = nn.functional.adaptive_avg_pool2d, (node.args[0], 1)
+        if calls:
+            module.recompile()
+    return module
+
+
 def export_marked(frozen: FrozenSubnet, example_inputs: tuple, opset: int = 17, input_names=("input",),
-                  output_names=("output",), dynamic_batch: bool = True):
+                  output_names=("output",), dynamic_batch: bool = True, exact_pool: bool = False):
     """Export `frozen` as float ONNX with an ``eqnet.QuantPoint`` marker node at every quantized tensor.
+
+    ``exact_pool=False`` exports `ExactGlobalAvgPool` modules as a plain GlobalAveragePool (float32 arithmetic,
+    for runtimes without float64); True keeps their float64 sum (Cast -> ReduceSum -> Div -> Cast), which ONNX
+    Runtime computes bit-exactly like training.
 
     Returns the `onnx.ModelProto` (markers included; not yet valid for runtimes).
     """
@@ -72,6 +94,8 @@ def export_marked(frozen: FrozenSubnet, example_inputs: tuple, opset: int = 17, 
     if not isinstance(example_inputs, tuple):
         raise TypeError("example_inputs must be a tuple of tensors, e.g. (torch.randn(1, 3, 224, 224),)")
     graph = _swap_points(copy.deepcopy(frozen.graph)).eval()
+    if not exact_pool:
+        _plain_pools(graph)
     axes = {n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None
     buf = io.BytesIO()
     with warnings.catch_warnings():

@@ -146,8 +146,8 @@ def _weight_quant(qp: QParams, ndim: int, exact: bool):
 def _act_quant(qp: QParams, exact: bool):
     from brevitas.quant import Int8ActPerTensorFloat
     if qp.per_channel:
-        raise ValueError(f"per-channel activation quantization is not supported by the Brevitas adapter "
-                         f"(activations are per-tensor in eqnet_plugin)")
+        raise ValueError("per-channel activation quantization is not supported by the Brevitas adapter "
+                         "(activations are per-tensor in eqnet_plugin)")
     return _quantizer(qp, Int8ActPerTensorFloat, 1, exact)
 
 

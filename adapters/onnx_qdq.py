@@ -18,8 +18,13 @@ torch's exporters reject or silently drop sub-8-bit ranges (FACTS.md), and ONNX 
 Q/DQ by its own rules (e.g. it does not re-quantize after an average pool as torch.ao does), so the nodes are written
 here explicitly.
 
-ONNX Runtime computes ``round(x / scale)`` where training computes ``round(x * (1 / scale))``; values exactly at a
-rounding boundary may therefore land one step apart, which is why parity is measured in LSBs (tests).
+ONNX's QuantizeLinear computes ``round(x / scale)`` where training computes ``round(x * (1 / scale))``; the two
+differ on exact rounding ties. Sub-8-bit activations (which carry a Clip, so ONNX Runtime never fuses them) and the
+re-quantization after a global pool (where ties are frequent) are therefore written as ``Mul(x, 1 / scale) ->
+QuantizeLinear(scale 1) -> [Clip] -> DequantizeLinear(scale)``, which rounds exactly as training does. The global
+pool itself is `ExactGlobalAvgPool` (float64 sum, ``Cast -> ReduceSum -> Div -> Cast``), so its value does not
+depend on the summation order either. Remaining differences come from convolutions summing in another order and
+tipping a value across a rounding boundary, which is why parity is measured in LSBs (tests).
 
 Shared quantizers: torch.ao re-uses one fake-quant for an op's input and output (ReLU -> average pool -> ...); each
 use gets its own Q/DQ pair with the same scale and zero point, as in training.
@@ -40,6 +45,7 @@ from ._onnx import export_marked, replace_markers, save_model_atomic
 __all__ = ["export_onnx", "build_qdq_model", "generic_encoding", "int_tensor", "Encoding", "LOW_BIT_MODES"]
 
 LOW_BIT_MODES = ("clip", "int4")
+_POOL_OUTPUT_OPS = ("Cast", "GlobalAveragePool", "AveragePool", "ReduceMean")   # Cast: ExactGlobalAvgPool's last op
 MIN_QDQ_OPSET = 13          # per-axis QuantizeLinear/DequantizeLinear
 INT4_OPSET = 21             # INT4/UINT4 tensor types
 
@@ -54,6 +60,8 @@ class Encoding:
         zero_point: integer array of the same shape (values in the `dtype` range).
         axis: channel axis for per-channel tensors, else None.
         clip: integer range to Clip to between Q and DQ (sub-8-bit grids in 8-bit containers), else None.
+        reciprocal: write an activation's Q as ``Mul(x, 1/scale) -> QuantizeLinear(scale 1)``, which rounds
+            ``x * (1 / scale)`` exactly as training does, instead of ONNX's ``x / scale`` (the two differ on ties).
     """
 
     dtype: int
@@ -61,6 +69,7 @@ class Encoding:
     zero_point: np.ndarray
     axis: int | None
     clip: tuple[int, int] | None = None
+    reciprocal: bool = False
 
 
 def _onnx_int_types():
@@ -99,7 +108,8 @@ def generic_encoding(qp: QParams, is_weight: bool, low_bit: str = "clip", opset:
     clip = (qp.qmin, qp.qmax) if qp.bits < container and not is_weight else None   # weights: codes are constants
     zp_np = np.int8 if qp.signed else np.uint8
     return Encoding(dtype, _np_array(qp.scale, qp.per_channel, np.float32),
-                    _np_array(qp.zero_point, qp.per_channel, zp_np), qp.axis, clip)
+                    _np_array(qp.zero_point, qp.per_channel, zp_np), qp.axis, clip,
+                    reciprocal=clip is not None)
 
 
 def _constants(graph) -> Callable[[str], np.ndarray | None]:
@@ -144,20 +154,22 @@ def _split_bias(node, bias: np.ndarray, weight_rank: int, new_inits: dict) -> li
 
 def build_qdq_model(frozen: FrozenSubnet, example_inputs: tuple, opset: int,
                     encode: Callable[[str, QParams, bool], Encoding],
-                    float_bias_add: Callable[[FrozenLayer], bool] | None = None):
+                    float_bias_add: Callable[[FrozenLayer], bool] | None = None, exact_pool: bool = False):
     """Export `frozen` with Q/DQ nodes written by ``encode(group, qparams, is_weight)``; returns the onnx.ModelProto.
 
     Weight groups become integer initializers + DequantizeLinear; activation groups become QuantizeLinear
     (-> Clip) -> DequantizeLinear. Unused float weight initializers are removed. Layers for which
     ``float_bias_add(layer)`` is true get their bias as a separate float Add after the Conv/Gemm (see
-    `export_onnx`).
+    `export_onnx`). ``exact_pool=True`` keeps `ExactGlobalAvgPool` as its float64 ONNX ops and quantizes a pool's
+    output in the reciprocal form (see `Encoding`); otherwise global pools become GlobalAveragePool.
     """
     from onnx import helper
 
     if opset < MIN_QDQ_OPSET:
         raise ValueError(f"opset {opset} is too old for per-channel Q/DQ; use opset >= {MIN_QDQ_OPSET}")
-    model = export_marked(frozen, example_inputs, opset=opset)
+    model = export_marked(frozen, example_inputs, opset=opset, exact_pool=exact_pool)
     graph = model.graph
+    producer_op = {o: n.op_type for n in graph.node for o in n.output}
     constant = _constants(graph)
     layer_of_weight = {lay.weight_group: lay for lay in frozen.layers}
     new_inits: dict[str, object] = {}
@@ -190,7 +202,17 @@ def build_qdq_model(frozen: FrozenSubnet, example_inputs: tuple, opset: int,
             weight_outputs[dst] = layer_of_weight[group]
             return [helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dst], name=f"{dst}.dq", **axis)]
         q_out = f"{dst}.q"
-        nodes = [helper.make_node("QuantizeLinear", [src, s_name, z_name], [q_out], name=f"{dst}.quantize", **axis)]
+        nodes = []
+        if enc.reciprocal or (exact_pool and producer_op.get(src) in _POOL_OUTPUT_OPS):
+            # x * (1/s) rounded, as in training (ONNX's x / s rounds ties, frequent after a pool, differently)
+            r_name, one = f"{group}.inv_scale", "eqnet.one"
+            new_inits.setdefault(r_name, helper.make_tensor(r_name, 1, list(enc.scale.shape),
+                                                            (np.float32(1) / enc.scale).reshape(-1).tolist()))
+            new_inits.setdefault(one, helper.make_tensor(one, 1, [], [1.0]))
+            nodes.append(helper.make_node("Mul", [src, r_name], [f"{dst}.scaled"], name=f"{dst}.scale"))
+            src, s_name = f"{dst}.scaled", one
+        nodes.append(helper.make_node("QuantizeLinear", [src, s_name, z_name], [q_out], name=f"{dst}.quantize",
+                                      **axis))
         if enc.clip is not None:
             lo, hi = f"{group}.qmin", f"{group}.qmax"
             if lo not in new_inits:
@@ -198,8 +220,8 @@ def build_qdq_model(frozen: FrozenSubnet, example_inputs: tuple, opset: int,
                 new_inits[hi] = int_tensor(hi, enc.dtype, np.array(enc.clip[1]))
             nodes.append(helper.make_node("Clip", [q_out, lo, hi], [f"{dst}.clip"], name=f"{dst}.clip"))
             q_out = f"{dst}.clip"
-        nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dst], name=f"{dst}.dequantize",
-                                      **axis))
+        nodes.append(helper.make_node("DequantizeLinear", [q_out, f"{group}.scale", z_name], [dst],
+                                      name=f"{dst}.dequantize", **axis))
         return nodes
 
     replace_markers(model, make_nodes)
@@ -267,8 +289,9 @@ def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=N
         ValueError: unknown `low_bit`, or ``low_bit="int4"`` with opset < 21.
 
     Numerics: ONNX Runtime executing the graph as written (``GraphOptimizationLevel.ORT_DISABLE_ALL``) computes
-    the subnet's arithmetic; results differ from torch only where float rounding (summation order, ``x / s`` vs
-    ``x * (1 / s)``) tips a value across a rounding boundary (the tests measure this in output LSBs). Its default
+    the subnet's arithmetic; results differ from torch only where a convolution's float summation order tips a
+    value across a rounding boundary (the tests measure this in output LSBs; pools and sub-8-bit activations are
+    written to round exactly as training, see the module docstring). Its default
     session instead runs integer kernels (QLinearConv, QLinearAdd, QLinearGlobalAveragePool) and first rounds float
     biases to int32 at scale ``s_in * s_w`` (its WeightBiasQuantization pass): fast for 8-bit layers, and a small
     but real change of arithmetic (measured: trained compact models keep >= 99% top-1 agreement; a random-init
@@ -295,5 +318,5 @@ def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=N
 
     model = build_qdq_model(frozen, example_inputs, opset,
                             lambda group, qp, is_weight: generic_encoding(qp, is_weight, low_bit, opset),
-                            float_bias_add=low_bit_layer)
+                            float_bias_add=low_bit_layer, exact_pool=True)
     return save_model_atomic(model, path)

@@ -33,7 +33,8 @@ a scale-`s` unsigned 8-bit cell has no exact INT8 equivalent. `unsigned_activati
 TinyResNet W8A8 with digits: 95.7-99.9% of outputs within 1 LSB of the subnet, top-1 agreement 99.4-100%). Keeping the
 scale and saturating at 127 s is not offered: calibrated post-ReLU ranges use the whole [0, 255] grid, and that
 variant agreed on top-1 for only 24% of the same inputs. The exact route is a supernet whose activation quantizers
-use the signed grid (a ReLU output then only uses codes 0..127).
+use the signed grid (a ReLU output then only uses codes 0..127): calibrate it with
+``Supernet.calibrate(batches, signed_activations=True)`` (``eqnet train --signed-activations``) before training.
 
 With torch.ao's placement both inputs of every residual add are fake-quantized outputs of the previous ops (the
 conv branch's quantizer and the identity/downsample quantizer), so the ``residual-add`` rule holds without adding
@@ -104,7 +105,8 @@ def tensorrt_subnet_problems(frozen, opset: int = 17, unsigned_activations: str 
                 problems.append(f"unsigned-activation: activation group {g!r} uses the unsigned grid "
                                 f"[{qp.qmin}, {qp.qmax}] (data >= 0, e.g. after ReLU); TensorRT's INT8 is [-128, 127]. "
                                 "Pass unsigned_activations='rescale' (INT8 at scale*2: one bit less resolution, "
-                                "not bit-exact), or train the supernet with signed activation quantizers")
+                                "not bit-exact), or calibrate the supernet with signed_activations=True before "
+                                "training (Supernet.calibrate / `eqnet train --signed-activations`): exact")
             if qp.per_channel:
                 problems.append(f"per-channel-activation: activation group {g!r} is per-channel")
         elif qp.per_channel and qp.axis != 0:

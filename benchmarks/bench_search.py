@@ -5,13 +5,16 @@ so a rerun redoes only the search and the random-subnet measurements; --fresh st
   1. TinyResNet(widths) on the embedded digits (8x8; validation = 40% of all images, taken from the non-test part,
      i.e. held-out training data; test = 20%, untouched): float pretraining, calibration, sandwich-rule supernet
      training (`train_float`, `Supernet.calibrate`, `train_supernet`).
-  2. `collect_records`: 1000 + 200 subnets drawn the paper's way, BN recalibrated on 2 x 128 training images,
-     measured on the validation split. CQAP is fitted on the first 250 / 500 / 1000 and ranked on the last 200.
+  2. `collect_records`: 1000 + 200 subnets drawn the paper's way, BN recalibrated on the whole training split (the
+     same 6 batches for every subnet), measured on the validation split. CQAP (both regressors: gradient-boosted
+     trees, the default, and the paper's MLP) is fitted on the first 250 / 500 / 1000 and ranked on the last 200.
      Each record also stores the accuracy on the two halves of the validation split (even / odd images): their
      Kendall tau is the measurement-noise ceiling, and the mean probability of the true class (a low-noise proxy
      of accuracy) on which a second CQAP is fitted.
   3. Constraint: BitOps <= the uniform W4A4 subnet's. `evolution_search` (paper defaults: population 100, 25%
-     parents, 500 generations) with the accuracy CQAP, timed together with its fit.
+     parents, 500 generations) with the accuracy CQAP, timed together with its fit; then `measure_top` measures
+     its 10 best-predicted subnets on the validation split and keeps the best measured; `refine_search` repeats
+     that for 2 rounds, refitting the CQAP on the records plus the subnets measured so far.
   4. 1000 random feasible subnets (`sample_feasible`, same constraint), measured on validation and test, against
      the GA's subnet measured the same way; GA picks at other budgets and under the tensorrt / qnn profiles.
 Every model's numbers go to benchmarks/results/bench_search_<model>.json; the BENCHMARKS.md section is rebuilt
@@ -37,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, machine, update_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-IMAGE_SIZE, VAL_FRACTION, N_TRAIN_RECORDS, N_HELDOUT = 8, 0.4, 1000, 200
+IMAGE_SIZE, VAL_FRACTION, N_TRAIN_RECORDS, N_HELDOUT, TOP_K, REFINE_ROUNDS = 8, 0.4, 1000, 200, 10, 2
+CURVE_ROUNDS = 6             # a longer refine_search: best measured subnet vs validation measurements spent
+BN_TAG = "bn-all-train"      # records and random measurements are cached per BN-recalibration setting
 
 
 def build_supernet(run_dir: Path, widths: tuple[int, ...], epochs: int, float_epochs: int, log):
@@ -78,7 +83,7 @@ def build_supernet(run_dir: Path, widths: tuple[int, ...], epochs: int, float_ep
         save_checkpoint(ckpt, sn, None, None, epochs * len(train), None)
         meta.write_text(json.dumps(info))
         log(f"supernet: {epochs} epochs in {info['supernet_seconds']:.0f} s")
-    bn = bn_batches_from(train.dataset, num_batches=2, batch_size=128, seed=1)
+    bn = bn_batches_from(train.dataset, num_batches=-(-len(train.dataset) // 128), batch_size=128, seed=1)  # all
     return sn, loaders, bn, info
 
 
@@ -115,7 +120,7 @@ def measure(sn, cfg, loaders, bn) -> tuple[float, float]:
 
 def run_model(args, widths: tuple[int, ...], log) -> dict:
     from eqnet_plugin.search import (CQAP, CostModel, SearchSpace, collect_records, evolution_search, kendall_tau,
-                                     random_search, sample_feasible)
+                                     measure_top, random_search, refine_search, sample_feasible)
     name = "tiny_resnet_" + "-".join(map(str, widths))
     run_dir = ROOT / "runs" / "bench_search" / name
     if args.fresh and run_dir.exists():
@@ -127,7 +132,8 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
 
     # --- records and CQAP ranking ------------------------------------------------------------------------------
     t = time.perf_counter()
-    recs = collect_records(sn, loaders[1], bn, N_TRAIN_RECORDS + N_HELDOUT, run_dir / "records.jsonl", seed=0,
+    recs = collect_records(sn, loaders[1], bn, N_TRAIN_RECORDS + N_HELDOUT, run_dir / f"records_{BN_TAG}.jsonl",
+                           seed=0,
                            cost_model=cm, evaluate_fn=record_metrics,
                            progress=lambda i, r: (i + 1) % 200 == 0 and log(f"records: {i + 1} measured"))
     rec_seconds = time.perf_counter() - t
@@ -136,12 +142,16 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
     held_acc = np.array([r.accuracy for r in held])
     ceiling = kendall_tau([r.metrics["acc_even"] for r in held], [r.metrics["acc_odd"] for r in held])
     taus = []
-    for n in (250, 500, 1000):
-        t = time.perf_counter()
-        cqap = CQAP(space, seed=0).fit([r.config for r in train_recs[:n]], [r.accuracy for r in train_recs[:n]])
-        fit_s = time.perf_counter() - t
-        taus.append({**cqap.evaluate(held_cfg, held_acc), "records": n, "fit_seconds": fit_s})
-        log(f"CQAP n={n}: tau {taus[-1]['kendall_tau']:.3f} pearson {taus[-1]['pearson']:.3f} fit {fit_s:.1f} s")
+    for regressor in ("mlp", "gbt"):                                  # gbt last: its 1000-record fit drives the GA
+        for n in (250, 500, 1000):
+            t = time.perf_counter()
+            cqap = CQAP(space, seed=0, regressor=regressor).fit([r.config for r in train_recs[:n]],
+                                                                [r.accuracy for r in train_recs[:n]])
+            fit_s = time.perf_counter() - t
+            taus.append({**cqap.evaluate(held_cfg, held_acc), "records": n, "fit_seconds": fit_s,
+                         "regressor": regressor})
+            log(f"CQAP {regressor} n={n}: tau {taus[-1]['kendall_tau']:.3f} pearson {taus[-1]['pearson']:.3f} "
+                f"fit {fit_s:.1f} s")
     soft = CQAP(space, seed=0).fit([r.config for r in train_recs], [r.metrics["true_prob"] for r in train_recs])
     soft_m = soft.evaluate(held_cfg, [r.metrics["true_prob"] for r in held])
     log(f"noise ceiling (tau of the two validation halves) {ceiling:.3f}; true-prob CQAP tau "
@@ -155,12 +165,30 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
     ga_val, ga_test = measure(sn, ga.best.config, loaders, bn)
     log(f"GA: {ga.evaluations} distinct subnets in {ga.seconds:.1f} s; predicted {ga.best.predicted_accuracy:.4f}, "
         f"val {ga_val:.4f}, test {ga_test:.4f}")
+    measured: dict = {}
+
+    def val(c):                                     # validation accuracy, each subnet measured once
+        if c not in measured:
+            measured[c] = measure(sn, c, loaders, bn)
+        return measured[c][0]
+    t = time.perf_counter()
+    top = measure_top(ga, val, k=TOP_K)                                            # validation split only
+    top_seconds = time.perf_counter() - t
+    top_val, top_test = measured[top.best.config]
+    log(f"GA + measure_top({TOP_K}): val {top_val:.4f}, test {top_test:.4f} ({top_seconds:.1f} s)")
+    t = time.perf_counter()
+    ref = refine_search(CQAP(space, seed=0), [r.config for r in train_recs], [r.accuracy for r in train_recs], val,
+                        space, cons, rounds=REFINE_ROUNDS, k=TOP_K, cost_model=cm, seed=0)
+    ref_seconds = time.perf_counter() - t
+    ref_val, ref_test = measured[ref.best.config]
+    log(f"refine_search({REFINE_ROUNDS} x {TOP_K}): val {ref_val:.4f}, test {ref_test:.4f} ({ref_seconds:.1f} s, "
+        f"{len(ref.top)} measured)")
     rnd_pred = random_search(cqap, space, cons, cost_model=cm, n=args.random, seed=1)
     rp_val, rp_test = measure(sn, rnd_pred.best.config, loaders, bn)
     t = time.perf_counter()
     rand_cfgs = sample_feasible(space, cm, cons, args.random, seed=1)
     rand_ops = np.array([cm(c).bitops for c in rand_cfgs])
-    cache = run_dir / f"random_{args.random}.json"            # measured accuracies depend only on the cached supernet
+    cache = run_dir / f"random_{args.random}_{BN_TAG}.json"     # measured accuracies depend only on the supernet
     cached = json.loads(cache.read_text()) if cache.exists() else None
     if cached is not None and cached["configs"] == [c.to_dict() for c in rand_cfgs]:
         rand, rand_seconds = np.array(cached["acc"]), cached["seconds"]
@@ -174,13 +202,29 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
     log(f"random: {len(rand_cfgs)} measured in {rand_seconds:.0f} s; best val {rand[:, 0].max():.4f}, best test "
         f"{rand[:, 1].max():.4f}, test of best-by-val {rand[by_val, 1]:.4f}")
 
+    order: list = []                                     # measurement order of the long refine_search
+
+    def val_logged(c):
+        if c not in order:
+            order.append(c)
+        return val(c)
+    refine_search(CQAP(space, seed=0), [r.config for r in train_recs], [r.accuracy for r in train_recs], val_logged,
+                  space, cons, rounds=CURVE_ROUNDS, k=TOP_K, cost_model=cm, seed=0)
+    curve = []
+    for m in range(TOP_K, len(order) + 1, TOP_K):
+        b = max(order[:m], key=lambda c: measured[c][0])          # first measured wins ties
+        curve.append({"measured": m, "val": measured[b][0], "test": measured[b][1],
+                      "random": equal_budget(rand, m, measured[b])})
+        log(f"refine curve: {m} measured, best val {measured[b][0]:.4f} (test {measured[b][1]:.4f})")
+
     picks = []
     for label, prof, (wb, ab) in [("W3A3 budget", None, (3, 3)), ("W5A5 budget", None, (5, 5)),
                                   ("W6A6 budget", None, (6, 6)), ("tensorrt, W4A8 budget", "tensorrt", (4, 8)),
                                   ("qnn, W4A8 budget", "qnn", (4, 8))]:
         lim = cm(sn.uniform(wb, ab)).bitops
         r = evolution_search(cqap, SearchSpace.from_supernet(sn, prof), {"max_bitops": lim}, cost_model=cm, seed=0)
-        v, te = measure(sn, r.best.config, loaders, bn)
+        r = measure_top(r, val, k=TOP_K)
+        v, te = measured[r.best.config]
         picks.append({"search": label, "limit": lim, "bitops": r.best.costs["bitops"],
                       "predicted": r.best.predicted_accuracy, "val": v, "test": te})
         log(f"GA {label}: predicted {r.best.predicted_accuracy:.4f} val {v:.4f} test {te:.4f}")
@@ -192,6 +236,16 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
            "true_prob_cqap": soft_m, "limit": limit, "full_bitops": cm(sn.max_config()).bitops,
            "ga": {**ga.best.costs, "predicted": ga.best.predicted_accuracy, "val": ga_val, "test": ga_test,
                   "seconds": ga.seconds, "evaluations": ga.evaluations},
+           "ga_top": {**top.best.costs, "predicted": top.best.predicted_accuracy, "val": top_val, "test": top_test,
+                      "k": TOP_K, "seconds": top_seconds,
+                      "val_rank": int((rand[:, 0] > top_val).sum()) + 1,
+                      "test_rank": int((rand[:, 1] > top_test).sum()) + 1},
+           "equal_budget": equal_budget(rand, len(ref.top), (ref_val, ref_test)), "curve": curve,
+           "noise_ceiling_full_tau": tau_ceiling(ceiling),
+           "refine": {**ref.best.costs, "predicted": ref.best.predicted_accuracy, "val": ref_val, "test": ref_test,
+                      "k": TOP_K, "rounds": REFINE_ROUNDS, "measured": len(ref.top), "seconds": ref_seconds,
+                      "val_rank": int((rand[:, 0] > ref_val).sum()) + 1,
+                      "test_rank": int((rand[:, 1] > ref_test).sum()) + 1},
            "random_predicted": {**rnd_pred.best.costs, "predicted": rnd_pred.best.predicted_accuracy,
                                 "val": rp_val, "test": rp_test, "n": rnd_pred.evaluations},
            "random_measured": {"n": len(rand_cfgs), "best_val": rand[:, 0].max(), "best_test": rand[:, 1].max(),
@@ -204,13 +258,14 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"bench_search_{name}.json").write_text(json.dumps(res, indent=1, default=float))
         if args.plot == ",".join(map(str, widths)):
-            ga.save(RESULTS / "search_digits.json")
+            ref.save(RESULTS / "search_digits.json")
             ga.plot(RESULTS / "pareto_digits.png", title=f"digits, TinyResNet{tuple(widths)}: accuracy vs BitOps",
                     ylabel="accuracy (front, star: predicted; markers: measured val)",
                     extra={"1000 random feasible, measured val": (rand_ops, rand[:, 0]),
                            "GA picks at other budgets, measured val": ([p["bitops"] for p in picks[:3]],
                                                                        [p["val"] for p in picks[:3]]),
-                           "GA pick (W4A4 budget), measured val": ([ga.best.costs["bitops"]], [ga_val])})
+                           "refine_search pick (W4A4 budget), measured val": ([ref.best.costs["bitops"]],
+                                                                             [ref_val])})
     return res
 
 
@@ -218,43 +273,80 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def tau_ceiling(half_tau: float) -> float:
+    """Highest Kendall tau any predictor can reach against the full-split measurement, estimated from the tau of the
+    two half-split measurements: Greiner's relation (Pearson r = sin(pi tau / 2), bivariate normal), Spearman-Brown
+    for the doubled split, and a perfect predictor correlating sqrt(reliability) with a noisy measurement."""
+    r_half = np.sin(np.pi * max(half_tau, 0.0) / 2)
+    r_full = 2 * r_half / (1 + r_half)
+    return float(2 / np.pi * np.arcsin(np.sqrt(r_full)))
+
+
+def equal_budget(rand: np.ndarray, m: int, ours: tuple[float, float], draws: int = 2000) -> dict:
+    """Random search with the same number of validation measurements as ours: `draws` times pick `m` of the measured
+    random subnets, keep the best by val; how often is ours at least as good (val; test of the val pick)?"""
+    rng = np.random.default_rng(0)
+    vals, tests = [], []
+    for _ in range(draws):
+        sub = rand[rng.choice(len(rand), m, replace=False)]
+        b = int(np.argmax(sub[:, 0]))
+        vals.append(sub[b, 0])
+        tests.append(sub[b, 1])
+    vals, tests = np.array(vals), np.array(tests)
+    return {"m": m, "median_val": float(np.median(vals)), "median_test": float(np.median(tests)),
+            "p_val": float((ours[0] >= vals).mean()), "p_test": float((ours[1] >= tests).mean())}
+
+
 def report(results: list[dict]) -> str:
     """Markdown for every model's results file."""
     out = ["## Search (`benchmarks/bench_search.py`)", "",
            f"Machine: {results[0]['machine']}. Digits at 8x8 (1797 images): validation = 40% (held-out training "
-           "data, used for the records and the GA's predictor), test = 20% (untouched); TinyResNet supernets, full "
-           "space (2..8 bits, both symmetries and granularities; first/last layer 8-bit). Accuracies in %. "
-           "Every subnet is measured after BN recalibration on 2 x 128 training images. One validation image is "
-           "0.14 points, one test image 0.28 points.", ""]
+           "data, used for the records, the GA's predictor and `measure_top`), test = 20% (untouched); TinyResNet "
+           "supernets, full space (2..8 bits, both symmetries and granularities; first/last layer 8-bit). "
+           "Accuracies in %. Every subnet is measured after BN recalibration on the whole training split (718 "
+           "images). One validation image is 0.14 points, one test image 0.28 points.", ""]
     for r in results:
-        ga, rm, rp = r["ga"], r["random_measured"], r["random_predicted"]
-        tau = r["taus"][-1]["kendall_tau"]
-        search_s = r["taus"][-1]["fit_seconds"] + ga["seconds"]
+        ga, top, ref, rm, rp = r["ga"], r["ga_top"], r["refine"], r["random_measured"], r["random_predicted"]
+        best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1] for reg in ("gbt", "mlp")}
+        tau = max(t["kendall_tau"] for t in best.values())
+        search_s = best["gbt"]["fit_seconds"] + ga["seconds"]
         info = r["info"]
         out += [f"### TinyResNet widths {tuple(r['widths'])}", "",
                 f"Float {_pct(info.get('float_val_acc', float('nan')))} val after {info.get('float_epochs')} "
                 f"epochs; supernet {info.get('supernet_epochs')} sandwich epochs "
                 f"({info.get('supernet_seconds', 0):.0f} s). {r['n_records']} records measured.", "",
-                "| CQAP training records | Kendall tau (200 held-out) | Pearson | RMSE (points) | fit (s) |",
-                "|---:|---:|---:|---:|---:|",
-                *[f"| {t['records']} | {t['kendall_tau']:.3f} | {t['pearson']:.3f} | {100 * t['rmse']:.2f} | "
-                  f"{t['fit_seconds']:.1f} |" for t in r["taus"]],
+                "| CQAP regressor | training records | Kendall tau (200 held-out) | Pearson | RMSE (points) "
+                "| fit (s) |",
+                "|---|---:|---:|---:|---:|---:|",
+                *[f"| {t['regressor']} | {t['records']} | {t['kendall_tau']:.3f} | {t['pearson']:.3f} | "
+                  f"{100 * t['rmse']:.2f} | {t['fit_seconds']:.1f} |" for t in r["taus"]],
                 "",
                 f"* Target tau >= 0.85 with <= 1000 records: **{'met' if tau >= 0.85 else 'NOT met'}** "
-                f"(tau {tau:.3f}).",
+                f"(best tau {tau:.3f}).",
                 f"* Measurement-noise ceiling: Kendall tau between the accuracies of the same 200 subnets on the two "
-                f"halves of the validation split = {r['noise_ceiling_tau']:.3f} (a half-size measurement; the full "
-                "split is less noisy, but no predictor can rank far above what the measurement itself repeats).",
-                f"* The same CQAP fitted to the mean probability of the true class (a low-noise proxy of accuracy): "
-                f"tau {r['true_prob_cqap']['kendall_tau']:.3f}, Pearson {r['true_prob_cqap']['pearson']:.3f}.",
+                f"halves of the validation split = {r['noise_ceiling_tau']:.3f}. Extrapolated to the full split "
+                f"(Greiner's sin relation + Spearman-Brown, assuming normal noise), even a predictor that knew every "
+                f"subnet's true accuracy would reach tau ~{r['noise_ceiling_full_tau']:.2f} against these "
+                "measurements: the 0.85 target is above what top-1 accuracy on this validation split can repeat.",
+                f"* The gbt CQAP fitted to the mean probability of the true class (a low-noise proxy of accuracy): "
+                f"tau {r['true_prob_cqap']['kendall_tau']:.3f} against that proxy, Pearson "
+                f"{r['true_prob_cqap']['pearson']:.3f}.",
                 "",
                 f"Genetic vs random search at BitOps <= {r['limit'] / 1e6:.2f} M (the uniform W4A4 subnet's; "
-                f"W8A8: {r['full_bitops'] / 1e6:.2f} M):", "",
+                f"W8A8: {r['full_bitops'] / 1e6:.2f} M). Validation measurements spent on the choice: GA + "
+                f"measure_top {top['k']}, refine_search {ref['measured']} ({ref['rounds']} rounds), random "
+                f"{rm['n']}.", "",
                 "| subnet | BitOps (M) | avg W / A bits | predicted | val | test |",
                 "|---|---:|---:|---:|---:|---:|",
-                f"| GA (100 / 25% / 500 generations), CQAP-1000 | {ga['bitops'] / 1e6:.2f} | "
+                f"| GA (100 / 25% / 500 generations), gbt CQAP-1000, best predicted | {ga['bitops'] / 1e6:.2f} | "
                 f"{ga['avg_weight_bits']:.2f} / {ga['avg_act_bits']:.2f} | {_pct(ga['predicted'])} | "
                 f"{_pct(ga['val'])} | {_pct(ga['test'])} |",
+                f"| GA + measure_top({top['k']}): best measured val of its top {top['k']} | {top['bitops'] / 1e6:.2f}"
+                f" | {top['avg_weight_bits']:.2f} / {top['avg_act_bits']:.2f} | {_pct(top['predicted'])} | "
+                f"{_pct(top['val'])} | {_pct(top['test'])} |",
+                f"| refine_search ({ref['rounds']} rounds x measure_top({ref['k']})): best measured val | "
+                f"{ref['bitops'] / 1e6:.2f} | {ref['avg_weight_bits']:.2f} / {ref['avg_act_bits']:.2f} | "
+                f"{_pct(ref['predicted'])} | {_pct(ref['val'])} | {_pct(ref['test'])} |",
                 f"| random search (best predicted of {rp['n']}) | {rp['bitops'] / 1e6:.2f} | "
                 f"{rp['avg_weight_bits']:.2f} / {rp['avg_act_bits']:.2f} | {_pct(rp['predicted'])} | "
                 f"{_pct(rp['val'])} | {_pct(rp['test'])} |",
@@ -265,18 +357,40 @@ def report(results: list[dict]) -> str:
                 *[f"| {u['subnet']} | {u['bitops'] / 1e6:.2f} | | | {_pct(u['val'])} | {_pct(u['test'])} |"
                   for u in r["uniform"]],
                 "",
-                f"* Issue target, GA test >= best test of {rm['n']} measured random subnets: "
-                f"**{'met' if ga['test'] >= rm['best_test'] else 'NOT met'}** (GA ranks {rm['ga_test_rank']} of "
-                f"{rm['n'] + 1} on test, {rm['ga_val_rank']} of {rm['n'] + 1} on val; the oracle picks on test "
-                "noise).",
-                f"* Same selection data for both (random subnet chosen by val, then tested): GA test "
-                f"{_pct(ga['test'])} vs {_pct(rm['test_of_best_val'])}: "
-                f"**{'met' if ga['test'] >= rm['test_of_best_val'] else 'NOT met'}**.",
-                f"* Search time: CQAP fit {r['taus'][-1]['fit_seconds']:.1f} s + 500 generations "
-                f"{ga['seconds']:.1f} s ({ga['evaluations']} distinct subnets) = {search_s:.1f} s; target < 60 s "
-                f"**{'met' if search_s < 60 else 'NOT met'}**.",
+                *[f"* Issue target, measured accuracy of the search's subnet >= best measured of {rm['n']} random "
+                  f"feasible subnets, {name}. On validation (where both choices are made): {_pct(x['val'])} vs "
+                  f"{_pct(rm['best_val'])}: **{'met' if x['val'] >= rm['best_val'] else 'NOT met'}** (rank "
+                  f"{x['val_rank']} of {rm['n'] + 1}). On test, against the random subnet chosen the same way (best "
+                  f"val): {_pct(x['test'])} vs {_pct(rm['test_of_best_val'])}: "
+                  f"**{'met' if x['test'] >= rm['test_of_best_val'] else 'NOT met'}**. Against the best test "
+                  f"accuracy of the {rm['n']} (an oracle that picks on test noise): {_pct(x['test'])} vs "
+                  f"{_pct(rm['best_test'])}: **{'met' if x['test'] >= rm['best_test'] else 'NOT met'}** (rank "
+                  f"{x['test_rank']} of {rm['n'] + 1})."
+                  for name, x in (("refine_search", ref), (f"GA + measure_top({top['k']})", top))],
+                f"* Same number of validation measurements ({r['equal_budget']['m']}) for random search: the best "
+                f"by val of {r['equal_budget']['m']} random feasible subnets (2000 draws from the 1000 measured) has "
+                f"median val {_pct(r['equal_budget']['median_val'])} and test "
+                f"{_pct(r['equal_budget']['median_test'])}; refine_search is at least as good in "
+                f"{100 * r['equal_budget']['p_val']:.0f}% of draws on val and {100 * r['equal_budget']['p_test']:.0f}%"
+                " on test.",
                 "",
-                "| GA at another budget / profile | BitOps limit (M) | BitOps (M) | predicted | val | test |",
+                f"Measurement budget: refine_search run for {len(r['curve'])} rounds; best measured subnet after each "
+                f"round vs random search with as many measurements (median of 2000 draws) and vs the best of all "
+                f"{rm['n']} random (val {_pct(rm['best_val'])}, its test {_pct(rm['test_of_best_val'])}):", "",
+                "| validation measurements | refine_search val | its test | random, same budget: val | its test | "
+                "P(refine >= random), val / test |",
+                "|---:|---:|---:|---:|---:|---:|",
+                *[f"| {c['measured']} | {_pct(c['val'])} | {_pct(c['test'])} | {_pct(c['random']['median_val'])} | "
+                  f"{_pct(c['random']['median_test'])} | {100 * c['random']['p_val']:.0f}% / "
+                  f"{100 * c['random']['p_test']:.0f}% |" for c in r["curve"]],
+                "",
+                f"* Search time: gbt CQAP fit {best['gbt']['fit_seconds']:.1f} s + 500 generations "
+                f"{ga['seconds']:.1f} s ({ga['evaluations']} distinct subnets) = {search_s:.1f} s; target < 60 s "
+                f"**{'met' if search_s < 60 else 'NOT met'}**; measure_top({top['k']}) adds {top['seconds']:.1f} s; "
+                f"refine_search in all {ref['seconds']:.1f} s.",
+                "",
+                "| GA + measure_top(10) at another budget / profile | BitOps limit (M) | BitOps (M) | predicted | val "
+                "| test |",
                 "|---|---:|---:|---:|---:|---:|",
                 *[f"| {p['search']} | {p['limit'] / 1e6:.2f} | {p['bitops'] / 1e6:.2f} | {_pct(p['predicted'])} | "
                   f"{_pct(p['val'])} | {_pct(p['test'])} |" for p in r["picks"]],

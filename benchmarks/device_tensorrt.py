@@ -56,15 +56,8 @@ def build_supernet(torch):
     space = ElasticSpace(weight_bits=(4, 8), act_bits=(8,), fixed_bits=None)
     gm = prepare_qat(model, (xt[:2],), space=space)
     sn = Supernet(gm)
-    sn.calibrate([xt])
+    sn.calibrate([xt], signed_activations=True)  # TensorRT's INT8 grid: ReLU outputs use codes 0..127
     gm.eval()
-    for g in sn.act_groups:                      # signed interpretation: ReLU outputs use codes 0..127
-        fq = sn.groups[g]
-        if int(fq.signed) == 0:
-            with torch.no_grad():
-                fq.signed.fill_(1)
-                fq.scale_sym_tensor.mul_(2.0)
-            fq.load_state_dict(fq.state_dict())
     return sn, xs
 
 

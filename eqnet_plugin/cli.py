@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many supernet steps")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay)")
     p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--signed-activations", action="store_true",
+                   help="for TensorRT: calibrate every activation quantizer on the signed grid (INT8 activations "
+                        "with zero point 0, exact export); costs one bit of resolution on post-ReLU tensors. "
+                        "Fixed at calibration: a resumed run keeps its checkpoint's grids")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from OUT/supernet.pt when it exists")
     p.add_argument("--out", default="runs/train", help="output folder (default: %(default)s)")
@@ -115,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", default=None, help="a fitted CQAP file (cqap.pt): skip measuring records")
     p.add_argument("--population", type=int, default=100)
     p.add_argument("--generations", type=int, default=500)
-    p.add_argument("--cqap-epochs", type=int, default=300)
+    p.add_argument("--cqap-epochs", type=int, default=300, help="MLP predictor only (CQAP regressor 'mlp')")
+    p.add_argument("--measure-top", type=int, default=10,
+                   help="measure this many best-predicted subnets on the validation split and keep the best "
+                        "measured (0: keep the best predicted; default: %(default)s)")
+    p.add_argument("--refine-rounds", type=int, default=2,
+                   help="rounds of search -> measure top -> refit the predictor (needs measured records; "
+                        "default: %(default)s)")
     p.add_argument("--out", default="runs/search",
                    help="output folder; records.jsonl there is resumed (delete it after retraining)")
 
@@ -127,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w<W>a<A>[@scheme] or a SubnetConfig / search JSON (default: W8A8 in the target's scheme)")
     p.add_argument("--unsigned-activations", choices=("rescale", "refuse"), default="rescale",
                    help="tensorrt: unsigned (post-ReLU) activations as INT8 at twice the scale (rescale: one bit "
-                        "less resolution) or refuse such subnets (default: %(default)s)")
+                        "less resolution) or refuse such subnets (default: %(default)s); a supernet trained with "
+                        "`eqnet train --signed-activations` has none and exports exactly")
     p.add_argument("--encoding-version", choices=("0.6.1", "1.0.0", "2.0.0"), default="1.0.0",
                    help="qnn: AIMET encodings version (default: %(default)s)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
@@ -291,16 +302,22 @@ def _print_table(rows, headers, title: str | None = None) -> None:
 
 
 def cmd_train(args) -> int:
-    from .pipeline import build_experiment, read_run_spec, train_experiment, uniform_config
-    from .train import evaluate
+    from .pipeline import activations_signed, build_experiment, read_run_spec, train_experiment, uniform_config
+    from .train import evaluate, load_checkpoint
     spec = _spec(args)
     ckpt = Path(args.out) / "supernet.pt"
     resuming = args.resume and ckpt.exists()
     t0 = time.perf_counter()
     exp = build_experiment(spec, device=_device(args), float_epochs=0 if resuming else args.float_epochs,
-                           calibrate=not resuming, calib_batches=args.calib_batches, progress=args.progress)
+                           calibrate=not resuming, calib_batches=args.calib_batches,
+                           signed_activations=args.signed_activations, progress=args.progress)
     if resuming:
         print(f"resuming from {ckpt}")
+        if args.signed_activations:         # the grids were fixed when the checkpoint's run calibrated
+            load_checkpoint(ckpt, exp.supernet, restore_rng=False)
+            if not activations_signed(exp.supernet):
+                raise UsageError(f"{ckpt} was calibrated without --signed-activations and resuming keeps its "
+                                 "activation grids; use a new --out or --no-resume to start over with them")
     hist = train_experiment(exp, args.epochs, ckpt, lr=args.lr, max_steps=args.max_steps, resume=args.resume,
                             progress=args.progress)
     if resuming:
@@ -312,7 +329,7 @@ def cmd_train(args) -> int:
             rows.append([f"w{w}a{a}", evaluate(sn, uniform_config(sn, w, a), exp.test_loader, exp.bn_batches)])
     _print_table(rows, ["model (test split)", "accuracy"],
                  f"trained {spec.model} on {spec.data}: {hist['step']} steps, {time.perf_counter() - t0:.1f} s; "
-                 f"checkpoint {ckpt}")
+                 f"checkpoint {ckpt}" + ("; signed activations (TensorRT-exact)" if activations_signed(sn) else ""))
     return 0
 
 
@@ -375,12 +392,16 @@ def cmd_search(args) -> int:
     o = search_experiment(exp, args.out, profile=args.profile, constraints=cons, bitops_fraction=frac,
                           records=args.records, predictor=predictor, population=args.population,
                           generations=args.generations, cqap_epochs=args.cqap_epochs, seed=exp.spec.seed,
+                          measure_top_k=args.measure_top, refine_rounds=args.refine_rounds,
                           progress=args.progress)
     c = o.result.best.costs
     rows = [["profile", o.result.profile],
             ["constraints", ", ".join(f"{k}={v:.4g}" for k, v in o.result.constraints.to_dict().items()
                                       if v is not None)],
-            ["predicted accuracy", o.result.best.predicted_accuracy], ["measured accuracy (test)", o.measured_accuracy],
+            ["predicted accuracy", o.result.best.predicted_accuracy],
+            *([["measured accuracy (val, measure_top)", o.result.best.measured_accuracy]]
+              if o.result.best.measured_accuracy is not None else []),
+            ["measured accuracy (test)", o.measured_accuracy],
             ["BitOps (% of W8A8)", f"{c['bitops']:.4g} ({100 * c['bitops'] / o.reference['w8a8_bitops']:.0f}%)"],
             ["size (bytes)", f"{c['size_bytes']:.0f}"], ["avg weight / act bits",
                                                           f"{c['avg_weight_bits']:.2f} / {c['avg_act_bits']:.2f}"]]

@@ -9,7 +9,9 @@ Integer grids (one source of truth: `primitives.int_range`):
   * weights: signed grid [-2^(b-1), 2^(b-1)-1]; symmetric cells have zero point 0.
   * activations: unsigned grid [0, 2^b-1] (dtype quint8, what torch.ao's default backend config accepts);
     symmetric cells use zero point 0 for non-negative data and 2^(b-1) for signed data, which is exactly the
-    signed symmetric grid shifted by 2^(b-1). Signedness is found by calibration (`signed` buffer).
+    signed symmetric grid shifted by 2^(b-1). Signedness is found by calibration (`signed` buffer), or forced
+    with `finish_calibration(signed=True)` / `Supernet.calibrate(..., signed_activations=True)`: TensorRT runs
+    only that signed grid (INT8, zero point 0), so post-ReLU tensors then trade one bit for an exact export.
 
 The module is a FakeQuantizeBase so that torch.ao FX places, converts and serializes it like its own fake-quants.
 The flags and the active cell live in buffers (DDP broadcasts them, state_dict round-trips them); a Python mirror
@@ -239,16 +241,26 @@ class ElasticFakeQuantize(FakeQuantizeBase):
         self._calib_count += 1
 
     @torch.no_grad()
-    def finish_calibration(self, all_gather=None) -> None:
+    def finish_calibration(self, all_gather=None, signed: bool | None = None) -> None:
         """Initialize every cell from what was observed since the observer was enabled (paper grid search).
 
         Args:
             all_gather: optional callable mapping a 1-D tensor to the concatenation of that tensor over all
                 ranks (data-parallel training: every rank then computes identical scales). `Supernet.calibrate`
                 passes one when torch.distributed is initialized.
+            signed: activations only (weights are always signed): None (default) interprets the data as signed
+                when its minimum is negative; True uses the signed interpretation whatever the data (`signed`
+                buffer 1: symmetric cells get zero point 2^(b-1) on the unsigned container, i.e. the signed grid
+                [-2^(b-1), 2^(b-1)-1] with zero point 0, and are grid-searched on it; asymmetric cells are
+                unchanged). This is what TensorRT runs exactly (INT8, zero point 0); on non-negative data it
+                costs one bit of resolution. False forces the unsigned interpretation and is only valid for
+                non-negative data.
         Raises:
             RuntimeError: nothing was observed.
+            ValueError: `signed` is not None/True/False, or False on data with negative values.
         """
+        if signed is not None and not isinstance(signed, bool):
+            raise ValueError(f"signed must be None (from the data), True or False, got {signed!r}")
         if self.is_weight:
             if self._weight_seen is None:
                 raise RuntimeError("calibration saw no weight: run forward passes with the observer enabled")
@@ -260,7 +272,7 @@ class ElasticFakeQuantize(FakeQuantizeBase):
             sample = _strided(torch.cat(self._calib_samples)[None], _SAMPLE_CAPACITY)[0]
             if all_gather is not None:
                 sample = all_gather(sample)
-            self._init_act_cells(sample)
+            self._init_act_cells(sample, signed)
         self._calib_reset()
 
     def _init_weight_cells(self, w: torch.Tensor) -> None:
@@ -278,15 +290,19 @@ class ElasticFakeQuantize(FakeQuantizeBase):
                     if not sym:
                         getattr(self, f"zero_point_{tag}")[:, col] = z
 
-    def _init_act_cells(self, x: torch.Tensor) -> None:
-        signed = bool(x.numel()) and bool(x.min() < 0)
+    def _init_act_cells(self, x: torch.Tensor, signed: bool | None = None) -> None:
+        negative = bool(x.numel()) and bool(x.min() < 0)
+        if signed is False and negative:
+            raise ValueError("signed=False: this activation has negative values, which the unsigned grid cannot "
+                             "hold; pass signed=None (from the data) or True")
+        signed = negative if signed is None else signed
         self.signed.fill_(int(signed))
         self._signed = signed
         for sym in self.sym_choices:
             tag = _tag(sym, False)
             for b, col in self._col.items():
-                # symmetric signed data: signed grid (zero point fixed at 2^(b-1) on the unsigned grid);
-                # everything else: the unsigned grid.
+                # symmetric cells of a signed quantizer: signed grid (zero point fixed at 2^(b-1) on the
+                # unsigned container); everything else: the unsigned grid.
                 s, z = grid_search_qparams(x, b, signed=sym and signed, symmetric=sym, per_channel=False)
                 getattr(self, f"scale_{tag}")[:, col] = s
                 if not sym:

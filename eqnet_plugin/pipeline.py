@@ -39,7 +39,8 @@ from .train import (CheckpointError, bn_batches_from, cosine_scheduler, evaluate
                     load_checkpoint, read_checkpoint, save_checkpoint, train_float, train_supernet)
 
 __all__ = ["RunSpec", "Experiment", "SCHEMES", "TARGETS", "TARGET_SCHEMES", "TARGET_PROFILES", "build_model",
-           "load_data", "build_experiment", "train_experiment", "load_experiment", "read_run_spec", "uniform_config",
+           "load_data", "build_experiment", "train_experiment", "load_experiment", "activations_signed",
+           "read_run_spec", "uniform_config",
            "parse_subnet", "uniform_table", "SearchOutcome", "search_experiment", "freeze_subnet", "export_subnet",
            "onnx_agreement", "fit_predictor", "collect", "model_in_channels", "write_json",
            "format_table"]
@@ -242,11 +243,15 @@ def _progress(enabled: bool, **kw):
 
 def build_experiment(spec: RunSpec, *, device: str | torch.device = "cpu", float_epochs: int = 0,
                      float_lr: float = 1e-3, calibrate: bool = True, calib_batches: int = 8, bn_batches: int = 8,
-                     progress: bool = False) -> Experiment:
+                     signed_activations: bool = False, progress: bool = False) -> Experiment:
     """Data -> float model (trained `float_epochs`) -> `prepare_qat` -> `Supernet` -> calibration.
 
     MobileNet-style models (ReLU6) are prepared with `elastic_backend_config()`; others with torch.ao's default
     placement. 1-channel data is repeated to 3 channels for models with an RGB stem.
+
+    `signed_activations` is passed to `Supernet.calibrate` (True: every activation quantizer on the signed grid,
+    what TensorRT runs exactly; one bit less on post-ReLU tensors) and recorded in ``info``; the grids themselves
+    live in the quantizers' buffers, so checkpoints keep them and `load_experiment` needs no flag.
 
     Raises:
         ValueError / FileNotFoundError: unknown model, missing data, a model whose input channels do not fit.
@@ -280,7 +285,8 @@ def build_experiment(spec: RunSpec, *, device: str | torch.device = "cpu", float
     bn = bn_batches_from(splits.train, bn_batches, spec.batch_size, seed=spec.seed + 1)
     if calibrate:
         calib = bn_batches_from(splits.train, calib_batches, spec.batch_size, seed=spec.seed + 2)
-        sn.calibrate(calib)
+        sn.calibrate(calib, signed_activations=signed_activations)
+        info["signed_activations"] = signed_activations
     return Experiment(spec, splits, sn, train_loader, val_loader, test_loader, bn, (x[:1],), device, info)
 
 
@@ -345,6 +351,13 @@ def load_experiment(checkpoint: str | os.PathLike, *, spec: RunSpec | None = Non
     load_checkpoint(checkpoint, exp.supernet, restore_rng=False)
     exp.info.update(info)
     return exp
+
+
+def activations_signed(supernet: Supernet) -> bool:
+    """True when every activation quantizer of `supernet` uses the signed grid (as after
+    ``calibrate(..., signed_activations=True)``): its symmetric subnets with 8-bit activations export to TensorRT
+    exactly."""
+    return all(int(supernet.groups[g].signed) == 1 for g in supernet.act_groups)
 
 
 # --- subnets --------------------------------------------------------------------------------------------------
@@ -450,8 +463,13 @@ def search_experiment(exp: Experiment, out_dir: str | os.PathLike, *, profile: s
                       constraints: Mapping | None = None, bitops_fraction: float | None = None,
                       records: int = 200, records_path: str | os.PathLike | None = None, predictor=None,
                       population: int = 100, generations: int = 500, cqap_epochs: int = 300, seed: int = 0,
-                      progress: bool = False) -> SearchOutcome:
-    """Records -> CQAP -> genetic search under `constraints` and `profile` -> measured accuracy of the best subnet.
+                      measure_top_k: int = 10, refine_rounds: int = 2, progress: bool = False) -> SearchOutcome:
+    """Records -> CQAP -> genetic search under `constraints` and `profile` -> test accuracy of the chosen subnet.
+
+    The choice is made on measured validation accuracy: `refine_search` runs `refine_rounds` rounds of (fit the CQAP
+    on the records plus the subnets measured so far -> search -> measure its `measure_top_k` best-predicted subnets)
+    and keeps the best measured. With a given `predictor` (no records to refit on) one search + `measure_top`.
+    ``measure_top_k=0`` keeps the best predicted subnet.
 
     Writes into `out_dir`: ``search.json`` (result), ``best.json`` (SubnetConfig), ``pareto.png`` (plot) and, when
     no `predictor` is given, ``records.jsonl`` (or `records_path`) and ``cqap.pt``.
@@ -460,7 +478,8 @@ def search_experiment(exp: Experiment, out_dir: str | os.PathLike, *, profile: s
     Raises:
         ValueError: infeasible constraints, unknown profile, a profile the supernet's space cannot serve.
     """
-    from .search import CostModel, SearchSpace, evolution_search, plot_pareto, sample_feasible
+    from .search import (CQAP, CostModel, SearchSpace, evolution_search, measure_top, plot_pareto, refine_search,
+                         sample_feasible)
     sn = exp.supernet
     out = Path(out_dir)
     cm = CostModel.from_supernet(sn, exp.example_inputs)
@@ -477,8 +496,18 @@ def search_experiment(exp: Experiment, out_dir: str | os.PathLike, *, profile: s
         predictor, quality = fit_predictor(exp, recs, epochs=cqap_epochs, seed=seed)
         predictor.save(out / "cqap.pt")
         files.update(records=rpath, predictor=os.fspath(out / "cqap.pt"))
-    result = evolution_search(predictor, sn, cons, cost_model=cm, profile=profile, population=population,
-                              generations=generations, seed=seed)
+    kw = dict(cost_model=cm, profile=profile, population=population, generations=generations)
+
+    def val_accuracy(cfg):
+        return evaluate(sn, cfg, exp.val_loader, exp.bn_batches)
+    if measure_top_k and refine_rounds and "records" in files:
+        template = CQAP(predictor.space, predictor.hidden, seed, predictor.regressor, predictor.gbt_params)
+        result = refine_search(template, [r.config for r in recs], [r.accuracy for r in recs], val_accuracy, sn,
+                               cons, rounds=refine_rounds, k=measure_top_k, seed=seed, **kw)
+    else:
+        result = evolution_search(predictor, sn, cons, seed=seed, **kw)
+        if measure_top_k:
+            result = measure_top(result, val_accuracy, k=measure_top_k)
     best = result.best.config
     measured = evaluate(sn, best, exp.test_loader, exp.bn_batches)
     ref_cfg = sn.uniform(max(sn.space.weight_bits), max(sn.space.act_bits))

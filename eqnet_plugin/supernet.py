@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .exact_pool import use_exact_global_pools
 from .fake_quant import ElasticFakeQuantize
 from .fx import convert_reference, unprepared_layers
 from .space import ElasticSpace, QuantChoice, SubnetConfig
@@ -62,6 +63,10 @@ class Supernet:
         layers: the weighted layers (`Layer`), in graph order.
         fixed_groups: groups kept at `space.fixed_bits`: the first and last layers' weight and input quantizers and
             the quantizers of the model outputs.
+        exact_pools: the global average pools of `model` that were swapped (in place) for `ExactGlobalAvgPool`:
+            torch.ao re-quantizes a pool's output on its input's grid, where exact rounding ties are frequent, and a
+            float32 mean decides them by summation order; the exact pool gives the same codes on CPU, CUDA and in
+            the exported ONNX (see `eqnet_plugin.exact_pool`). Placement and parameters are unchanged.
 
     Example:
         >>> sn = Supernet(gm)                                  # doctest: +SKIP
@@ -88,6 +93,9 @@ class Supernet:
         self.space = space if space is not None else fqs[0][1].space
         if not isinstance(self.space, ElasticSpace):
             raise TypeError(f"space must be an ElasticSpace, got {type(self.space).__name__}")
+        self.exact_pools = use_exact_global_pools(model)
+        if self.exact_pools:
+            named = list(model.named_modules(remove_duplicate=False))
 
         name_of: dict[int, str] = {}
         for n, m in fqs:
@@ -265,16 +273,29 @@ class Supernet:
         return list(self.groups.values())
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable, max_batches: int | None = None) -> int:
+    def calibrate(self, batches: Iterable, max_batches: int | None = None, signed_activations: bool = False) -> int:
         """Initialize every cell of every quantizer (paper grid search) from float activations on `batches`.
 
         Args:
             batches: iterable of input tensors or (inputs, targets) tuples.
             max_batches: stop after this many batches.
+            signed_activations: False (default): each activation quantizer takes the grid its data needs, the
+                unsigned grid [0, 2^b-1] with zero point 0 for non-negative (post-ReLU) tensors and the signed
+                symmetric grid for tensors with negative values. True: every activation quantizer uses the signed
+                interpretation (its `signed` buffer is 1; symmetric cells are calibrated on
+                [-2^(b-1), 2^(b-1)-1] with zero point 0; asymmetric cells are unchanged). Use it for supernets
+                meant for TensorRT, which runs only INT8 activations with zero point 0: symmetric subnets with
+                8-bit activations then export exactly (`export_to_tensorrt(..., unsigned_activations="refuse")` accepts
+                it), at the cost of one bit of resolution on post-ReLU tensors. The choice is stored in the
+                quantizers' `signed` buffers, so it is part of the model's state_dict and checkpoints.
         Returns:
             the number of batches used.
+        Raises:
+            ValueError: no batches; `signed_activations` not a bool.
         Under torch.distributed the statistics are gathered from all ranks, so every rank gets identical scales.
         """
+        if not isinstance(signed_activations, bool):
+            raise ValueError(f"signed_activations must be True or False, got {signed_activations!r}")
         fqs = self._elastic_modules()
         was_training = self.model.training
         device = _device_of(self.model)
@@ -293,7 +314,10 @@ class Supernet:
                 raise ValueError("calibrate() got no batches; pass an iterable of input tensors or (x, y) tuples")
             gather = _all_gather_fn()
             for fq in fqs:
-                fq.finish_calibration(all_gather=None if fq.is_weight else gather)
+                if fq.is_weight:
+                    fq.finish_calibration()
+                else:
+                    fq.finish_calibration(all_gather=gather, signed=True if signed_activations else None)
         finally:
             for fq in fqs:
                 fq.enable_observer(False)

@@ -87,7 +87,11 @@ def parity(sn: Supernet, cfg, frozen, path: str, inputs: torch.Tensor, level=REF
     with sn.activate(cfg), torch.no_grad():
         want = sn.model(inputs).numpy()
     lsb = np.abs(got - want) / out_scale
-    return {"within_1lsb": float((lsb <= 1.001).mean()), "top1": float((got.argmax(1) == want.argmax(1)).mean()),
+    top2 = np.sort(want, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) / out_scale > 1.001        # reference top-1 not within 1 LSB of the runner-up
+    agree = got.argmax(1) == want.argmax(1)
+    return {"within_1lsb": float((lsb <= 1.001).mean()), "top1": float(agree.mean()),
+            "top1_clear": float(agree[clear].mean()) if clear.any() else 1.0, "n_close": int((~clear).sum()),
             "max_lsb": float(lsb.max())}
 
 
@@ -103,11 +107,15 @@ def _configs(sn: Supernet) -> dict:
     }
 
 
-# Bars (reference execution). 8-bit activations: the issue's bar (1 LSB on >= 99.9% of outputs, top-1 >= 99.5%).
-# Sub-8-bit activations: one flipped code of an intermediate 4-bit tensor (float summation order at a rounding tie,
-# e.g. the average pool re-quantized on its input's grid, where ties are frequent) moves the output by 1/15 of that
-# tensor's range, i.e. many output LSBs; measured 83-97% within 1 LSB and top-1 97.8-100%, so the bar is lower.
-BARS = {"8bit": (0.999, 0.995), "low": (0.75, 0.96)}
+# Bars (reference execution): the issue's bar (1 LSB on >= 99.9% of outputs, top-1 >= 99.5%) for 8-bit activations.
+# The pooled tensor is re-quantized on its input's grid, where ~6% of values are exact rounding ties; with
+# ExactGlobalAvgPool (float64 sum, order-independent) and the reciprocal-form Q (x * (1/s), as in training) torch
+# and ONNX Runtime agree on every one of them. Measured: 100% within 1 LSB everywhere (before: 88-99% for 4-bit
+# activations), except TinyMobileNetV2 at W4A4, whose trained weights depend on the thread count: 95.8%/94.5%
+# (sym, 2 threads; digits/random) and 99.7% (asym, 1 thread), top-1 >= 99.0%. There, exact ties of 4-bit conv
+# outputs (digits are coarse inputs; 49 of 167 ties at one tensor) are rounded by the convolution kernels' float
+# summation order, and the flipped codes cascade through the 4-bit layers. Every other config: 100%.
+BARS = {"8bit": (0.999, 0.995), "low": (0.94, 0.985)}
 
 
 def _bar(cfg_name: str) -> tuple[float, float]:
@@ -115,8 +123,9 @@ def _bar(cfg_name: str) -> tuple[float, float]:
 
 
 def _record(tag: str, res: dict) -> None:
-    print(f"[onnx parity] {tag}: within 1 LSB {res['within_1lsb']:.4f}, top-1 {res['top1']:.4f}, "
-          f"max {res['max_lsb']:.0f} LSB")
+    print(f"[onnx parity] {tag}: within 1 LSB {res['within_1lsb']:.4f}, top-1 {res['top1']:.4f} "
+          f"({res['top1_clear']:.4f} where the reference's top two logits are > 1 LSB apart; {res['n_close']} are "
+          f"not), max {res['max_lsb']:.0f} LSB")
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------------
@@ -148,11 +157,12 @@ def test_parity_tiny(tiny, tmp_path, model, cfg_name):
         res = parity(sn, cfg, frozen, path, x)
         _record(f"{model} {cfg_name} {data_name}", res)
         assert res["within_1lsb"] >= within_bar and res["top1"] >= top1_bar, res
-    # ONNX Runtime's default session (integer kernels, biases rounded to int32) is a different computation:
-    # measured top-1 agreement 98-100% (8-bit activations) and 94.7-99.4% (4-bit); it must stay close
+    # ONNX Runtime's default session (integer kernels, biases rounded to int32 for 8-bit layers) is a different
+    # computation: measured top-1 agreement 98.1-100% (8-bit activations) and 100% (sub-8-bit: no integer kernels,
+    # the graph runs as written); it must stay close
     res = parity(sn, cfg, frozen, path, inputs["digits"], DEFAULT)
     _record(f"{model} {cfg_name} digits, ORT default optimizations", res)
-    assert res["top1"] >= (0.97 if "a8" in cfg_name else 0.93), res
+    assert res["top1"] >= (0.975 if "a8" in cfg_name else 0.99), res
 
 
 def _by_op(model) -> dict[str, list]:
@@ -204,7 +214,23 @@ def test_export_structure(tiny, tmp_path):
             assert (int(lo), int(hi)) == (qp.qmin, qp.qmax)
         else:
             assert g not in clips
-    assert {q.input[1][: -len(".scale")] for q in ops["QuantizeLinear"]} == set(sn.act_groups)
+    # Q of sub-8-bit and pooled activations: Mul(x, 1/scale) -> Q(scale 1), which rounds like training
+    producer = {o: n for n in model.graph.node for o in n.output}
+    q_groups, recip_groups = set(), set()
+    for q in ops["QuantizeLinear"]:
+        if q.input[1] == "eqnet.one":
+            mul = producer[q.input[0]]
+            group = mul.input[1][: -len(".inv_scale")]
+            assert mul.op_type == "Mul" and float(inits["eqnet.one"]) == 1.0
+            np.testing.assert_array_equal(inits[mul.input[1]], np.float32(1) / frozen.qparams[group].scale.numpy()[0])
+            recip_groups.add(group)
+        else:
+            group = q.input[1][: -len(".scale")]
+        q_groups.add(group)
+    assert q_groups == set(sn.act_groups)
+    assert {g for g in sn.act_groups if frozen.qparams[g].bits < 8} <= recip_groups
+    pooled = [n for n in model.graph.node if n.op_type == "ReduceSum"]       # ExactGlobalAvgPool, in float64
+    assert len(pooled) == 1 and producer[pooled[0].input[0]].op_type == "Cast"
     # layers with a sub-8-bit input or weight keep a float bias as a separate Add
     low = [lay for lay in frozen.layers if min(frozen.qparams[lay.weight_group].bits,
                                                frozen.qparams[lay.input_group].bits) < 8]
@@ -284,11 +310,13 @@ def torchvision_nets():
     return nets, {"digits": xs[:64], "random": rnd}
 
 
-# Random-init torchvision nets are chaotic: any float-rounding change is amplified over depth (freeze's own BN fold
-# moves MobileNetV2 outputs by up to ~50 LSB). Measured reference-execution parity: 83-100% of outputs within
-# 1 LSB, top-1 94.5-100%. These bars catch export errors (a wrong scale, zero point or axis gives ~10% top-1),
-# not the issue's 1-LSB bar, which the trained compact models above meet.
-TORCHVISION_BARS = {"8bit": (0.75, 0.90), "low": (0.75, 0.90)}
+# Random-init torchvision nets are chaotic: any float-rounding change (e.g. convolution summation order) is amplified
+# over depth (freeze's own BN fold moves MobileNetV2 outputs by up to ~50 LSB). At 32x32 their global pool is over
+# 1x1, so ExactGlobalAvgPool changes nothing here. Measured reference-execution parity: 85-100% of outputs within
+# 1 LSB, top-1 95.3-100%. The same nets after 30 Adam steps on digits: 100% within 1 LSB for every subnet (top-1
+# 98.4-100% on random inputs), but training resnet18 costs ~40-70 s here, over this module's budget. These bars catch
+# export errors (a wrong scale, zero point or axis gives ~10% top-1), not the issue's 1-LSB bar.
+TORCHVISION_BARS = {"8bit": (0.84, 0.95), "low": (0.84, 0.95)}
 
 
 @pytest.mark.slow
@@ -307,3 +335,47 @@ def test_parity_torchvision(torchvision_nets, tmp_path, model):
             res = parity(sn, cfg, frozen, path, x)
             _record(f"{model} {cfg_name} {data_name}", res)
             assert res["within_1lsb"] >= within_bar and res["top1"] >= top1_bar, res
+
+
+@pytest.fixture(scope="module")
+def trained_torchvision_nets():
+    """The same torchvision architectures after 30 Adam steps on digits at 32x32 (about 10-25 s each here): real
+    features and logit margins, so float-rounding differences no longer cascade as in the random-init nets."""
+    import torchvision
+
+    xt, yt, xs = _digits(32, channels=3)
+    rnd = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    space = ElasticSpace(weight_bits=(4, 8), act_bits=(4, 8), weight_symmetric=(True,), act_symmetric=(False,))
+    torch.manual_seed(0)   # layer init of the test models only
+    nets = {
+        "resnet18": _supernet(_train(torchvision.models.resnet18(num_classes=10), xt, yt, 30), xt[:32], space),
+        "mobilenet_v2": _supernet(_train(torchvision.models.mobilenet_v2(num_classes=10), xt, yt, 30), xt[:32],
+                                  space, elastic_backend_config()),
+    }
+    return nets, {"digits": xs, "random": rnd}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["resnet18", "mobilenet_v2"])
+def test_parity_trained_torchvision(trained_torchvision_nets, tmp_path, model):
+    """The issue's bar on trained torchvision models (1 LSB on >= 99.9% of outputs, top-1 >= 99.5%), uniform 8 and
+    4 bits and a mixed subnet, on the digits test split (360 images) and 256 random inputs.
+
+    Measured (values move a little between runs: training on 2 threads is not bit-reproducible): 99.80-100% of
+    outputs within 1 LSB, max 3 LSB (4-bit convolution outputs on exact rounding ties that the kernels' float
+    summation order rounds apart, then cascading); the issue's 99.9% is met by every W8A8 and W4A4 run of
+    MobileNetV2 and W8A8 of ResNet-18, and missed by up to 0.1 point by the mixed subnets. ResNet-18's coarse output
+    grid leaves 37-148 inputs within 1 LSB of a top-1 tie, so raw top-1 agreement is 98.8-100%; where the
+    reference's top two logits are more than 1 LSB apart it is 99.3-100%. Bars: just under those minima."""
+    nets, inputs = trained_torchvision_nets
+    sn = nets[model]
+    cfgs = {"w8a8_pc": sn.uniform(8, 8, symmetric=True, per_channel=True, act_symmetric=False),
+            "w4a4_pt": sn.uniform(4, 4, symmetric=True, per_channel=False, act_symmetric=False),
+            "mixed": sn.sample(torch.Generator().manual_seed(4))}
+    for cfg_name, cfg in cfgs.items():
+        frozen = freeze(sn, cfg)
+        path = export_onnx(frozen, (inputs["digits"][:2],), tmp_path / f"{cfg_name}.onnx")
+        for data_name, x in inputs.items():
+            res = parity(sn, cfg, frozen, path, x)
+            _record(f"trained {model} {cfg_name} {data_name}", res)
+            assert res["within_1lsb"] >= 0.997 and res["top1_clear"] >= 0.99 and res["top1"] >= 0.98, res

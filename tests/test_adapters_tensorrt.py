@@ -26,7 +26,6 @@ from eqnet_plugin.models import TinyResNet
 def _graph(*, act_zp=0, act_dtype=TensorProto.INT8, act_scale=0.05, act_axis=False, clip=False, w_axis=0,
            w_dtype=TensorProto.INT8, w_shape=(4, 4, 3, 3), scale_from_input=False, q_without_zp=False,
            residual_quantized=True, domain="", opset=17, w_per_channel=True):
-    np_dt = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
     c = w_shape[0]
     inits = [
         numpy_helper.from_array(np.full((c,) if act_axis else (), act_scale, np.float32), "a.scale"),
@@ -120,18 +119,6 @@ def test_unquantized_model_is_named(tmp_path):
 
 
 # --- real exports -------------------------------------------------------------------------------------------------
-def _signed_activations(sn: Supernet) -> None:
-    """Give every unsigned activation quantizer the signed interpretation (what a supernet trained for TensorRT
-    would use): signed grid, zero point 0, symmetric scale doubled so the grid covers the same range."""
-    for g in sn.act_groups:
-        fq = sn.groups[g]
-        if int(fq.signed) == 0:
-            with torch.no_grad():
-                fq.signed.fill_(1)
-                fq.scale_sym_tensor.mul_(2.0)
-            fq.load_state_dict(fq.state_dict())        # refreshes the module's cached flags
-
-
 def _perturbed_resnet(x: torch.Tensor) -> TinyResNet:
     torch.manual_seed(0)   # layer init of the test model only
     return perturb_bn(TinyResNet(), x, torch.Generator().manual_seed(1))
@@ -148,9 +135,8 @@ def setup():
     gm.eval()
     gm2 = prepare_qat(_perturbed_resnet(xt), (xt[:2],), space=space)
     signed = Supernet(gm2)
-    signed.calibrate([xt])
+    signed.calibrate([xt], signed_activations=True)          # a supernet meant for TensorRT
     gm2.eval()
-    _signed_activations(signed)
     rnd = torch.randn(512, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     return {"unsigned": unsigned, "signed": signed, "inputs": {"digits": xs, "random": rnd}}
 
@@ -173,7 +159,11 @@ def test_export_passes_checker_and_matches(setup, tmp_path, cfg_name, opset):
     w_bits = 4 if cfg_name.startswith("w4") else 8
     cfg = sn.uniform(w_bits, 8, symmetric=True, per_channel=cfg_name.endswith("pc"))
     frozen = freeze(sn, cfg)
-    path = export_to_tensorrt(frozen, (setup["inputs"]["digits"][:2],), tmp_path / "trt.onnx", opset=opset)
+    acts = [frozen.qparams[g] for g in sn.act_groups]
+    assert all(q.signed and (q.qmin, q.qmax) == (-128, 127) and int(q.zero_point.abs().max()) == 0 for q in acts)
+    assert tensorrt_subnet_problems(frozen, opset, unsigned_activations="refuse") == []
+    path = export_to_tensorrt(frozen, (setup["inputs"]["digits"][:2],), tmp_path / "trt.onnx", opset=opset,
+                              unsigned_activations="refuse")
     assert check_tensorrt_onnx(path) == []
     model = onnx.load(path)
     int4 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT4 and t.name.endswith("_quantized")]
@@ -227,7 +217,7 @@ def test_unsigned_activations_refused_or_rescaled(setup, tmp_path):
     ex = (setup["inputs"]["digits"][:2],)
     problems = tensorrt_subnet_problems(freeze(sn, cfg))
     assert problems and all(p.startswith("unsigned-activation") for p in problems)
-    with pytest.raises(TensorRTCompatibilityError, match="rescale"):
+    with pytest.raises(TensorRTCompatibilityError, match="rescale.*signed_activations=True"):
         export_to_tensorrt(freeze(sn, cfg), ex, tmp_path / "t.onnx")
     path = export_to_tensorrt((sn, cfg), ex, tmp_path / "t.onnx", unsigned_activations="rescale")
     assert check_tensorrt_onnx(path) == []

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from eqnet_plugin import cli
-from eqnet_plugin.pipeline import RunSpec, build_experiment, build_model, parse_subnet, read_run_spec
+from eqnet_plugin.pipeline import (RunSpec, activations_signed, build_experiment, build_model, load_experiment,
+                                   parse_subnet, read_run_spec)
 
 FAST = ["--threads", "1", "--no-progress"]
 
@@ -140,6 +141,31 @@ def test_train_resumes_from_existing_checkpoint(checkpoint, tmp_path, capsys):
     assert torch.load(out / "supernet.pt", weights_only=True)["step"] == 4
     assert read_run_spec(out / "supernet.pt")[1]["float_test_accuracy"] == read_run_spec(checkpoint)[1][
         "float_test_accuracy"]
+
+
+def test_train_signed_activations_for_tensorrt(checkpoint, tmp_path, capsys):
+    """--signed-activations: stored in the checkpoint's quantizers, TensorRT export with --unsigned-activations
+    refuse accepts the subnet; resuming a checkpoint calibrated without it is refused before training."""
+    assert read_run_spec(checkpoint)[1]["signed_activations"] is False
+    out = tmp_path / "signed"
+    rc, text, _ = run(capsys, "train", "--signed-activations", "--float-epochs", "0", "--epochs", "1", "--max-steps",
+                      "2", "--calib-batches", "2", "--image-size", "8", "--weight-bits", "4", "8", "--act-bits", "4",
+                      "8", "--out", str(out), *FAST)
+    assert rc == 0 and "signed activations (TensorRT-exact)" in text, text
+    ckpt = out / "supernet.pt"
+    assert read_run_spec(ckpt)[1]["signed_activations"] is True
+    assert activations_signed(load_experiment(ckpt, bn_batches=1).supernet)
+    rc, text, _ = run(capsys, "export", "--checkpoint", str(ckpt), "--target", "tensorrt", "--subnet", "w8a8@sym-pc",
+                      "--unsigned-activations", "refuse", "--no-check", "--out", str(tmp_path / "trt"), *FAST)
+    assert rc == 0, text
+    assert list((tmp_path / "trt").glob("*.onnx"))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "supernet.pt").write_bytes(checkpoint.read_bytes())
+    rc, _, err = run(capsys, "train", "--signed-activations", "--epochs", "1", "--max-steps", "4", "--image-size", "8",
+                     "--weight-bits", "2", "4", "8", "--act-bits", "2", "4", "8", "--out", str(resumed), *FAST)
+    assert_one_line_error(rc, err, "calibrated without --signed-activations", "--no-resume")
+    assert (resumed / "supernet.pt").read_bytes() == checkpoint.read_bytes()
 
 
 @pytest.mark.slow

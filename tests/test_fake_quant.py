@@ -11,7 +11,8 @@ from torch.ao.quantization import disable_fake_quant, disable_observer, enable_f
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from eqnet_plugin import ElasticFakeQuantize, ElasticSpace
-from eqnet_plugin.primitives import fake_quantize, int_range
+from eqnet_plugin.freeze import QParams
+from eqnet_plugin.primitives import fake_quantize, grid_search_qparams, int_range
 
 CELLS = [(b, sym, pc) for b in range(2, 9) for sym in (True, False) for pc in (True, False)]
 
@@ -183,6 +184,72 @@ def test_signed_detection_by_calibration(signed):
         zp = fq.calculate_qparams()[1].item()
         assert 0 <= zp < 2 ** bits and (zp == 0) == (not signed)             # min(x) < 0 needs a zero point > 0
     assert ("activation, signed" in repr(fq)) == signed and ("activation, unsigned" in repr(fq)) == (not signed)
+
+
+def _calibrate_forced(x: torch.Tensor, signed, all_gather=None) -> ElasticFakeQuantize:
+    fq = ElasticFakeQuantize()
+    fq.enable_observer(True)
+    fq.enable_fake_quant(False)
+    fq(x)
+    fq.finish_calibration(all_gather=all_gather, signed=signed)
+    fq.enable_observer(False)
+    fq.enable_fake_quant(True)
+    return fq
+
+
+def test_signed_override_on_post_relu_data():
+    """signed=True (TensorRT): post-ReLU data on the signed grid; asymmetric cells are those of the data."""
+    inferred, x = _calibrated_act(signed=False)                              # ReLU'd data: unsigned by default
+    assert inferred.signed.item() == 0
+    fq = _calibrate_forced(x, signed=True)
+    assert fq.signed.item() == 1 and "activation, signed" in repr(fq)
+    flat = x.reshape(1, -1)
+    for bits in range(2, 9):
+        fq.set_cell(bits, True, False)
+        assert (fq.quant_min, fq.quant_max) == (0, 2 ** bits - 1)            # the quint8 container
+        scale, zp = fq.calculate_qparams()
+        assert zp.item() == 1 << (bits - 1)
+        assert torch.equal(scale, grid_search_qparams(flat, bits, signed=True, symmetric=True, per_channel=False)[0])
+        out = fq(x)
+        assert torch.equal(out, torch.fake_quantize_per_tensor_affine(x, scale.item(), int(zp), 0, 2 ** bits - 1))
+        codes = torch.round(out / scale)                                     # signed codes, zero point 0
+        assert codes.min() >= 0 and codes.max() == 2 ** (bits - 1) - 1      # ReLU data: upper half, top reached
+        qp = QParams.from_fake_quant(fq)                                      # what freeze / the exports read
+        assert (qp.qmin, qp.qmax) == int_range(bits, signed=True) and qp.zero_point.item() == 0 and qp.signed
+        fq.set_cell(bits, False, False)                                      # asymmetric: unaffected
+        inferred.set_cell(bits, False, False)
+        assert torch.equal(fq.calculate_qparams()[1], inferred.calculate_qparams()[1])
+        assert torch.equal(fq(x), inferred(x))
+    assert torch.equal(fq.scale_asym_tensor, inferred.scale_asym_tensor)
+    assert torch.equal(fq.zero_point_asym_tensor, inferred.zero_point_asym_tensor)
+    assert not torch.equal(fq.scale_sym_tensor, inferred.scale_sym_tensor)
+    # checkpoints: the flag is the `signed` buffer; a fresh module loads it and its forward follows
+    fq.set_cell(8, True, False)
+    fresh = ElasticFakeQuantize()
+    fresh.load_state_dict(fq.state_dict())
+    assert fresh.signed.item() == 1 and fresh.calculate_qparams()[1].item() == 128
+    assert torch.equal(fresh(x), fq(x)) and QParams.from_fake_quant(fresh).signed
+
+
+def test_signed_override_with_all_gather_and_bad_values():
+    _, x = _calibrated_act(signed=False)
+    seen = []
+    fq = _calibrate_forced(x, True, all_gather=lambda t: seen.append(t.numel()) or torch.cat([t, -t]))
+    assert seen == [x.numel()] and fq.signed.item() == 1
+    unforced = _calibrate_forced(x, None, all_gather=lambda t: torch.cat([t, -t]))
+    assert unforced.signed.item() == 1                                        # gathered data is signed anyway
+    assert _calibrate_forced(x, False).signed.item() == 0                    # False on non-negative data: fine
+    _, xs = _calibrated_act(signed=True)
+    with pytest.raises(ValueError, match="negative values.*pass signed=None"):
+        _calibrate_forced(xs, False)
+    with pytest.raises(ValueError, match="signed must be None"):
+        _calibrate_forced(x, 1)
+    w, wt = _calibrated_weight()
+    forced_w = copy.deepcopy(w)
+    forced_w.enable_observer(True)
+    forced_w(wt)
+    forced_w.finish_calibration(signed=True)                                 # weights: always signed, no change
+    assert torch.equal(forced_w.scale_sym_channel, w.scale_sym_channel)
 
 
 def test_calibration_error_names_the_cause():

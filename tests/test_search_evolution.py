@@ -11,7 +11,8 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx
 import eqnet_plugin as eq
 from eqnet_plugin.models import TinyResNet
 from eqnet_plugin.search import (PROFILES, BackendProfile, Constraints, CostModel, SearchResult, SearchSpace,
-                                 evolution_search, get_profile, pareto_front, random_search, sample_feasible)
+                                 evolution_search, get_profile, measure_top, pareto_front, random_search,
+                                 refine_search, sample_feasible)
 from eqnet_plugin.space import QuantChoice
 
 
@@ -195,6 +196,69 @@ def test_result_json_and_png(net, tmp_path):
         SearchResult.load(tmp_path / "bad.json")
     res.plot(tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_measure_top_picks_the_best_measured_candidate(net, tmp_path):
+    """The predictor (sum of bits) and the "measurement" disagree: the measured best of the top candidates wins, each
+    candidate is measured once, and the result keeps its constraints and round-trips through JSON."""
+    sn, cm = net
+    lim = {"max_bitops": 0.4 * cm(sn.max_config()).bitops}
+    res = evolution_search(SumOfBits(), sn, lim, cost_model=cm, population=30, generations=30, seed=0)
+    preds = [c.predicted_accuracy for c in res.top]
+    assert len(res.top) == 32 and res.top[0] == res.best and preds == sorted(preds, reverse=True)
+    assert len({c.config for c in res.top}) == len(res.top)                  # distinct subnets
+    calls = []
+
+    def measure(cfg):                                                       # prefers fewer activation bits
+        calls.append(cfg)
+        return -sum(cfg.groups[g].bits for g in sn.act_groups)
+    out = measure_top(res, measure, k=8)
+    assert calls == [c.config for c in res.top[:8]]
+    best = max(res.top[:8], key=lambda c: measure(c.config))
+    assert out.best.config == best.config and out.best.measured_accuracy == measure(best.config)
+    assert [c.measured_accuracy for c in out.top] == sorted((c.measured_accuracy for c in out.top), reverse=True)
+    assert out.constraints == res.constraints and out.pareto == res.pareto
+    out.save(tmp_path / "m.json")
+    assert SearchResult.load(tmp_path / "m.json").best == out.best
+    with pytest.raises(ValueError, match="positive"):
+        measure_top(res, measure, k=0)
+    with pytest.raises(ValueError, match="finite"):
+        measure_top(res, lambda c: float("nan"))
+
+
+class RefittedSumOfBits(SumOfBits):
+    """Fake CQAP for refine_search: predicts the sum of bits and remembers how many records each fit saw."""
+
+    def __init__(self):
+        self.fits = []
+
+    def fit(self, configs, accuracies):
+        self.fits.append(len(configs))
+        return self
+
+
+def test_refine_search_measures_each_subnet_once_and_keeps_the_best(net):
+    sn, cm = net
+    lim = {"max_bitops": 0.4 * cm(sn.max_config()).bitops}
+    records = [sn.max_config(), sn.min_config()]
+    calls = []
+
+    def measure(cfg):
+        calls.append(cfg)
+        return -sum(cfg.groups[g].bits for g in sn.act_groups)
+    fake = RefittedSumOfBits()
+    res = refine_search(fake, records, [0.0, 1.0], measure, sn, lim, rounds=3, k=5, cost_model=cm, population=20,
+                        generations=10)
+    assert len(calls) == len(set(calls)) <= 15                               # each subnet measured once
+    assert fake.fits[0] == 2 and fake.fits == sorted(fake.fits) and fake.fits[-1] > 2   # records grow per round
+    assert res.best.measured_accuracy == max(-sum(c.groups[g].bits for g in sn.act_groups) for c in calls)
+    assert {c.config for c in res.top} == set(calls)
+    assert [c.measured_accuracy for c in res.top] == sorted((c.measured_accuracy for c in res.top), reverse=True)
+    for c in res.top:
+        _assert_runs_on(c.config, sn, None)
+        assert c.costs["bitops"] <= lim["max_bitops"]
+    with pytest.raises(ValueError, match="rounds"):
+        refine_search(fake, records, [0.0, 1.0], measure, sn, lim, rounds=0, cost_model=cm)
 
 
 def test_pareto_front_small_case():

@@ -114,18 +114,23 @@ def _synthetic(sp, n, seed):
     return [sp.decode(b, c) for b, c in zip(bits, cond)], acc
 
 
-def test_cqap_learns_synthetic_target_and_round_trips(sn, tmp_path):
+@pytest.mark.parametrize("regressor", ["gbt", "mlp"])
+def test_cqap_learns_synthetic_target_and_round_trips(sn, tmp_path, regressor):
     sp = SearchSpace.from_supernet(sn)
     tr_cfg, tr_acc = _synthetic(sp, 400, 0)
     te_cfg, te_acc = _synthetic(sp, 200, 1)
-    cqap = CQAP(sp, hidden=(128, 128), seed=0).fit(tr_cfg, tr_acc, epochs=60, batch_size=128)
+
+    def fit():
+        return CQAP(sp, hidden=(128, 128), seed=0, regressor=regressor).fit(tr_cfg, tr_acc, epochs=60,
+                                                                            batch_size=128)
+    cqap = fit()
     m = cqap.evaluate(te_cfg, te_acc)
-    assert m["kendall_tau"] > 0.85 and m["pearson"] > 0.95, m
+    assert m["kendall_tau"] > 0.8 and m["pearson"] > 0.93, m
     assert cqap.n_features == 3 + sum(len(c) for c, s in zip(sp.choices, sp.searchable) if s)
-    again = CQAP(sp, hidden=(128, 128), seed=0).fit(tr_cfg, tr_acc, epochs=60, batch_size=128)
-    assert np.array_equal(again.predict(te_cfg), cqap.predict(te_cfg))          # deterministic on CPU
+    assert np.array_equal(fit().predict(te_cfg), cqap.predict(te_cfg))          # deterministic on CPU
     cqap.save(tmp_path / "cqap.pt")
     loaded = CQAP.load(tmp_path / "cqap.pt")
+    assert loaded.regressor == regressor
     assert np.array_equal(loaded.predict(te_cfg), cqap.predict(te_cfg))
     bits = np.stack([sp.encode(c)[0] for c in te_cfg[:5]])
     cond = np.array([sp.encode(c)[1] for c in te_cfg[:5]])
@@ -139,7 +144,7 @@ def test_cqap_errors(sn, tmp_path):
         CQAP(sp).predict(cfgs)
     with pytest.raises(ValueError, match="accuracies"):
         CQAP(sp).fit(cfgs, acc[:5])
-    cqap = CQAP(sp, hidden=(8,)).fit(cfgs, acc, epochs=1)
+    cqap = CQAP(sp, hidden=(8,), regressor="mlp").fit(cfgs, acc, epochs=1)
     with pytest.raises(ValueError, match="groups differ"):
         cqap.predict_arrays(sp.group_names[::-1], np.zeros((1, len(sp.group_names)), int), np.zeros((1, 3), bool))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
@@ -150,3 +155,26 @@ def test_cqap_errors(sn, tmp_path):
         CQAP.load(tmp_path / "v99.pt")
     with pytest.raises(FileNotFoundError):
         CQAP.load(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="unknown CQAP regressor"):
+        CQAP(sp, regressor="forest")
+    gbt = CQAP(sp).fit(cfgs, acc)
+    gbt.save(tmp_path / "gbt.pt")
+    state = torch.load(tmp_path / "gbt.pt", weights_only=True)
+    state["train_x"] = state["train_x"][:, :-1]                       # an encoding that does not fit the space
+    torch.save(state, tmp_path / "gbt_bad.pt")
+    with pytest.raises(ValueError, match="corrupt CQAP file"):
+        CQAP.load(tmp_path / "gbt_bad.pt")
+
+
+def test_cqap_reads_version_1_files(sn, tmp_path):
+    """Files of the first release (MLP only, no "regressor" key) still load and predict the same."""
+    sp = SearchSpace.from_supernet(sn)
+    cfgs, acc = _synthetic(sp, 20, 0)
+    mlp = CQAP(sp, hidden=(8,), regressor="mlp").fit(cfgs, acc, epochs=2)
+    mlp.save(tmp_path / "v2.pt")
+    state = torch.load(tmp_path / "v2.pt", weights_only=True)
+    state["version"] = 1
+    del state["regressor"]
+    torch.save(state, tmp_path / "v1.pt")
+    old = CQAP.load(tmp_path / "v1.pt")
+    assert old.regressor == "mlp" and np.array_equal(old.predict(cfgs), mlp.predict(cfgs))

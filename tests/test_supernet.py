@@ -200,6 +200,43 @@ def test_calibrate_initializes_every_cell_and_restores_modes(tiny_resnet_superne
     assert all(fq.observer_enabled.item() == 0 for fq in sn.groups.values())  # restored after the error
 
 
+def test_calibrate_signed_activations_for_tensorrt(tiny_resnet_supernet, random_batches):
+    """signed_activations=True: every activation quantizer on the signed grid; weights and asymmetric cells as
+    without it; the flag travels in the state_dict and freeze reads it (signed grid, zero point 0)."""
+    from eqnet_plugin.freeze import freeze
+    plain = tiny_resnet_supernet(SMALL)                                     # calibrated with the default
+    sn = tiny_resnet_supernet(SMALL, calibrate=False)
+    batches = random_batches(n=2, seed=0)                                    # the fixture's calibration batches
+    assert sn.calibrate(batches, signed_activations=True) == 2
+    assert all(sn.groups[g].signed.item() == 1 for g in sn.act_groups)
+    assert any(plain.groups[g].signed.item() == 0 for g in plain.act_groups)   # post-ReLU groups differ
+    for g, fq in sn.groups.items():
+        ref = plain.groups[g]
+        for name, p in fq.named_parameters():
+            same = torch.equal(p, getattr(ref, name))
+            if fq.is_weight or "asym" in name or ref.signed.item() == 1:
+                assert same, (g, name)                                        # untouched by the option
+            else:
+                assert not same, (g, name)                                    # unsigned -> signed grid search
+    cfg = sn.uniform(8, 8, symmetric=True, per_channel=True)
+    frozen = freeze(sn, cfg)
+    for g in sn.act_groups:
+        q = frozen.qparams[g]
+        assert q.signed and (q.qmin, q.qmax) == (-128, 127) and int(q.zero_point.abs().max()) == 0, g
+    fresh = tiny_resnet_supernet(SMALL, calibrate=False)                     # a checkpoint round trip
+    fresh.model.load_state_dict(sn.model.state_dict())
+    assert all(fresh.groups[g].signed.item() == 1 for g in fresh.act_groups)
+    x = batches[0][0]
+    with torch.no_grad():
+        for s in (sn, fresh):
+            s.model.eval()
+        for c in (cfg, sn.uniform(4, 4, symmetric=False), sn.sample(torch.Generator().manual_seed(0))):
+            with sn.activate(c), fresh.activate(c):
+                assert torch.equal(sn.model(x), fresh.model(x))
+    with pytest.raises(ValueError, match="signed_activations must be True or False"):
+        sn.calibrate(batches, signed_activations="yes")
+
+
 def test_recalibrate_bn_uses_the_active_subnet_and_restores_state(tiny_resnet_supernet, random_batches):
     sn = tiny_resnet_supernet()
     bn = sn.model.get_submodule("blocks.1.conv1").bn

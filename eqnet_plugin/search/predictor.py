@@ -2,16 +2,28 @@
 
 Input encoding (one row per subnet): three condition bits (weight per-channel, weight symmetric, activation
 symmetric), then for every searchable group (weights and activations; fixed groups carry no information) a one-hot
-vector over that group's bit choices in the supernet's space. Model: an MLP regressor (ReLU hidden layers, one
-output) trained with MSE on standardized accuracies; Adam with cosine learning-rate decay, seeded
-`torch.Generator` for initialization and shuffling, so a fit is deterministic on CPU.
+vector over that group's bit choices in the supernet's space.
+
+Two regressors read that encoding:
+
+* ``"gbt"`` (default): gradient-boosted regression trees (scikit-learn's `HistGradientBoostingRegressor`, 500
+  rounds, learning rate 0.05, seeded) on the same information with each group's bit-width as one ordinal column.
+  On both digits supernets of BENCHMARKS.md it ranks held-out subnets better than the MLP at every record count
+  (Kendall tau with 1000 records: 0.743 vs 0.653 and 0.537 vs 0.410): a subnet's accuracy collapses when one
+  sensitive layer drops to 2 bits under one condition, an interaction that tree splits capture from 1000 records
+  and the MLP does not.
+* ``"mlp"``: the paper's MLP (ReLU hidden layers, one output) trained with MSE on standardized accuracies; Adam
+  with cosine learning-rate decay, seeded `torch.Generator` for initialization and shuffling.
+
+Both fits are deterministic on CPU. A saved ``"gbt"`` predictor stores its training encoding and targets and refits
+on load (no pickle, so loading a file cannot run code); the refit is deterministic, so predictions are identical.
 """
 from __future__ import annotations
 
 import io
 import math
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,9 +32,12 @@ from torch import nn
 from ..space import MAX_BITS, SubnetConfig, atomic_write_bytes
 from .encoding import SearchSpace
 
-__all__ = ["CQAP", "kendall_tau", "pearson", "PREDICTOR_VERSION"]
+__all__ = ["CQAP", "kendall_tau", "pearson", "PREDICTOR_VERSION", "REGRESSORS"]
 
-PREDICTOR_VERSION = 1
+PREDICTOR_VERSION = 2
+_READABLE_VERSIONS = (1, 2)        # version 1: MLP-only files of earlier releases
+REGRESSORS = ("gbt", "mlp")
+GBT_DEFAULTS = {"max_iter": 500, "learning_rate": 0.05}
 _TAU_CHUNK = 512          # rows per block in the O(n^2) Kendall computation
 
 
@@ -74,20 +89,29 @@ class CQAP:
     Args:
         space: the supernet's (unrestricted) `SearchSpace`: fixes the encoding. Subnets of a profile-restricted
             space of the same supernet can be scored too.
-        hidden: hidden layer widths of the MLP.
-        seed: seed of the initialization and shuffling generator.
+        hidden: hidden layer widths of the MLP (``regressor="mlp"``).
+        seed: seed of the MLP's initialization and shuffling generator, and of the trees' random state.
+        regressor: ``"gbt"`` (gradient-boosted trees, default) or ``"mlp"`` (the paper's); see the module docstring.
+        gbt_params: keyword arguments of `HistGradientBoostingRegressor` (default ``GBT_DEFAULTS``).
 
     Example:
         >>> cqap = CQAP(SearchSpace.from_supernet(sn)).fit(configs, accs)     # doctest: +SKIP
         >>> cqap.evaluate(test_configs, test_accs)["kendall_tau"]            # doctest: +SKIP
     """
 
-    def __init__(self, space: SearchSpace, hidden: Sequence[int] = (400, 400, 400), seed: int = 0) -> None:
+    def __init__(self, space: SearchSpace, hidden: Sequence[int] = (400, 400, 400), seed: int = 0,
+                 regressor: str = "gbt", gbt_params: Mapping | None = None) -> None:
         if not isinstance(space, SearchSpace):
             raise TypeError(f"CQAP needs a SearchSpace (SearchSpace.from_supernet(sn)), got {type(space).__name__}")
+        if regressor not in REGRESSORS:
+            raise ValueError(f"unknown CQAP regressor {regressor!r}; choose one of {REGRESSORS}")
         self.space = space
         self.hidden = tuple(int(h) for h in hidden)
         self.seed = int(seed)
+        self.regressor = regressor
+        self.gbt_params = {**GBT_DEFAULTS, **dict(gbt_params or {})}
+        self._gbt = None
+        self._train_xy: tuple[np.ndarray, np.ndarray] | None = None
         # Column of the one-hot for (group, bits); -1 where the group is fixed or the bits are not a choice.
         col = np.full((len(space.group_names), MAX_BITS + 1), -1, dtype=np.int64)                  # (G, 9)
         d = 3
@@ -126,16 +150,30 @@ class CQAP:
 
     def encode(self, configs: Sequence[SubnetConfig]) -> np.ndarray:
         """SubnetConfigs (one global scheme each) -> (N, n_features) encoding."""
+        return self.encode_arrays(*self._arrays(configs))
+
+    def _arrays(self, configs: Sequence[SubnetConfig]) -> tuple[np.ndarray, np.ndarray]:
         if not configs:
             raise ValueError("encode() got no configs")
         enc = [self.space.encode(c) for c in configs]
-        bits = np.stack([b for b, _ in enc])
-        return self.encode_arrays(bits, self.space.flags(np.array([c for _, c in enc])))
+        return np.stack([b for b, _ in enc]), self.space.flags(np.array([c for _, c in enc]))
+
+    def _features(self, bits: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        """The regressor's input: the one-hot encoding (MLP), or for the trees the same information with each
+        searchable group's bit-width as one ordinal column ((N, 3 + searchable groups) condition bits, then bits):
+        a tree reaches "bits <= k" in one split instead of k one-hot splits (Kendall tau 0.763 vs 0.736 on the
+        digits TinyResNet(4, 8, 16) records)."""
+        x = self.encode_arrays(bits, flags)                      # validates the bits against the space
+        if self.regressor == "mlp":
+            return x
+        return np.concatenate([x[:, :3], np.asarray(bits, dtype=np.float32)[:, self.space.searchable]], axis=1)
 
     # --- fit / predict --------------------------------------------------------------------------------------
     def fit(self, configs: Sequence[SubnetConfig], accuracies: Sequence[float], *, epochs: int = 100,
             lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256) -> "CQAP":
         """Train on measured (subnet, accuracy) pairs from scratch (re-initialized from `seed`).
+
+        `epochs`, `lr`, `weight_decay` and `batch_size` apply to the MLP; the trees use `gbt_params`.
 
         Returns:
             self.
@@ -147,6 +185,8 @@ class CQAP:
             raise ValueError(f"fit needs >= 2 configs and as many accuracies; got {len(configs)} and {len(y)}")
         if not np.isfinite(y).all():
             raise ValueError("fit: accuracies contain NaN or inf")
+        if self.regressor == "gbt":
+            return self._fit_gbt(self._features(*self._arrays(configs)), y)
         x = torch.from_numpy(self.encode(configs))
         self.y_mean, self.y_std = float(y.mean()), float(y.std()) or 1.0
         t = torch.from_numpy(((y - self.y_mean) / self.y_std).astype(np.float32))[:, None]   # (N, 1)
@@ -169,6 +209,14 @@ class CQAP:
         self.fitted = True
         return self
 
+    def _fit_gbt(self, x: np.ndarray, y: np.ndarray) -> "CQAP":
+        from sklearn.ensemble import HistGradientBoostingRegressor
+        params = {"early_stopping": False, **self.gbt_params, "random_state": self.seed}
+        self._gbt = HistGradientBoostingRegressor(**params).fit(x, y)
+        self._train_xy = (x, y)
+        self.fitted = True
+        return self
+
     def _require_fitted(self) -> None:
         if not self.fitted:
             raise RuntimeError("this CQAP is not fitted; call fit(configs, accuracies) or CQAP.load(path)")
@@ -176,19 +224,21 @@ class CQAP:
     @torch.no_grad()
     def _predict_x(self, x: np.ndarray) -> np.ndarray:
         self._require_fitted()
+        if self.regressor == "gbt":
+            return np.asarray(self._gbt.predict(x), dtype=np.float64)
         out = self.model(torch.from_numpy(x))[:, 0].double().numpy()
         return out * self.y_std + self.y_mean
 
     def predict(self, configs: Sequence[SubnetConfig]) -> np.ndarray:
         """Predicted accuracies (N,) of SubnetConfigs."""
-        return self._predict_x(self.encode(configs))
+        return self._predict_x(self._features(*self._arrays(configs)))
 
     def predict_arrays(self, group_names: Sequence[str], bits: np.ndarray, flags: np.ndarray) -> np.ndarray:
         """Vectorized prediction for the search: (N, G) bits in `group_names` order + (N, 3) flags -> (N,)."""
         if tuple(group_names) != self.space.group_names:
             raise ValueError("the search space's groups differ from this CQAP's; fit the predictor on records of "
                              "the same supernet")
-        return self._predict_x(self.encode_arrays(bits, flags))
+        return self._predict_x(self._features(bits, flags))
 
     def evaluate(self, configs: Sequence[SubnetConfig], accuracies: Sequence[float]) -> dict:
         """Kendall tau, Pearson and RMSE of predictions against measured accuracies (held-out records)."""
@@ -198,11 +248,17 @@ class CQAP:
 
     # --- persistence ----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temp file + rename): version, encoding space, MLP weights, target scaling."""
+        """Write atomically (temp file + rename): version, encoding space, regressor, and the MLP's weights and
+        target scaling or the trees' training encoding and targets (refit on load)."""
         self._require_fitted()
         state = {"version": PREDICTOR_VERSION, "space": self.space.to_dict(), "hidden": list(self.hidden),
-                 "seed": self.seed, "y_mean": self.y_mean, "y_std": self.y_std,
-                 "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
+                 "seed": self.seed, "regressor": self.regressor, "y_mean": self.y_mean, "y_std": self.y_std}
+        if self.regressor == "gbt":
+            x, y = self._train_xy
+            state.update(gbt_params=dict(self.gbt_params), train_x=torch.from_numpy(x.astype(np.uint8)),
+                         train_y=torch.from_numpy(y))
+        else:
+            state["state_dict"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(path, buf.getvalue())
@@ -221,19 +277,28 @@ class CQAP:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{path!r} is not a CQAP file written by CQAP.save ({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict) or state.get("version") != PREDICTOR_VERSION:
+        if not isinstance(state, dict) or state.get("version") not in _READABLE_VERSIONS:
             got = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"{path!r}: CQAP file version {got!r} is not supported; this release reads version "
-                             f"{PREDICTOR_VERSION} (refit and save the predictor)")
+            raise ValueError(f"{path!r}: CQAP file version {got!r} is not supported; this release reads versions "
+                             f"{_READABLE_VERSIONS} (refit and save the predictor)")
         try:
-            obj = cls(SearchSpace.from_dict(state["space"]), state["hidden"], state["seed"])
+            regressor = state.get("regressor", "mlp")
+            obj = cls(SearchSpace.from_dict(state["space"]), state["hidden"], state["seed"], regressor,
+                      state.get("gbt_params"))
+            if regressor == "gbt":
+                x, y = state["train_x"].numpy().astype(np.float32), state["train_y"].numpy()
+                width = 3 + int(obj.space.searchable.sum())
+                if x.ndim != 2 or x.shape != (len(y), width):
+                    raise TypeError(f"training features of shape {tuple(x.shape)} do not fit {width} columns")
+                return obj._fit_gbt(x, y)
             obj.model.load_state_dict(state["state_dict"])
             obj.y_mean, obj.y_std = float(state["y_mean"]), float(state["y_std"])
-        except (KeyError, RuntimeError, TypeError) as e:
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"{path!r}: corrupt CQAP file ({type(e).__name__}: {e}); refit and save it") from None
         obj.model.eval()
         obj.fitted = True
         return obj
 
     def __repr__(self) -> str:
-        return f"CQAP({self.n_features} features, hidden={self.hidden}, fitted={self.fitted})"
+        detail = f"hidden={self.hidden}" if self.regressor == "mlp" else f"{self.gbt_params}"
+        return f"CQAP({self.regressor}, {self.n_features} features, {detail}, fitted={self.fitted})"
