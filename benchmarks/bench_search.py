@@ -14,7 +14,7 @@ so a rerun redoes only the search and the random-subnet measurements; --fresh st
   3. Constraint: BitOps <= the uniform W4A4 subnet's. `evolution_search` (paper defaults: population 100, 25%
      parents, 500 generations) with the accuracy CQAP, timed together with its fit; then `measure_top` measures
      its 10 best-predicted subnets on the validation split and keeps the best measured; `refine_search` repeats
-     that for 2 rounds, refitting the CQAP on the records plus the subnets measured so far.
+     that for 3 rounds, refitting the CQAP on the records plus the subnets measured so far.
   4. 1000 random feasible subnets (`sample_feasible`, same constraint), measured on validation and test, against
      the GA's subnet measured the same way; GA picks at other budgets and under the tensorrt / qnn profiles.
 Every model's numbers go to benchmarks/results/bench_search_<model>.json; the BENCHMARKS.md section is rebuilt
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, machine, update_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-IMAGE_SIZE, VAL_FRACTION, N_TRAIN_RECORDS, N_HELDOUT, TOP_K, REFINE_ROUNDS = 8, 0.4, 1000, 200, 10, 2
+IMAGE_SIZE, VAL_FRACTION, N_TRAIN_RECORDS, N_HELDOUT, TOP_K, REFINE_ROUNDS = 8, 0.4, 1000, 200, 10, 3
 CURVE_ROUNDS = 6             # a longer refine_search: best measured subnet vs validation measurements spent
 BN_TAG = "bn-all-train"      # records and random measurements are cached per BN-recalibration setting
 

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-top", type=int, default=10,
                    help="measure this many best-predicted subnets on the validation split and keep the best "
                         "measured (0: keep the best predicted; default: %(default)s)")
-    p.add_argument("--refine-rounds", type=int, default=2,
+    p.add_argument("--refine-rounds", type=int, default=3,
                    help="rounds of search -> measure top -> refit the predictor (needs measured records; "
                         "default: %(default)s)")
     p.add_argument("--out", default="runs/search",

@@ -463,7 +463,7 @@ def search_experiment(exp: Experiment, out_dir: str | os.PathLike, *, profile: s
                       constraints: Mapping | None = None, bitops_fraction: float | None = None,
                       records: int = 200, records_path: str | os.PathLike | None = None, predictor=None,
                       population: int = 100, generations: int = 500, cqap_epochs: int = 300, seed: int = 0,
-                      measure_top_k: int = 10, refine_rounds: int = 2, progress: bool = False) -> SearchOutcome:
+                      measure_top_k: int = 10, refine_rounds: int = 3, progress: bool = False) -> SearchOutcome:
     """Records -> CQAP -> genetic search under `constraints` and `profile` -> test accuracy of the chosen subnet.
 
     The choice is made on measured validation accuracy: `refine_search` runs `refine_rounds` rounds of (fit the CQAP

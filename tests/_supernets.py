@@ -2,6 +2,9 @@
 BN fold in `freeze` (and every export after it) is exercised."""
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 from torch import nn
 
@@ -40,3 +43,34 @@ def moved_bn_supernet(build, shape, space=None, backend_config=None, seed=0) -> 
                 m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
                 m.running_var.mul_(1 + 0.2 * torch.rand(m.running_var.shape, generator=g))
     return sn
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_torchvision(name: str, steps: int) -> nn.Module:
+    import torchvision
+
+    from eqnet_plugin.data import digits_splits
+
+    sp = digits_splits(image_size=32)
+    x, y = sp.train.tensors
+    x = x.repeat(1, 3, 1, 1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(num_classes=10)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (64,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def trained_torchvision(name: str, steps: int = 30) -> nn.Module:
+    """A copy of torchvision `name` (10 classes) after `steps` Adam steps on digits at 32x32 (3 channels), trained
+    once per test session: real features and logit margins, unlike a random-init net, where any float-rounding
+    change cascades over depth."""
+    return copy.deepcopy(_trained_torchvision(name, steps))

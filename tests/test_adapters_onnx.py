@@ -23,6 +23,8 @@ from eqnet_plugin.data import digits_splits
 from eqnet_plugin.freeze import freeze
 from eqnet_plugin.models import TinyMobileNetV2, TinyResNet
 
+from _supernets import trained_torchvision
+
 SPACE = ElasticSpace(weight_bits=(4, 6, 8), act_bits=(4, 6, 8))
 REFERENCE = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 DEFAULT = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -339,18 +341,15 @@ def test_parity_torchvision(torchvision_nets, tmp_path, model):
 
 @pytest.fixture(scope="module")
 def trained_torchvision_nets():
-    """The same torchvision architectures after 30 Adam steps on digits at 32x32 (about 10-25 s each here): real
-    features and logit margins, so float-rounding differences no longer cascade as in the random-init nets."""
-    import torchvision
-
-    xt, yt, xs = _digits(32, channels=3)
+    """The same torchvision architectures after 30 Adam steps on digits at 32x32 (`trained_torchvision`, about
+    10-25 s each here): real features and logit margins, so float-rounding differences no longer cascade."""
+    xt, _, xs = _digits(32, channels=3)
     rnd = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     space = ElasticSpace(weight_bits=(4, 8), act_bits=(4, 8), weight_symmetric=(True,), act_symmetric=(False,))
     torch.manual_seed(0)   # layer init of the test models only
     nets = {
-        "resnet18": _supernet(_train(torchvision.models.resnet18(num_classes=10), xt, yt, 30), xt[:32], space),
-        "mobilenet_v2": _supernet(_train(torchvision.models.mobilenet_v2(num_classes=10), xt, yt, 30), xt[:32],
-                                  space, elastic_backend_config()),
+        "resnet18": _supernet(trained_torchvision("resnet18"), xt[:32], space),
+        "mobilenet_v2": _supernet(trained_torchvision("mobilenet_v2"), xt[:32], space, elastic_backend_config()),
     }
     return nets, {"digits": xs, "random": rnd}
 

@@ -22,6 +22,8 @@ from eqnet_plugin.freeze import QParams, freeze
 from eqnet_plugin.models import TinyMobileNetV2, TinyResNet
 from eqnet_plugin.space import QuantChoice
 
+from _supernets import trained_torchvision
+
 SPACE = ElasticSpace(weight_bits=(3, 4, 8), act_bits=(3, 8))
 LSB_TOL = 1 + 1e-3          # "within 1 LSB", allowing float noise in the comparison itself
 
@@ -415,4 +417,28 @@ def test_resnet18_quantizers_and_parity(aq, digits, tmp_path):
                               f"{top1:.2%} (decisive {top1_decisive:.2%})")
                 # a sanity bound only (float-order noise, see docstring); a wrong encoding breaks it by far
                 assert rel <= 0.05 and top1 >= 0.85, report[-1]
+    print("\n".join(report))
+
+
+@pytest.mark.slow
+def test_trained_resnet18_end_to_end_parity(aq, tmp_path):
+    """The issue's bar end to end on a trained ResNet-18 (30 Adam steps on digits, `trained_torchvision`): AIMET
+    QuantSim loaded with our encodings (each version) within 1 LSB of the frozen subnet on >= 99.9% of outputs, top-1
+    >= 99.5% where the reference's top two logits are more than 2 LSB apart (ties on the 8-bit output grid aside).
+    Measured: 100% within 1 LSB (max 1 LSB) for W8A8 per-channel in all three versions and W4A8 per-tensor; raw top-1
+    98.4-100%, 100% on the decisive samples."""
+    sp = digits_splits(image_size=32)
+    x = sp.train.tensors[0][:48].repeat(1, 3, 1, 1)                                     # (48, 3, 32, 32)
+    test = sp.test.tensors[0][:128].repeat(1, 3, 1, 1)
+    sn, ex = _supernet(trained_torchvision("resnet18"), x, space=ElasticSpace(weight_bits=(4, 8), act_bits=(8,)))
+    report = []
+    for cfg_name, versions in (("w8a8_pc", ENCODING_VERSIONS), ("w4a8_pt", ("1.0.0",))):
+        cfg, strict = _configs(sn, cfg_name)
+        frozen = freeze(sn, cfg)
+        inputs = _inputs(frozen, test)
+        for version in versions:
+            out = export_qnn(frozen, ex, tmp_path / f"{cfg_name}_{version}", encoding_version=version, strict=strict)
+            sim, _ = aimet_quantsim(out.onnx_path, out.encodings_path, threads=2)
+            report += _assert_parity(lambda a: sim.session.run(None, {"input": a})[0], frozen, out, inputs,
+                                     f"trained resnet18 {cfg_name} {version} QuantSim")
     print("\n".join(report))

@@ -452,15 +452,16 @@ def measure_top(result: SearchResult, evaluate: Callable[[SubnetConfig], float],
 
 def refine_search(cqap, configs: Sequence[SubnetConfig], accuracies: Sequence[float],
                   evaluate: Callable[[SubnetConfig], float], space, constraints: Constraints | Mapping | None = None,
-                  *, rounds: int = 2, k: int = 10, seed: int = 0, **search_kwargs) -> SearchResult:
+                  *, rounds: int = 3, k: int = 10, seed: int = 0, **search_kwargs) -> SearchResult:
     """Search with re-measurement: `rounds` times (fit `cqap` on the records plus every subnet measured so far ->
     `evolution_search` -> `measure_top`), then return the last round's result with the best MEASURED subnet of all
     rounds as `best` and every measured candidate in `top` (by measured accuracy).
 
     The genetic search exploits the predictor's errors: its best-predicted subnets are the ones the predictor
-    overrates most. Measuring them and refitting corrects the predictor exactly there (on the digits TinyResNet(4, 8,
-    16), two rounds of 10 beat the best of 1000 measured random subnets on validation; BENCHMARKS.md). Measure on
-    held-out training data, never the test set. Each distinct subnet is measured once.
+    overrates most. Measuring them and refitting corrects the predictor exactly there: on the digits TinyResNet(4, 8,
+    16), the best measured validation accuracy climbs from 91.4 (1 round of 10) to 93.6 (3 rounds), above the best
+    of 1000 measured random subnets (93.2); BENCHMARKS.md has the curve. Measure on held-out training data, never
+    the test set. Each distinct subnet is measured once.
 
     Args:
         cqap: a `CQAP` (refit from scratch each round; its settings are kept).
