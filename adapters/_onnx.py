@@ -48,6 +48,11 @@ class _MarkerPoint(nn.Module):
         return _Marker.apply(x, self.name)
 
 
+# ops whose output is a pool's (Cast: the last op of ExactGlobalAvgPool's float64 sum)
+POOL_OUTPUT_OPS = ("Cast", "GlobalAveragePool", "AveragePool", "ReduceMean")
+_SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
 def _swap_points(module: nn.Module) -> nn.Module:
     """Replace every QuantPoint (also inside Quant layers) by a marker, in place."""
     # _modules, not named_children(): FX shares one quantizer under several attribute names, and
@@ -144,6 +149,49 @@ def replace_markers(model, make_nodes: Callable[[str, str, str], list]) -> dict[
     del model.opset_import[:]
     model.opset_import.extend(keep)
     return carried
+
+
+def reciprocal_quantize(model) -> int:
+    """Rewrite, in place, every per-tensor ``QuantizeLinear(x, s, zp)`` that feeds a Clip (a sub-8-bit grid in an
+    8-bit container) or reads a pool's output into ``Mul(x, 1 / s) -> QuantizeLinear(x', 1, zp)``; the
+    DequantizeLinear keeps scale ``s``.
+
+    Training rounds ``x * (1 / s)``; QuantizeLinear rounds ``x / s``. The two differ on exact rounding ties, which
+    coarse sub-8-bit grids and pooled values re-quantized on their input's grid make frequent (measured on Brevitas'
+    QCDQ export of TinyResNet subnets: W8A4 77% of outputs within 1 LSB of the Brevitas module as exported, 100%
+    after this rewrite; a mixed subnet 76% with the sub-8-bit rewrite alone). ONNX Runtime never fuses a
+    Q -> Clip -> DQ chain into integer kernels; the pool's output loses one fusion at most.
+
+    Returns:
+        the number of QuantizeLinear nodes rewritten.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    clipped = {n.input[0] for n in graph.node if n.op_type == "Clip"}
+    pooled: set[str] = set()                 # pool outputs, followed through shape-only ops (Flatten, Reshape, ...)
+    for n in graph.node:                     # topological order
+        if n.op_type in POOL_OUTPUT_OPS or (n.op_type in _SHAPE_OPS and n.input and n.input[0] in pooled):
+            pooled.update(n.output)
+    new_nodes, count = [], 0
+    for node in graph.node:
+        scale = consts.get(node.input[1]) if node.op_type == "QuantizeLinear" and len(node.input) > 1 else None
+        if scale is not None and scale.size == 1 and (node.output[0] in clipped or node.input[0] in pooled):
+            inv, one = f"{node.output[0]}.inv_scale", f"{node.output[0]}.unit_scale"
+            graph.initializer.extend([numpy_helper.from_array((np.float32(1) / scale.astype(np.float32)), inv),
+                                      numpy_helper.from_array(np.ones_like(scale, dtype=np.float32), one)])
+            new_nodes.append(helper.make_node("Mul", [node.input[0], inv], [f"{node.output[0]}.scaled"],
+                                              name=f"{node.output[0]}.reciprocal"))
+            node.input[0], node.input[1] = f"{node.output[0]}.scaled", one
+            count += 1
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return count
 
 
 def save_model_atomic(model, path: str | os.PathLike) -> str:

@@ -240,9 +240,9 @@ def _check_inputs(example_inputs) -> tuple:
     return example_inputs
 
 
-def _export_to(path, export_fn) -> str:
-    """Run `export_fn(tmp_path)` into a temporary folder next to `path`, then check the file with onnx and move it
-    into place (nothing half-written at `path` on error)."""
+def _export_to(path, export_fn, rewrite=None) -> str:
+    """Run `export_fn(tmp_path)` into a temporary folder next to `path`, apply `rewrite(model)` if given, then check
+    the file with onnx and move it into place (nothing half-written at `path` on error)."""
     import onnx
 
     from ._onnx import save_model_atomic
@@ -256,6 +256,8 @@ def _export_to(path, export_fn) -> str:
             warnings.simplefilter("ignore")
             export_fn(tmp_file)
         model = onnx.load(tmp_file)
+    if rewrite is not None:
+        rewrite(model)
     return save_model_atomic(model, path)
 
 
@@ -266,6 +268,9 @@ def export_brevitas_qcdq(model, example_inputs: tuple, path, opset: int = 18, dy
     Uses the torch.export ("dynamo") path with ``export_weight_q_node=True`` (float weights followed by Q/DQ): the
     TorchScript path asserts non-negative zero points and so rejects asymmetric weights (signed grid, negative zero
     point), and the dynamo path needs the Q node on weights. Dynamo refuses quantized bias; ours is float.
+    Sub-8-bit per-tensor quantizers and the pool's re-quantization are then rewritten to round ``x * (1 / scale)``
+    as training does (`adapters._onnx.reciprocal_quantize`: ``Mul -> QuantizeLinear(scale 1) -> [Clip] ->
+    DequantizeLinear(scale)``).
 
     Args:
         model: the module returned by `to_brevitas` (or a FrozenSubnet / Supernet, converted first). The model is
@@ -294,7 +299,10 @@ def export_brevitas_qcdq(model, example_inputs: tuple, path, opset: int = 18, dy
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         kw["dynamic_shapes"] = tuple({0: batch} for _ in example_inputs)
-    return _export_to(path, lambda tmp: export_onnx_qcdq(module, example_inputs, tmp, **kw))
+    from ._onnx import reciprocal_quantize
+
+    return _export_to(path, lambda tmp: export_onnx_qcdq(module, example_inputs, tmp, **kw),
+                      rewrite=reciprocal_quantize)
 
 
 def export_brevitas_qonnx(model, example_inputs: tuple, path, opset: int = 17, dynamic_batch: bool = True) -> str:

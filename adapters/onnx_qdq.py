@@ -40,12 +40,11 @@ import torch
 
 from eqnet_plugin.freeze import FrozenLayer, FrozenSubnet, QParams, as_frozen
 
-from ._onnx import export_marked, replace_markers, save_model_atomic
+from ._onnx import POOL_OUTPUT_OPS, export_marked, replace_markers, save_model_atomic
 
 __all__ = ["export_onnx", "build_qdq_model", "generic_encoding", "int_tensor", "Encoding", "LOW_BIT_MODES"]
 
 LOW_BIT_MODES = ("clip", "int4")
-_POOL_OUTPUT_OPS = ("Cast", "GlobalAveragePool", "AveragePool", "ReduceMean")   # Cast: ExactGlobalAvgPool's last op
 MIN_QDQ_OPSET = 13          # per-axis QuantizeLinear/DequantizeLinear
 INT4_OPSET = 21             # INT4/UINT4 tensor types
 
@@ -203,7 +202,7 @@ def build_qdq_model(frozen: FrozenSubnet, example_inputs: tuple, opset: int,
             return [helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dst], name=f"{dst}.dq", **axis)]
         q_out = f"{dst}.q"
         nodes = []
-        if enc.reciprocal or (exact_pool and producer_op.get(src) in _POOL_OUTPUT_OPS):
+        if enc.reciprocal or (exact_pool and producer_op.get(src) in POOL_OUTPUT_OPS):
             # x * (1/s) rounded, as in training (ONNX's x / s rounds ties, frequent after a pool, differently)
             r_name, one = f"{group}.inv_scale", "eqnet.one"
             new_inits.setdefault(r_name, helper.make_tensor(r_name, 1, list(enc.scale.shape),

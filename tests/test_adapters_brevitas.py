@@ -236,8 +236,10 @@ def _check_qcdq_structure(path, frozen: FrozenSubnet) -> None:
     assert seen == set(frozen.qparams)
 
 
-def _ort_run(path, x: torch.Tensor) -> np.ndarray:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _ort_run(path, x: torch.Tensor, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
 
@@ -260,18 +262,36 @@ def test_qcdq_onnxruntime_within_one_lsb(tiny_resnet, tmp_path, name):
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.995
 
 
-def test_qcdq_sub8bit_mixed(tiny_resnet, tmp_path):
-    """Sub-8-bit quantizers come out as Q -> Clip -> DQ with our exact ranges and the file runs in ONNX Runtime.
-    (End-to-end LSB parity is not asserted below 8 bits: ONNX Runtime's float kernels sum in another order, and at
-    2..4 bits a one-code flip moves the 8-bit output by many of its LSBs; see the report.)"""
-    frozen = freeze(tiny_resnet, CONFIGS["mixed"](tiny_resnet))
-    x = _inputs((1, 16, 16), n=4)
-    path = export_brevitas_qcdq(frozen, (x,), tmp_path / "mixed.onnx", dynamic_batch=False)
+@pytest.mark.parametrize("name", ["w8a4_sym_channel", "w4a4_sym_channel", "mixed3", "mixed5"])
+def test_qcdq_sub8bit_within_one_lsb(tiny_resnet, tmp_path, name):
+    """Sub-8-bit quantizers come out as Q -> Clip -> DQ with our exact ranges; ONNX Runtime running the file as written
+    (ORT_DISABLE_ALL) is within 1 LSB of the Brevitas module on >= 99.9% of outputs, top-1 >= 99.5%.
+
+    Measured: 100% within 1 LSB, top-1 100%. As Brevitas writes it (QuantizeLinear rounds x / scale, training
+    x * (1 / scale)), exact ties at the coarse grids flipped codes: 92.7-99.8% within 1 LSB, hence the rewrite in
+    `export_brevitas_qcdq`. ONNX Runtime's default session fuses 8-bit layers into integer kernels with int32 biases,
+    a different computation: measured 76-100% within 1 LSB there (the mixed subnet with seed 3 lowest), top-1
+    >= 98.4%; only top-1 is bounded for it."""
+    cfg = {"w8a4_sym_channel": lambda sn: sn.uniform(8, 4, symmetric=True, per_channel=True),
+           "w4a4_sym_channel": lambda sn: sn.uniform(4, 4, symmetric=True, per_channel=True),
+           "mixed3": lambda sn: sn.sample(torch.Generator().manual_seed(3)),
+           "mixed5": lambda sn: sn.sample(torch.Generator().manual_seed(5))}[name](tiny_resnet)
+    frozen = freeze(tiny_resnet, cfg)
+    bm = to_brevitas(frozen)
+    x = _inputs((1, 16, 16), n=256, seed=7)
+    path = export_brevitas_qcdq(bm, (x[:2],), tmp_path / f"{name}.onnx")
     _check_qcdq_structure(path, frozen)
     ops = {n.op_type for n in onnx.load(path).graph.node}
-    assert {"QuantizeLinear", "Clip", "DequantizeLinear"} <= ops
-    out = _ort_run(path, x)
-    assert out.shape == (4, 10) and np.isfinite(out).all()
+    assert {"Mul", "QuantizeLinear", "Clip", "DequantizeLinear"} <= ops
+    with torch.no_grad():
+        ref = bm(x).numpy()
+    lsb = frozen.qparams[list(frozen.quant_points())[-1]].scale.item()
+    out = _ort_run(path, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    err = np.abs(out - ref) / lsb
+    assert (err <= 1.001).mean() >= 0.999, f"{(err <= 1.001).mean():.4f} within 1 LSB, max {err.max():.2f} LSB"
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.995
+    default = _ort_run(path, x)
+    assert (default.argmax(1) == ref.argmax(1)).mean() >= 0.97
 
 
 def test_qonnx_quant_nodes(tiny_resnet, tmp_path):
