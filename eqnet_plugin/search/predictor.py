@@ -230,7 +230,8 @@ class CQAP:
         return out * self.y_std + self.y_mean
 
     def predict(self, configs: Sequence[SubnetConfig]) -> np.ndarray:
-        """Predicted accuracies (N,) of SubnetConfigs."""
+        """Predicted accuracies (N,) of SubnetConfigs. Not clipped: they rank subnets, and a regressor fitted on a
+        few hundred records can overshoot the measured range (`eqnet demo` has shown 1.017 for accuracy)."""
         return self._predict_x(self._features(*self._arrays(configs)))
 
     def predict_arrays(self, group_names: Sequence[str], bits: np.ndarray, flags: np.ndarray) -> np.ndarray:
