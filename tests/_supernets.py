@@ -45,6 +45,21 @@ def moved_bn_supernet(build, shape, space=None, backend_config=None, seed=0) -> 
     return sn
 
 
+def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int = 0) -> nn.Module:
+    """A few Adam steps (batches of 64 drawn from x, y) so that the network has real features and logit margins (an
+    untrained net has degenerate outputs, where top-1 agreement measures noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (64,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
 @functools.lru_cache(maxsize=None)
 def _trained_torchvision(name: str, steps: int) -> nn.Module:
     import torchvision
@@ -57,16 +72,7 @@ def _trained_torchvision(name: str, steps: int) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(num_classes=10)
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (64,), generator=gen)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
+    return train_steps(model, x, y, steps)
 
 
 def trained_torchvision(name: str, steps: int = 30) -> nn.Module:
