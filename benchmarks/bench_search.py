@@ -259,13 +259,13 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
         (RESULTS / f"bench_search_{name}.json").write_text(json.dumps(res, indent=1, default=float))
         if args.plot == ",".join(map(str, widths)):
             ref.save(RESULTS / "search_digits.json")
-            ga.plot(RESULTS / "pareto_digits.png", title=f"digits, TinyResNet{tuple(widths)}: accuracy vs BitOps",
-                    ylabel="accuracy (front, star: predicted; markers: measured val)",
-                    extra={"1000 random feasible, measured val": (rand_ops, rand[:, 0]),
-                           "GA picks at other budgets, measured val": ([p["bitops"] for p in picks[:3]],
-                                                                       [p["val"] for p in picks[:3]]),
-                           "refine_search pick (W4A4 budget), measured val": ([ref.best.costs["bitops"]],
-                                                                             [ref_val])})
+            ref.plot(RESULTS / "pareto_digits.png", title=f"digits, TinyResNet{tuple(widths)}: accuracy vs BitOps",
+                     ylabel="accuracy (front, star: predicted; markers: measured val)",
+                     extra={"1000 random feasible, measured val": (rand_ops, rand[:, 0]),
+                            "GA picks at other budgets, measured val": ([p["bitops"] for p in picks[:3]],
+                                                                        [p["val"] for p in picks[:3]]),
+                            "refine_search pick (W4A4 budget), measured val": ([ref.best.costs["bitops"]],
+                                                                              [ref_val])})
     return res
 
 
