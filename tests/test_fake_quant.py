@@ -60,14 +60,22 @@ def _calibrate_act(signed: bool, space: ElasticSpace | None) -> tuple[ElasticFak
 
 
 # --- construction and the FakeQuantizeBase contract ------------------------------------------------------------
+def _table(fq, kind: str, tag: str) -> torch.Tensor:
+    """(C, n_bits) view of one kind of cell parameter over the bit choices (copies)."""
+    return torch.stack([getattr(fq, f"{kind}_{tag}_{b}b").detach() for b in fq.bit_choices], dim=1)
+
+
 def test_parameters_exist_before_calibration():
+    """One Parameter per cell: a step that does not use a cell leaves its gradient None (Adam leaves it alone)."""
     w = ElasticFakeQuantize(is_weight=True)
+    tags = {"sym_channel": ("scale",), "sym_tensor": ("scale",), "asym_channel": ("scale", "zero_point"),
+            "asym_tensor": ("scale", "zero_point")}
     assert {n: tuple(p.shape) for n, p in w.named_parameters()} == {
-        "scale_sym_channel": (1, 7), "scale_sym_tensor": (1, 7), "scale_asym_channel": (1, 7),
-        "zero_point_asym_channel": (1, 7), "scale_asym_tensor": (1, 7), "zero_point_asym_tensor": (1, 7)}
+        f"{k}_{t}_{b}b": (1,) for t, kinds in tags.items() for k in kinds for b in range(2, 9)}
     a = ElasticFakeQuantize(is_weight=False, space=ElasticSpace(act_bits=(4,), act_symmetric=(False,)))
     assert {n: tuple(p.shape) for n, p in a.named_parameters()} == {
-        "scale_asym_tensor": (1, 2), "zero_point_asym_tensor": (1, 2)}      # 4 bits + fixed 8 bits
+        "scale_asym_tensor_4b": (1,), "zero_point_asym_tensor_4b": (1,), "scale_asym_tensor_8b": (1,),
+        "zero_point_asym_tensor_8b": (1,)}                                   # 4 bits + fixed 8 bits
     torch.optim.SGD(w.parameters(), lr=0.1)                                   # an optimizer can hold them now
     out = w(torch.randn(4, 3))                                                # and forward works uncalibrated
     assert torch.isfinite(out).all()
@@ -107,7 +115,7 @@ def test_with_args_and_factory_kwargs():
     ctor = ElasticFakeQuantize.with_args(is_weight=True, space=ElasticSpace(weight_bits=(4, 8)), ch_axis=0)
     fq = ctor(factory_kwargs={"device": torch.device("cpu")})
     assert isinstance(fq, ElasticFakeQuantize) and fq.bit_choices == (4, 8) and fq.is_weight
-    assert fq.scale_sym_channel.device.type == "cpu" and fq.scale_sym_channel.dtype == torch.float32
+    assert fq.scale_sym_channel_8b.device.type == "cpu" and fq.scale_sym_channel_8b.dtype == torch.float32
     with pytest.raises(TypeError, match="space must be an ElasticSpace"):
         ElasticFakeQuantize(space={"weight_bits": (4,)})
 
@@ -147,8 +155,7 @@ def test_calculate_qparams_of_active_cell_match_torch_fake_quantize(bits, sym, p
         ref = torch.fake_quantize_per_tensor_affine(w, scale.item(), int(zp.item()), fq.quant_min, fq.quant_max)
     assert torch.equal(fq(w), ref)
     tag = ("sym" if sym else "asym") + ("_channel" if pc else "_tensor")
-    col = fq.bit_choices.index(bits)
-    assert torch.equal(scale, getattr(fq, "scale_" + tag)[:, col].abs())     # calibrated values, no copy drift
+    assert torch.equal(scale, getattr(fq, f"scale_{tag}_{bits}b").abs())    # calibrated values, no copy drift
 
 
 @pytest.mark.parametrize("signed", [False, True])
@@ -220,9 +227,9 @@ def test_signed_override_on_post_relu_data():
         inferred.set_cell(bits, False, False)
         assert torch.equal(fq.calculate_qparams()[1], inferred.calculate_qparams()[1])
         assert torch.equal(fq(x), inferred(x))
-    assert torch.equal(fq.scale_asym_tensor, inferred.scale_asym_tensor)
-    assert torch.equal(fq.zero_point_asym_tensor, inferred.zero_point_asym_tensor)
-    assert not torch.equal(fq.scale_sym_tensor, inferred.scale_sym_tensor)
+    assert torch.equal(_table(fq, "scale", "asym_tensor"), _table(inferred, "scale", "asym_tensor"))
+    assert torch.equal(_table(fq, "zero_point", "asym_tensor"), _table(inferred, "zero_point", "asym_tensor"))
+    assert not torch.equal(_table(fq, "scale", "sym_tensor"), _table(inferred, "scale", "sym_tensor"))
     # checkpoints: the flag is the `signed` buffer; a fresh module loads it and its forward follows
     fq.set_cell(8, True, False)
     fresh = ElasticFakeQuantize()
@@ -249,7 +256,7 @@ def test_signed_override_with_all_gather_and_bad_values():
     forced_w.enable_observer(True)
     forced_w(wt)
     forced_w.finish_calibration(signed=True)                                 # weights: always signed, no change
-    assert torch.equal(forced_w.scale_sym_channel, w.scale_sym_channel)
+    assert torch.equal(_table(forced_w, "scale", "sym_channel"), _table(w, "scale", "sym_channel"))
 
 
 def test_calibration_error_names_the_cause():
@@ -279,9 +286,9 @@ def test_state_dict_round_trip_into_fresh_module():
     fq.set_cell(3, False, True)
     out = fq(w)
     fresh = ElasticFakeQuantize(is_weight=True)
-    assert fresh.scale_asym_channel.shape == (1, 7)
+    assert fresh.scale_asym_channel_3b.shape == (1,)
     fresh.load_state_dict(fq.state_dict())                                   # strict
-    assert fresh.scale_asym_channel.shape == (6, 7) and fresh.zero_point_asym_channel.shape == (6, 7)
+    assert fresh.scale_asym_channel_3b.shape == (6,) and fresh.zero_point_asym_channel_5b.shape == (6,)
     assert fresh.cell == (3, False, True)
     assert torch.equal(fresh(w), out)
     act, x = _calibrated_act(signed=True)
@@ -290,6 +297,21 @@ def test_state_dict_round_trip_into_fresh_module():
     fresh_act.load_state_dict(act.state_dict())
     assert fresh_act.cell == (5, True, False) and fresh_act.signed.item() == 1
     assert torch.equal(fresh_act(x), act(x))
+
+
+def test_first_release_table_state_dict_loads():
+    """State dicts of the first release held one (C, n_bits) table per (symmetry, granularity); they still load."""
+    fq, w = _calibrated_weight(c=6)
+    fq.set_cell(3, False, True)
+    old = {k: v for k, v in fq.state_dict().items() if not k.endswith("b")}
+    for tag in ("sym_channel", "sym_tensor", "asym_channel", "asym_tensor"):
+        for kind in ("scale", "zero_point") if tag.startswith("asym") else ("scale",):
+            old[f"{kind}_{tag}"] = _table(fq, kind, tag)                      # (C, 7) or (1, 7)
+    fresh = ElasticFakeQuantize(is_weight=True)
+    fresh.load_state_dict(old)                                                # strict
+    assert fresh.cell == (3, False, True) and torch.equal(fresh(w), fq(w))
+    assert {n: torch.equal(p, getattr(fq, n)) for n, p in fresh.named_parameters()} == \
+        {n: True for n, _ in fq.named_parameters()}
 
 
 def test_deepcopy_keeps_active_cell_and_output():
@@ -305,7 +327,8 @@ def test_deepcopy_keeps_active_cell_and_output():
 @pytest.mark.parametrize("kind", ["weight_pc", "weight_pt", "act_unsigned", "act_signed"])
 @pytest.mark.parametrize("sym", [True, False])
 def test_lsq_gradient_scale_and_active_column_only(kind, sym):
-    """Scale (and zero-point) gradients are LSQ-scaled by 1/sqrt(N * Qp) and reach only the active cell's column."""
+    """Scale (and zero-point) gradients are LSQ-scaled by 1/sqrt(N * Qp) and reach only the active cell: every other
+    cell's gradient stays None."""
     bits = 4
     if kind.startswith("weight"):
         fq, x = _calibrated_weight()
@@ -317,22 +340,19 @@ def test_lsq_gradient_scale_and_active_column_only(kind, sym):
         qp = 2 ** (bits - 1) - 1 if kind == "act_signed" else 2 ** bits - 1
     fq.set_cell(bits, sym, pc)
     tag = ("sym" if sym else "asym") + ("_channel" if pc else "_tensor")
-    col = fq.bit_choices.index(bits)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     fq(x).backward(g)
-    table = getattr(fq, "scale_" + tag)
-    s = table.detach()[:, col].clone().requires_grad_(True)
+    cell = getattr(fq, f"scale_{tag}_{bits}b")
+    s = cell.detach().clone().requires_grad_(True)
     shape = (-1, 1, 1, 1) if pc else (-1,)
     qmin, qmax = fq.quant_min, fq.quant_max
     if sym:
         zp = fq.calculate_qparams()[1][0].item()
         fake_quantize(x, s.reshape(shape), int(zp), qmin, qmax, 1 / math.sqrt(n * qp)).backward(g)
     else:
-        z = getattr(fq, "zero_point_" + tag).detach()[:, col].clone().requires_grad_(True)
+        z = getattr(fq, f"zero_point_{tag}_{bits}b").detach().clone().requires_grad_(True)
         fake_quantize(x, s.reshape(shape), z.reshape(shape), qmin, qmax, 1 / math.sqrt(n * qp)).backward(g)
-        assert torch.equal(getattr(fq, "zero_point_" + tag).grad[:, col], z.grad)
-    assert torch.equal(table.grad[:, col], s.grad)
-    others = [c for c in range(table.shape[1]) if c != col]
-    assert (table.grad[:, others] == 0).all()
-    untouched = [p for name, p in fq.named_parameters() if not name.endswith(tag)]
-    assert all(p.grad is None for p in untouched)
+        assert torch.equal(getattr(fq, f"zero_point_{tag}_{bits}b").grad, z.grad)
+    assert torch.equal(cell.grad, s.grad)
+    untouched = [name for name, p in fq.named_parameters() if not name.endswith(f"{tag}_{bits}b")]
+    assert untouched and all(getattr(fq, name).grad is None for name in untouched)

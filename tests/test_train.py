@@ -128,7 +128,14 @@ def test_unused_cells_get_no_gradient_and_do_not_move(base, data):
         assert params[n].grad is None, n
         assert torch.equal(params[n], before[n]), f"{n} moved without a gradient"
     moved = [n for n, p in params.items() if "scale_sym_tensor" in n and not torch.equal(p, before[n])]
-    assert moved
+    assert moved and all(n.endswith(("_4b", "_8b")) for n in moved)         # only the cells the step used
+    # Adam momentum: cells that had gradients before, but not in this step, stay where they were
+    two = scheme_config(sn, 2, symmetric=True, per_channel=False)
+    before = {n: p.detach().clone() for n, p in sn.model.named_parameters()}
+    sandwich_step(sn, x, y, opt, configs=(two, two, two))
+    params = dict(sn.model.named_parameters())
+    four = [n for n in params if n.endswith("scale_sym_tensor_4b")]          # Adam state from the 4-bit step
+    assert four and all(params[n].grad is None and torch.equal(params[n], before[n]) for n in four)
 
 
 def test_evaluate_recalibrates_bn_and_restores_everything(base, data):
