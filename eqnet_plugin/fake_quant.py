@@ -77,7 +77,6 @@ class ElasticFakeQuantize(FakeQuantizeBase):
         self.bit_choices = space.cell_bits(is_weight)
         self.sym_choices = space.weight_symmetric if is_weight else space.act_symmetric
         self.pc_choices = space.weight_per_channel if is_weight else (False,)
-        self._col = {b: i for i, b in enumerate(self.bit_choices)}
         for sym in self.sym_choices:
             for pc in self.pc_choices:
                 tag = _tag(sym, pc)
@@ -146,7 +145,7 @@ class ElasticFakeQuantize(FakeQuantizeBase):
 
     def set_cell(self, bits: int, symmetric: bool = True, per_channel: bool = False) -> None:
         """Make (bits, symmetric, per_channel) the active cell; raises ValueError naming the valid choices."""
-        if bits not in self._col:
+        if bits not in self.bit_choices:
             raise ValueError(f"{bits}-bit is not in this quantizer's space {self.bit_choices}; pick one of them or "
                              "widen the ElasticSpace passed to elastic_qconfig_mapping")
         if symmetric not in self.sym_choices:
