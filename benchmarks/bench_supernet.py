@@ -1,4 +1,4 @@
-"""One EQ-Net supernet vs a dedicated LSQ QAT run per reference config, on the embedded digits (issue 3).
+"""One EQ-Net supernet vs a dedicated LSQ QAT run per reference config, on Fashion-MNIST (or the embedded digits).
 
 For every model (TinyResNet, TinyMobileNetV2) and every split seed:
   0. a float model is trained (Adam, cosine) and calibrated once (`Supernet.calibrate`, all cells);
@@ -6,12 +6,15 @@ For every model (TinyResNet, TinyMobileNetV2) and every split seed:
   (b) a dedicated LSQ QAT run per reference config, W2A2 / W3A3 / W4A4 / W8A8 x {sym per-tensor, asym per-tensor,
       sym per-channel}, from the same calibrated start, with the same per-step recipe (Adam, lr, cosine schedule,
       batches in the same order, same number of steps), one forward per step, cross-entropy;
-  (c) ablations of (a): without WDR, and without GPG (plain cross-entropy for every subnet), evaluated at 2 and 3 bits.
-Every subnet is evaluated on the test split after BN recalibration on 8 fixed training batches. Wall times count
+  (c) ablations of (a): without WDR, without GPG (plain cross-entropy for every subnet), and with the first
+      release's BatchNorm handling (torch.ao's running-variance fold, running statistics from all three subnets),
+      evaluated on the low-bit and per-channel configs.
+Every subnet is evaluated on the test split after BN recalibration on fixed training batches. Wall times count
 training only (the float model and the calibration are shared by all runs).
 
-    python benchmarks/bench_supernet.py --budget small          # smoke run, a few steps, writes nothing
-    python benchmarks/bench_supernet.py --budget full           # the recorded configuration (BENCHMARKS.md)
+    python benchmarks/bench_supernet.py --budget fashion-small  # smoke run on Fashion-MNIST, writes nothing
+    python benchmarks/bench_supernet.py --budget fashion --jobs 2   # the recorded configuration (BENCHMARKS.md)
+    python benchmarks/bench_supernet.py --budget full           # the digits quick mode (BENCHMARKS.md)
 """
 from __future__ import annotations
 
@@ -31,22 +34,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, update_section  # noqa: E402
 
 from eqnet_plugin import Supernet, elastic_backend_config, elastic_qconfig_mapping  # noqa: E402
-from eqnet_plugin.data import digits_loaders  # noqa: E402
+from eqnet_plugin.bn_fold import use_running_bn_fold  # noqa: E402
+from eqnet_plugin.data import digits_loaders, fashion_mnist_splits, make_loaders  # noqa: E402
 from eqnet_plugin.losses import WDRLoss  # noqa: E402
 from eqnet_plugin.models import build_model  # noqa: E402
 from eqnet_plugin.train import (accuracy, bn_batches_from, cosine_scheduler, evaluate, evaluate_configs,  # noqa: E402
                                 lsq_qat, train_float, train_supernet)
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_supernet.json"
-PARTIAL = Path(__file__).resolve().parent.parent / "runs" / "bench_supernet_partial.json"   # git-ignored
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PARTIAL_DIR = Path(__file__).resolve().parent.parent / "runs"                                 # git-ignored
 SCHEMES = {"sym/tensor": (True, False), "asym/tensor": (False, False), "sym/channel": (True, True)}
 BITS = (2, 3, 4, 8)
 BUDGETS = {
-    # name: models, split seeds, float epochs, QAT epochs, max QAT steps (None = all)
-    "small": dict(models=("tiny_resnet", "tiny_mobilenet_v2"), seeds=(0,), float_epochs=1, epochs=1, max_steps=3),
-    "full": dict(models=("tiny_resnet", "tiny_mobilenet_v2"), seeds=(0, 1, 2), float_epochs=30, epochs=8,
-                 max_steps=None),
+    # name: data, models, split seeds, float epochs, QAT epochs, max QAT steps (None = all), and for Fashion-MNIST
+    # the stem stride of the compact models and the BN recalibration batches
+    "small": dict(data="digits", models=("tiny_resnet", "tiny_mobilenet_v2"), seeds=(0,), float_epochs=1, epochs=1,
+                  max_steps=3),
+    "full": dict(data="digits", models=("tiny_resnet", "tiny_mobilenet_v2"), seeds=(0, 1, 2), float_epochs=30,
+                 epochs=8, max_steps=None),
+    "fashion-small": dict(data="fashion-mnist", models=("tiny_resnet", "tiny_mobilenet_v2"), seeds=(0,),
+                          float_epochs=1, epochs=1, max_steps=3, float_max_steps=5, stem_stride=2, bn_batches=2,
+                          limit_test=500),
+    "fashion": dict(data="fashion-mnist", models=("tiny_resnet", "tiny_mobilenet_v2"), seeds=(0, 1),
+                    float_epochs=2, epochs=1, max_steps=500, float_max_steps=None, stem_stride=2, bn_batches=16,
+                    limit_test=None),
 }
+ABLATION_CONFIGS = ("W2A2 sym/tensor", "W2A2 asym/tensor", "W2A2 sym/channel", "W3A3 sym/tensor", "W3A3 sym/channel",
+                    "W4A4 sym/channel", "W8A8 sym/channel")
 
 
 def reference_configs(sn: Supernet) -> dict[str, object]:
@@ -69,27 +83,38 @@ def _copy(sn: Supernet) -> Supernet:
 
 def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int, image_size: int,
               float_lr: float = 3e-3) -> dict:
-    train, _, test = digits_loaders(batch_size, image_size, seed=seed, split_seed=seed)
-    steps = cfg["epochs"] * len(train) if cfg["max_steps"] is None else cfg["max_steps"]
+    if cfg["data"] == "fashion-mnist":
+        splits = fashion_mnist_splits(image_size=image_size, seed=seed, val_size=10000,
+                                      limit_test=cfg.get("limit_test"))
+        train, _, test = make_loaders(splits, batch_size, seed=seed, eval_batch_size=1000)
+    else:
+        train, _, test = digits_loaders(batch_size, image_size, seed=seed, split_seed=seed)
+    steps = cfg["epochs"] * len(train) if cfg["max_steps"] is None else min(cfg["max_steps"],
+                                                                             cfg["epochs"] * len(train))
     torch.manual_seed(seed)
-    model = build_model(model_name)
+    model = build_model(model_name, stem_stride=cfg.get("stem_stride", 1))
     t = time.perf_counter()
-    train_float(model, train, cfg["float_epochs"], lr=float_lr)
+    train_float(model, train, cfg["float_epochs"], lr=float_lr, max_steps=cfg.get("float_max_steps"))
     out = {"model": model_name, "seed": seed, "steps": steps, "float_seconds": time.perf_counter() - t,
-           "float_acc": accuracy(model, test)}
-    bn = bn_batches_from(train.dataset, 8, batch_size, seed=seed)
+           "float_acc": accuracy(model, test), "test_images": len(test.dataset), "train_images": len(train.dataset)}
+    bn = bn_batches_from(train.dataset, cfg.get("bn_batches", 8), batch_size, seed=seed)
     base = _prepare(model, (bn[0][0],))
     t = time.perf_counter()
     base.calibrate(bn)
     out["calibration_seconds"] = time.perf_counter() - t
     configs = reference_configs(base)
-    low = {k: v for k, v in configs.items() if k.startswith(("W2", "W3"))}
+    low = {k: v for k, v in configs.items() if k in ABLATION_CONFIGS}
 
     def fresh_loader_state():
         train.generator.manual_seed(seed)            # every run sees the same batches in the same order
 
-    def supernet_run(**kw) -> tuple[Supernet, float]:
-        sn = _copy(base)
+    def supernet_run(old_bn: bool = False, **kw) -> tuple[Supernet, float]:
+        if old_bn:                     # the first release: torch.ao's running-variance fold, BN from all subnets
+            gm = copy.deepcopy(base.model)
+            use_running_bn_fold(gm)
+            sn = Supernet(gm, base.space, bn_fold="running")
+        else:
+            sn = _copy(base)
         opt = torch.optim.Adam(sn.model.parameters(), lr=lr)
         fresh_loader_state()
         h = train_supernet(sn, train, opt, cfg["epochs"], scheduler=cosine_scheduler(opt, steps),
@@ -108,7 +133,8 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
                     scheduler=cosine_scheduler(opt, steps), max_steps=cfg["max_steps"])
         out["dedicated_seconds"][name] = h["seconds"]
         out["dedicated"][name] = evaluate(d, c, test, bn)
-    for key, kw in (("no_wdr", dict(wdr=None)), ("no_gpg", dict(wdr=WDRLoss(), gpg=False))):
+    for key, kw in (("no_wdr", dict(wdr=None)), ("no_gpg", dict(wdr=WDRLoss(), gpg=False)),
+                    ("old_bn", dict(wdr=WDRLoss(on="latent"), old_bn=True))):
         sn, out[f"{key}_seconds"] = supernet_run(**kw)
         out[key] = evaluate_configs(sn, low, test, bn)
     return out
@@ -129,9 +155,17 @@ def summarize(runs: list[dict], budget: str, args, machine_line: str | None = No
     models = sorted({r["model"] for r in runs}, key=lambda m: m != "tiny_resnet")
     seeds = sorted({r["seed"] for r in runs})
     names = list(runs[0]["supernet"])
-    lines = [f"Machine: {machine_line or machine()}. Budget `{budget}`: split seeds {seeds} (stratified "
-             f"train/val/test of the 1797 digits at {args.image_size}x{args.image_size}; test = 360 images, so one "
-             "image = 0.28 points), "
+    if BUDGETS[budget]["data"] == "fashion-mnist":
+        r0 = runs[0]
+        data = (f"Fashion-MNIST at {args.image_size}x{args.image_size}: {r0['train_images']} training images "
+                f"(10,000 more held out for validation, chosen by the seed; unused here), test = the official "
+                f"{r0['test_images']} t10k images (one image = {100 / r0['test_images']:.2f} points); compact models "
+                f"with a stride-{BUDGETS[budget]['stem_stride']} stem; BN recalibrated on "
+                f"{BUDGETS[budget]['bn_batches']} fixed training batches per subnet")
+    else:
+        data = (f"stratified train/val/test of the 1797 digits at {args.image_size}x{args.image_size}; test = 360 "
+                "images, so one image = 0.28 points")
+    lines = [f"Machine: {machine_line or machine()}. Budget `{budget}`: split seeds {seeds} ({data}), "
              f"float pretraining {runs[0].get('recipe', BUDGETS[budget])['float_epochs']} epochs (Adam lr "
              f"{args.float_lr}, cosine), QAT {runs[0]['steps']} steps (batch {args.batch_size}, Adam lr {args.lr}, "
              "cosine) for the supernet and for each dedicated run. "
@@ -148,40 +182,58 @@ def summarize(runs: list[dict], budget: str, args, machine_line: str | None = No
             gaps[n] = statistics.fmean(g)
             lines.append(f"| {n} | {_ms([r['supernet'][n] for r in rs])} | {_ms([r['dedicated'][n] for r in rs])} "
                          f"| {gaps[n]:+.2f} |")
-        hi = statistics.fmean(v for k, v in gaps.items() if k.startswith(("W4", "W8")))
-        lo = statistics.fmean(v for k, v in gaps.items() if k.startswith(("W2", "W3")))
         t_a = statistics.fmean(r["supernet_seconds"] for r in rs)
         t_b = statistics.fmean(sum(r["dedicated_seconds"].values()) for r in rs)
-        summary.append((m, hi, lo, t_a, t_b))
-        lines += ["", "| ablation (2-3 bit configs) | " + " | ".join(k for k in rs[0]["no_wdr"]) + " | mean |",
+        summary.append((m, gaps, t_a, t_b))
+        lines += ["", "| ablation (supernet subnets) | " + " | ".join(k for k in rs[0]["no_wdr"]) + " | mean |",
                   "|---|" + "---|" * (len(rs[0]["no_wdr"]) + 1)]
-        for label, key in (("EQ-Net (GPG + WDR)", "supernet"), ("without WDR", "no_wdr"),
-                           ("without GPG (CE per subnet)", "no_gpg")):
+        rows = [("EQ-Net (GPG + WDR, fixed BN fold)", "supernet"), ("without WDR", "no_wdr"),
+                ("without GPG (CE per subnet)", "no_gpg")]
+        if "old_bn" in rs[0]:
+            rows.append(("first-release BN handling (running-variance fold)", "old_bn"))
+        rows.append(("dedicated LSQ QAT (reference)", "dedicated"))
+        for label, key in rows:
             accs = [statistics.fmean(r[key][k] for r in rs) for k in rs[0]["no_wdr"]]
             lines.append(f"| {label} | " + " | ".join(f"{100 * a:.2f}" for a in accs)
                          + f" | {100 * statistics.fmean(accs):.2f} |")
         lines.append("")
-    lines += ["| model | mean gap W4/W8 (target <= 0.3) | mean gap W2/W3 (target <= 1.0) | supernet wall time | "
-              "sum of 12 dedicated runs | ratio (target <= 0.3) |", "|---|---|---|---|---|---|"]
-    for m, hi, lo, t_a, t_b in summary:
-        lines.append(f"| {m} | {hi:+.2f} | {lo:+.2f} | {t_a:.0f} s | {t_b:.0f} s | {t_a / t_b:.2f}x |")
+    lines += ["| model | worst gap W4A4/W8A8 (target <= 0.3) | worst gap W3A3 (target <= 1.0) | worst gap W2A2 "
+              "(target <= 2.0) | supernet wall time | sum of 12 dedicated runs | ratio (target <= 0.3) |",
+              "|---|---|---|---|---|---|---|"]
+    for m, gaps, t_a, t_b in summary:
+        worst = {p: max(v for k, v in gaps.items() if k.startswith(p)) for p in ("W4", "W8", "W3", "W2")}
+        lines.append(f"| {m} | {max(worst['W4'], worst['W8']):+.2f} | {worst['W3']:+.2f} | {worst['W2']:+.2f} | "
+                     f"{t_a:.0f} s | {t_b:.0f} s | {t_a / t_b:.2f}x |")
     return "\n".join(lines)
 
 
 def _recipe(cfg: dict, args) -> dict:
-    return {"float_epochs": cfg["float_epochs"], "epochs": cfg["epochs"], "max_steps": cfg["max_steps"],
+    return {"data": cfg["data"], "float_epochs": cfg["float_epochs"], "epochs": cfg["epochs"],
+            "max_steps": cfg["max_steps"], "float_max_steps": cfg.get("float_max_steps"),
+            "stem_stride": cfg.get("stem_stride", 1),
             "lr": args.lr, "float_lr": args.float_lr, "batch_size": args.batch_size, "image_size": args.image_size}
+
+
+def _results_path(budget: str) -> Path:
+    return RESULTS_DIR / ("bench_supernet_fashion.json" if BUDGETS[budget]["data"] == "fashion-mnist"
+                          else "bench_supernet.json")
+
+
+def _partial_path(recipe: dict) -> Path:
+    return PARTIAL_DIR / f"bench_supernet_{recipe['data']}_partial.json"
 
 
 def _load_partial(recipe: dict) -> dict:
     """Finished (model, seed) runs of an interrupted invocation with the same recipe."""
+    PARTIAL = _partial_path(recipe)
     if not PARTIAL.exists():
         return {}
     done = json.loads(PARTIAL.read_text())
     return {(r["model"], r["seed"]): r for r in done if r.get("recipe") == recipe}
 
 
-def _save_partial(runs: list[dict]) -> None:
+def _save_partial(runs: list[dict], recipe: dict) -> None:
+    PARTIAL = _partial_path(recipe)
     PARTIAL.parent.mkdir(parents=True, exist_ok=True)
     tmp = PARTIAL.with_suffix(".tmp")
     tmp.write_text(json.dumps(runs))
@@ -201,15 +253,18 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="QAT learning rate (paper: Adam 1e-3, cosine)")
     p.add_argument("--float-lr", type=float, default=3e-3, help="float pretraining learning rate")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=None, help="default: 16 for digits, 28 for Fashion-MNIST")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--jobs", type=int, default=1, help="run (model, seed) pairs in this many processes")
-    p.add_argument("--resume", action="store_true", help=f"reuse finished runs saved in {PARTIAL.name}")
+    p.add_argument("--resume", action="store_true", help="reuse finished runs saved in runs/ by an interrupted run")
     p.add_argument("--from-results", action="store_true",
-                   help=f"only rebuild the BENCHMARKS.md section from {RESULTS.name} (no training)")
+                   help="only rebuild the BENCHMARKS.md section from benchmarks/results (no training)")
     p.add_argument("--write", action="store_true", help="record in BENCHMARKS.md (default for --budget full)")
     p.add_argument("--notes", default="", help="markdown appended to the BENCHMARKS.md section")
     args = p.parse_args(argv)
+    if args.image_size is None:
+        args.image_size = 28 if BUDGETS[args.budget]["data"] == "fashion-mnist" else 16
+    RESULTS = _results_path(args.budget)
     if args.from_results:
         saved = json.loads(RESULTS.read_text())
         for k in ("lr", "float_lr", "batch_size", "image_size"):
@@ -235,7 +290,7 @@ def main(argv=None) -> None:
     def finished(r: dict) -> None:
         r["recipe"] = recipe
         runs.append(r)
-        _save_partial(runs)
+        _save_partial(runs, recipe)
         _print_run(r)
 
     if args.jobs > 1:
@@ -257,7 +312,7 @@ def main(argv=None) -> None:
               + (f" ({args.jobs} processes in parallel, 1 thread each)" if args.jobs > 1 else "")
               + (f", {len(done)} of the runs reused from an interrupted invocation (--resume)" if done else "")
               + f"; machine load average (5 min) at the end: {load:.1f} on {os.cpu_count()} cores.")
-    write = args.write or args.budget == "full"
+    write = args.write or args.budget in ("full", "fashion")
     if write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps({"budget": args.budget, "recipe": recipe, "machine": machine(),
@@ -270,7 +325,10 @@ def _report_section(runs: list[dict], budget: str, args, footer: str, write: boo
     text = summarize(runs, budget, args, machine_line) + "\n\n" + footer + "\n"
     print(text)
     if write:
-        update_section("bench_supernet", "## bench_supernet: one supernet vs dedicated QAT (digits)\n\n"
+        fashion = BUDGETS[budget]["data"] == "fashion-mnist"
+        key = "bench_supernet_fashion" if fashion else "bench_supernet"
+        title = "Fashion-MNIST" if fashion else "digits"
+        update_section(key, f"## {key}: one supernet vs dedicated QAT ({title})\n\n"
                        + __doc__.split("\n\n")[1].strip() + "\n\n" + text + ("\n" + args.notes if args.notes else ""))
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +38,38 @@ class UsageError(ValueError):
     """Bad command-line input detected by the CLI itself."""
 
 
+# --- option types: argparse names the option in the error ("argument --epochs: ...") ----------------------------
+def _int_type(lo: int, what: str, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi]; `what` says what is wanted in the error message."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give {what}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range; give {what}")
+        return v
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a positive number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text} is out of range; give a positive number")
+    return v
+
+
+_NONNEG = _int_type(0, "an integer >= 0")
+_POSITIVE = _int_type(1, "a positive integer")
+_AT_LEAST_2 = _int_type(2, "an integer >= 2")
+_BITS = _int_type(2, "bit-widths in 2..8", 8)
+_IMAGE_SIZE = _int_type(4, "an image size >= 4")
+
+
 # --- parser ---------------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, model_defaults: bool) -> None:
     d = (lambda v: v) if model_defaults else (lambda v: None)
@@ -46,15 +79,19 @@ def _common(p: argparse.ArgumentParser, model_defaults: bool) -> None:
                    help="tiny_resnet, tiny_mobilenet_v2, a torchvision model (resnet18, mobilenet_v2, ...) or "
                         "package.module:callable" + show)
     g.add_argument("--data", default=d("digits"),
-                   help="'digits' (embedded) or a folder: ImageFolder tree or CIFAR-10 python batches" + show)
-    g.add_argument("--image-size", type=int, default=None, help="resize images to this size (digits: 16, else 32)")
-    g.add_argument("--batch-size", type=int, default=d(64))
-    g.add_argument("--seed", type=int, default=d(0))
-    g.add_argument("--weight-bits", type=int, nargs="+", default=None, help="elastic weight bit-widths (2..8)")
-    g.add_argument("--act-bits", type=int, nargs="+", default=None, help="elastic activation bit-widths (2..8)")
+                   help="'digits' (embedded); 'fashion-mnist' (Debian's dataset-fashion-mnist files, or "
+                        "$EQNET_DATA) or 'mnist' ($EQNET_DATA), 28x28, optionally with a folder: "
+                        "'fashion-mnist:DIR' / 'mnist:DIR' (default --image-size 28); or a folder: ImageFolder "
+                        "tree or CIFAR-10 python batches" + show)
+    g.add_argument("--image-size", type=_IMAGE_SIZE, default=None,
+                   help="resize images to this size (digits: 16, else 32)")
+    g.add_argument("--batch-size", type=_POSITIVE, default=d(64))
+    g.add_argument("--seed", type=_NONNEG, default=d(0))
+    g.add_argument("--weight-bits", type=_BITS, nargs="+", default=None, help="elastic weight bit-widths (2..8)")
+    g.add_argument("--act-bits", type=_BITS, nargs="+", default=None, help="elastic activation bit-widths (2..8)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    r.add_argument("--threads", type=int, default=None,
+    r.add_argument("--threads", type=_POSITIVE, default=None,
                    help="torch CPU threads (default: torch's choice; 1 for demo)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     r.add_argument("--config", default=None, help="YAML/JSON file with option values (command-line flags win)")
@@ -67,11 +104,12 @@ def _checkpoint(p: argparse.ArgumentParser) -> None:
 
 def _constraints(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("constraints (at least one; default --bitops-fraction 0.3, 0.7 for tensorrt/qnn)")
-    g.add_argument("--max-bitops", type=float, default=None, help="BitOps limit (MACs x w_bits x a_bits)")
-    g.add_argument("--bitops-fraction", type=float, default=None, help="BitOps limit as a fraction of W8A8's")
-    g.add_argument("--max-size-bytes", type=float, default=None, help="model size limit in bytes")
-    g.add_argument("--max-avg-weight-bits", type=float, default=None)
-    g.add_argument("--max-avg-act-bits", type=float, default=None)
+    g.add_argument("--max-bitops", type=_positive_float, default=None, help="BitOps limit (MACs x w_bits x a_bits)")
+    g.add_argument("--bitops-fraction", type=_positive_float, default=None,
+                   help="BitOps limit as a fraction of W8A8's")
+    g.add_argument("--max-size-bytes", type=_positive_float, default=None, help="model size limit in bytes")
+    g.add_argument("--max-avg-weight-bits", type=_positive_float, default=None)
+    g.add_argument("--max-avg-act-bits", type=_positive_float, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,17 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="float pretraining + supernet training", description=_doc("train"))
     _common(p, True)
-    p.add_argument("--float-epochs", type=int, default=10, help="float pretraining epochs (0: start from init)")
-    p.add_argument("--epochs", type=int, default=20, help="supernet epochs")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many supernet steps")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay)")
-    p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--float-epochs", type=_NONNEG, default=10, help="float pretraining epochs (0: start from init)")
+    p.add_argument("--epochs", type=_POSITIVE, default=20,
+                   help="supernet epochs (the cosine schedule spans them; a resumed run must keep them)")
+    p.add_argument("--max-steps", type=_POSITIVE, default=None,
+                   help="stop after this many supernet steps (the cosine schedule then ends there)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (cosine decay)")
+    p.add_argument("--calib-batches", type=_POSITIVE, default=8)
     p.add_argument("--signed-activations", action="store_true",
                    help="for TensorRT: calibrate every activation quantizer on the signed grid (INT8 activations "
                         "with zero point 0, exact export); costs one bit of resolution on post-ReLU tensors. "
                         "Fixed at calibration: a resumed run keeps its checkpoint's grids")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUT/supernet.pt when it exists")
+                   help="continue from OUT/supernet.pt when it exists (with the same model, data, --image-size, "
+                        "--batch-size, --seed, bits, --lr, --epochs and --max-steps: a difference is refused); "
+                        "--no-resume starts over and overwrites it")
     p.add_argument("--out", default="runs/train", help="output folder (default: %(default)s)")
 
     p = sub.add_parser("eval", help="accuracy of uniform subnets or given subnets", description=_doc("eval"))
@@ -115,24 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="brevitas", choices=("brevitas", "tensorrt", "qnn"),
                    help="backend profile: only subnets the target runs (default: %(default)s)")
     _constraints(p)
-    p.add_argument("--records", type=int, default=200, help="measured subnets for the predictor")
+    p.add_argument("--records", type=_AT_LEAST_2, default=200, help="measured subnets for the predictor (>= 2)")
     p.add_argument("--predictor", default=None, help="a fitted CQAP file (cqap.pt): skip measuring records")
-    p.add_argument("--population", type=int, default=100)
-    p.add_argument("--generations", type=int, default=500)
-    p.add_argument("--cqap-epochs", type=int, default=300, help="MLP predictor only (CQAP regressor 'mlp')")
-    p.add_argument("--measure-top", type=int, default=10,
+    p.add_argument("--population", type=_AT_LEAST_2, default=100)
+    p.add_argument("--generations", type=_NONNEG, default=500)
+    p.add_argument("--cqap-epochs", type=_POSITIVE, default=300, help="MLP predictor only (CQAP regressor 'mlp')")
+    p.add_argument("--measure-top", type=_NONNEG, default=10,
                    help="measure this many best-predicted subnets on the validation split and keep the best "
                         "measured (0: keep the best predicted; default: %(default)s)")
-    p.add_argument("--refine-rounds", type=int, default=3,
+    p.add_argument("--refine-rounds", type=_NONNEG, default=3,
                    help="rounds of search -> measure top -> refit the predictor (needs measured records; "
                         "default: %(default)s)")
     p.add_argument("--out", default="runs/search",
-                   help="output folder; records.jsonl there is resumed (delete it after retraining)")
+                   help="output folder; records.jsonl there is resumed when it was measured on this checkpoint's "
+                        "supernet (records of another one are refused: use a new --out or delete the file)")
 
     p = sub.add_parser("export", help="freeze a subnet and export it", description=_doc("export"))
     _checkpoint(p)
     _common(p, False)
-    p.add_argument("--target", required=True, choices=(*TARGETS, "all"))
+    p.add_argument("--target", required=True, choices=(*TARGETS, "all"),
+                   help="all: every target, into OUT/<target>. Every target checks the subnet first; if any "
+                        "refuses it, nothing is written and the error lists each refusal")
     p.add_argument("--subnet", default=None,
                    help="w<W>a<A>[@scheme] or a SubnetConfig / search JSON (default: W8A8 in the target's scheme)")
     p.add_argument("--unsigned-activations", choices=("rescale", "refuse"), default="rescale",
@@ -149,11 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description=_doc("demo"))
     _common(p, True)
     p.add_argument("--budget", default="default", help="default | small | tiny")
-    p.add_argument("--float-epochs", type=int, default=None, help="override the budget's float epochs")
-    p.add_argument("--epochs", type=int, default=None, help="override the budget's supernet epochs")
-    p.add_argument("--max-steps", type=int, default=None, help="cap supernet steps")
-    p.add_argument("--records", type=int, default=None, help="override the budget's measured subnets")
-    p.add_argument("--generations", type=int, default=None, help="override the budget's GA generations")
+    p.add_argument("--float-epochs", type=_NONNEG, default=None, help="override the budget's float epochs")
+    p.add_argument("--epochs", type=_POSITIVE, default=None, help="override the budget's supernet epochs")
+    p.add_argument("--max-steps", type=_POSITIVE, default=None, help="cap supernet steps")
+    p.add_argument("--records", type=_AT_LEAST_2, default=None, help="override the budget's measured subnets")
+    p.add_argument("--generations", type=_NONNEG, default=None, help="override the budget's GA generations")
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     # The demo's models are tiny: on one thread it takes about 2.5 CPU-minutes, and it avoids the many-fold slowdown
@@ -278,20 +323,69 @@ def _device(args) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _check_out(path: str, option: str = "--out", file: bool = False) -> None:
+    """Fail before any work when the output folder `path` (with `file`: the folder of the file `path`) cannot be
+    created or written: a probe file is created and removed in it, or in its nearest existing parent when it does
+    not exist yet (nothing is created there)."""
+    target = Path(path).expanduser().absolute()
+    if file and target.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name (e.g. {os.path.join(path, 'eval.json')})")
+    folder = target.parent if file else target
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise UsageError(f"{option} {path}: cannot create the output folder {folder}, because {probe_dir} is a file; "
+                         f"choose another {option}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".eqnet-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = "write in the output folder" if probe_dir == folder else f"create the output folder {folder} in"
+        raise UsageError(f"{option} {path}: cannot {what} {probe_dir} ({e.strerror or type(e).__name__}); choose a "
+                         f"writable {option} or fix the folder's permissions") from None
+
+
 def _load(args):
-    """The experiment of --checkpoint; model/data flags given explicitly override the stored run spec."""
+    """The experiment of --checkpoint; model/data flags given explicitly override the stored run spec (not
+    --image-size: the supernet was trained at one size)."""
     from dataclasses import replace
-    from .pipeline import load_experiment, read_run_spec
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist; write one with `eqnet train` or "
+    from .pipeline import RunSpec, load_experiment
+    from .space import ElasticSpace
+    from .train import read_checkpoint
+    path = args.checkpoint
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist; write one with `eqnet train` or "
                                 "`eqnet demo`")
-    spec, _ = read_run_spec(args.checkpoint)
+    ckpt = read_checkpoint(path, "cpu")
+    extra = ckpt.get("extra") or {}
+    info: dict = {}
+    if "run" in extra:
+        spec, info = RunSpec.from_dict(extra["run"]), dict(extra.get("info") or {})
+        size = spec.resolved_image_size()
+        if args.image_size is not None and args.image_size != size:
+            raise UsageError(f"--image-size {args.image_size}: {path} was trained on {size}x{size} images and "
+                             f"evaluates correctly only at that size; omit --image-size (or give {size})")
+    elif args.model is None or args.data is None:
+        raise UsageError(f"{path} holds no run description (written by save_checkpoint directly, or by an "
+                         "interrupted `eqnet train` of an earlier release); pass --model and --data (and "
+                         "--image-size, --batch-size, --seed as it was trained) to rebuild its model")
+    else:
+        spec = RunSpec(model=args.model, data=args.data, space=ElasticSpace.from_dict(ckpt["space"]))
+    train = extra.get("train") or {}
+    if train.get("schedule_steps") and int(ckpt.get("step", 0)) < int(train["schedule_steps"]):
+        print(f"note: {path} is from an unfinished run (step {ckpt['step']} of {train['schedule_steps']}); "
+              "`eqnet train` with the same options resumes it")
+    del ckpt
     over = {k: getattr(args, k) for k in ("model", "data", "image_size", "batch_size", "seed")
             if getattr(args, k) is not None}
     if args.weight_bits or args.act_bits:
         over["space"] = _space(args, spec.space)
     spec = replace(spec, **over)
-    return load_experiment(args.checkpoint, spec=spec, device=_device(args))
+    exp = load_experiment(path, spec=spec, device=_device(args))
+    exp.info.update(info)
+    return exp
 
 
 def _print_table(rows, headers, title: str | None = None) -> None:
@@ -301,17 +395,61 @@ def _print_table(rows, headers, title: str | None = None) -> None:
     print(format_table(rows, headers))
 
 
+_FLAGS = {"model": "--model", "data": "--data", "image_size": "--image-size", "batch_size": "--batch-size",
+          "seed": "--seed", "weight_bits": "--weight-bits", "act_bits": "--act-bits", "lr": "--lr",
+          "epochs": "--epochs", "max_steps": "--max-steps"}
+
+
+def _setting(name: str, value) -> str:
+    """A run setting as the command line spells it (for resume errors)."""
+    if name == "schedule_steps":
+        return f"a cosine schedule of {value} steps"
+    if name == "max_steps" and value is None:
+        return "no --max-steps"
+    if name not in _FLAGS:
+        return f"{name} {value}"
+    if isinstance(value, (list, tuple)):
+        value = " ".join(map(str, value))
+    return f"{_FLAGS[name]} {value:g}" if isinstance(value, float) else f"{_FLAGS[name]} {value}"
+
+
+def _check_resume(args, spec, ckpt: Path, steps_per_epoch: int | None = None) -> bool:
+    """Refuse to resume `ckpt` with settings other than its run's (see `resume_conflicts`). Returns whether the
+    length of its cosine schedule could be compared (checkpoints of earlier releases need `steps_per_epoch`)."""
+    from .pipeline import resume_conflicts, resume_error
+    from .train import CheckpointError, read_checkpoint
+    try:
+        stored = read_checkpoint(ckpt, "cpu")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. To start over instead of resuming it: --no-resume (overwrites it) or a new "
+                              "--out") from None
+    conflicts, finished = resume_conflicts(stored, spec, epochs=args.epochs, lr=args.lr, max_steps=args.max_steps,
+                                           steps_per_epoch=steps_per_epoch)
+    info = (stored.get("extra") or {}).get("info") or {}
+    if args.signed_activations and info.get("signed_activations") is False:
+        raise UsageError(f"{ckpt} was calibrated without --signed-activations and resuming keeps its activation "
+                         "grids; use a new --out or --no-resume to start over with them")
+    if conflicts:
+        raise UsageError(resume_error(ckpt, conflicts, finished, _setting,
+                                      "a new --out, or --no-resume to overwrite it"))
+    return "train" in (stored.get("extra") or {}) or steps_per_epoch is not None
+
+
 def cmd_train(args) -> int:
     from .pipeline import activations_signed, build_experiment, read_run_spec, train_experiment, uniform_config
     from .train import evaluate, load_checkpoint
+    _check_out(args.out)
     spec = _spec(args)
     ckpt = Path(args.out) / "supernet.pt"
     resuming = args.resume and ckpt.exists()
+    checked = _check_resume(args, spec, ckpt) if resuming else True      # before any work
     t0 = time.perf_counter()
     exp = build_experiment(spec, device=_device(args), float_epochs=0 if resuming else args.float_epochs,
                            calibrate=not resuming, calib_batches=args.calib_batches,
                            signed_activations=args.signed_activations, progress=args.progress)
     if resuming:
+        if not checked:                     # a checkpoint without its training settings: compare the schedule now
+            _check_resume(args, spec, ckpt, steps_per_epoch=len(exp.train_loader))
         print(f"resuming from {ckpt}")
         if args.signed_activations:         # the grids were fixed when the checkpoint's run calibrated
             load_checkpoint(ckpt, exp.supernet, restore_rng=False)
@@ -351,6 +489,9 @@ def cmd_eval(args) -> int:
     bad = [s for s in args.schemes if s not in SCHEMES]
     if bad:
         raise UsageError(f"unknown schemes {bad}; choose from {', '.join(SCHEMES)}")
+    bits = _parse_bits(args.bits)
+    if args.out:
+        _check_out(args.out, file=True)
     exp = _load(args)
     loader = exp.test_loader if args.split == "test" else exp.val_loader
     results: dict = {}
@@ -365,7 +506,7 @@ def cmd_eval(args) -> int:
             rows.append([s, acc, f"{c.bitops:.4g}", f"{c.size_bytes:.0f}", c.avg_weight_bits, c.avg_act_bits])
         _print_table(rows, ["subnet", f"accuracy ({args.split})", "BitOps", "size (B)", "avg W bits", "avg A bits"])
     else:
-        table = uniform_table(exp, _parse_bits(args.bits), args.schemes, split=args.split, progress=args.progress)
+        table = uniform_table(exp, bits, args.schemes, split=args.split, progress=args.progress)
         results = table
         _print_table([[k, *v.values()] for k, v in table.items()], ["bits", *args.schemes],
                      f"accuracy of uniform subnets ({args.split} split)")
@@ -387,8 +528,9 @@ def cmd_search(args) -> int:
     from .pipeline import search_experiment
     from .search import CQAP
     cons, frac = _constraint_args(args)
-    exp = _load(args)
+    _check_out(args.out)
     predictor = CQAP.load(args.predictor) if args.predictor else None
+    exp = _load(args)
     o = search_experiment(exp, args.out, profile=args.profile, constraints=cons, bitops_fraction=frac,
                           records=args.records, predictor=predictor, population=args.population,
                           generations=args.generations, cqap_epochs=args.cqap_epochs, seed=exp.spec.seed,
@@ -413,22 +555,36 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .pipeline import (TARGET_SCHEMES, TARGETS, export_subnet, freeze_subnet, onnx_agreement, parse_subnet,
-                           uniform_config)
+    from .pipeline import (TARGET_SCHEMES, TARGETS, export_problems, export_subnet, freeze_subnet, onnx_agreement,
+                           parse_subnet, uniform_config)
+    _check_out(args.out)
     exp = _load(args)
     sn = exp.supernet
     targets = TARGETS if args.target == "all" else (args.target,)
-    rows = []
-    for t in targets:
-        cfg = parse_subnet(args.subnet, sn) if args.subnet else \
+    given = parse_subnet(args.subnet, sn) if args.subnet else None
+    plan, refusals, frozen_of = [], [], {}
+    for t in targets:                       # check every target before anything is written
+        cfg = given if given is not None else \
             uniform_config(sn, max(sn.space.weight_bits), max(sn.space.act_bits), TARGET_SCHEMES[t])
-        frozen = freeze_subnet(exp, cfg)
-        try:
-            files = export_subnet(exp, cfg, t, Path(args.out) / t if len(targets) > 1 else args.out,
-                                  unsigned_activations=args.unsigned_activations,
-                                  encoding_version=args.encoding_version, frozen=frozen)
-        except ValueError as e:
-            raise ValueError(f"target {t} cannot run this subnet: {e}") from None
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if key not in frozen_of:
+            frozen_of[key] = freeze_subnet(exp, cfg)
+        frozen = frozen_of[key]
+        problems = export_problems(frozen, t, unsigned_activations=args.unsigned_activations,
+                                   encoding_version=args.encoding_version)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            refusals.append(f"target {t} cannot run this subnet: {problems[0]}{more}")
+        plan.append((t, cfg, frozen))
+    if refusals:
+        raise UsageError(("nothing written: " if len(targets) > 1 else "") + "; ".join(refusals) +
+                         ("; choose a subnet every target runs, or export the others one --target at a time"
+                          if len(targets) > 1 else ""))
+    rows = []
+    for t, cfg, frozen in plan:
+        files = export_subnet(exp, cfg, t, Path(args.out) / t if len(targets) > 1 else args.out,
+                              unsigned_activations=args.unsigned_activations,
+                              encoding_version=args.encoding_version, frozen=frozen)
         for kind, path in files.items():
             check = "-"
             if args.check and kind in ("onnx", "qcdq") and t != "qnn":
@@ -446,6 +602,7 @@ def cmd_demo(args) -> int:
     over = {k: getattr(args, k) for k in ("float_epochs", "epochs", "max_steps", "records", "generations")
             if getattr(args, k) is not None}
     budget = replace(BUDGETS[args.budget], **over)
+    _check_out(args.out)
     s = run_demo(args.out, budget=budget, spec=_spec(args), targets=tuple(args.targets), device=_device(args),
                  progress=args.progress)
     rows = [[k, f"{v:.1f}"] for k, v in s["seconds"].items()]

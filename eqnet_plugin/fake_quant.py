@@ -31,9 +31,10 @@ from .space import ElasticSpace
 
 __all__ = ["ElasticFakeQuantize"]
 
-_SAMPLES_PER_BATCH = 8192       # activation values kept from each calibration batch
-_SAMPLE_CAPACITY = 16384        # activation values kept in all (strided subsample beyond that)
+_SAMPLES_PER_BATCH = 8192       # activation values kept from each calibration batch (random, seeded)
+_SAMPLE_CAPACITY = 16384        # activation values kept in all (random subsample beyond that)
 _WEIGHT_SAMPLES_PER_CHANNEL = 512
+_CALIB_SEED = 20230816          # seeds the activation subsampling: calibration is deterministic
 
 
 def _tag(symmetric: bool, per_channel: bool) -> str:
@@ -46,9 +47,21 @@ def _cell(kind: str, tag: str, bits: int) -> str:
 
 
 def _strided(t: torch.Tensor, n: int) -> torch.Tensor:
-    """At most about `n` values of the last dimension of `t`, evenly strided (deterministic, no RNG)."""
+    """At most about `n` values of the last dimension of `t`, evenly strided (deterministic, no RNG). Used for
+    weights only: an activation's flattened (N, C, H, W) layout aliases with a stride (a stride that is a multiple
+    of the feature-map width sees one image column), so activations are sampled at random (`_random_subset`)."""
     step = max(1, -(-t.shape[-1] // n))
     return t[..., ::step]
+
+
+def _random_subset(flat: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """At most `n` values of the 1-D tensor `flat`, drawn uniformly at random (with replacement) from a CPU
+    generator seeded with `seed`, so the sample is the same on every device and run."""
+    if flat.numel() <= n:
+        return flat
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(flat.numel(), (n,), generator=g)
+    return flat[idx.to(flat.device)]
 
 
 class ElasticFakeQuantize(FakeQuantizeBase):
@@ -241,7 +254,9 @@ class ElasticFakeQuantize(FakeQuantizeBase):
     def _calib_reset(self) -> None:
         self._calib_samples: list[torch.Tensor] = []
         self._calib_count = 0
+        self._calib_total = 0
         self._calib_min: torch.Tensor | None = None
+        self._calib_max: torch.Tensor | None = None
         self._weight_seen: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -249,11 +264,15 @@ class ElasticFakeQuantize(FakeQuantizeBase):
         if self.is_weight:
             self._weight_seen = x.detach()
             return
-        flat = x.detach().reshape(1, -1).float()
-        mn = flat.min()
+        flat = x.detach().reshape(-1).float()
+        if flat.numel() == 0:
+            return
+        mn, mx = flat.min(), flat.max()                      # exact extremes (device tensors, no host sync)
         self._calib_min = mn if self._calib_min is None else torch.minimum(self._calib_min, mn)
-        self._calib_samples.append(_strided(flat, _SAMPLES_PER_BATCH)[0])
+        self._calib_max = mx if self._calib_max is None else torch.maximum(self._calib_max, mx)
+        self._calib_samples.append(_random_subset(flat, _SAMPLES_PER_BATCH, _CALIB_SEED + self._calib_count))
         self._calib_count += 1
+        self._calib_total += flat.numel()
 
     @torch.no_grad()
     def finish_calibration(self, all_gather=None, signed: bool | None = None) -> None:
@@ -284,10 +303,19 @@ class ElasticFakeQuantize(FakeQuantizeBase):
             if not self._calib_samples:
                 raise RuntimeError("calibration saw no activation: this quantizer was never reached by the "
                                    "calibration batches (check the batches reach every branch of the model)")
-            sample = _strided(torch.cat(self._calib_samples)[None], _SAMPLE_CAPACITY)[0]
-            if all_gather is not None:
+            seen = torch.cat(self._calib_samples)
+            sample = _random_subset(seen, _SAMPLE_CAPACITY, _CALIB_SEED - 1)
+            extremes = torch.stack([self._calib_min, self._calib_max])
+            if self._calib_total > sample.numel():
+                # A subsample: the exact extremes join it, so the range searched is that of all the data (rare
+                # values off the sample, e.g. a few negatives, are not clipped away).
+                sample = torch.cat([sample, extremes])
+            if all_gather is not None:                       # every rank: the same sample and the global extremes
                 sample = all_gather(sample)
-            self._init_act_cells(sample, signed)
+                extremes = all_gather(extremes).reshape(-1, 2)
+                extremes = torch.stack([extremes[:, 0].min(), extremes[:, 1].max()])
+            # The sign is decided by the exact minimum over all the data (and ranks), not by the subsample.
+            self._init_act_cells(sample, signed, negative=bool(torch.minimum(extremes[0], sample.min()) < 0))
         self._calib_reset()
 
     def _init_weight_cells(self, w: torch.Tensor) -> None:
@@ -305,8 +333,9 @@ class ElasticFakeQuantize(FakeQuantizeBase):
                     if not sym:
                         getattr(self, _cell("zero_point", tag, b)).copy_(z)
 
-    def _init_act_cells(self, x: torch.Tensor, signed: bool | None = None) -> None:
-        negative = bool(x.numel()) and bool(x.min() < 0)
+    def _init_act_cells(self, x: torch.Tensor, signed: bool | None = None, negative: bool | None = None) -> None:
+        if negative is None:
+            negative = bool(x.numel()) and bool(x.min() < 0)
         if signed is False and negative:
             raise ValueError("signed=False: this activation has negative values, which the unsigned grid cannot "
                              "hold; pass signed=None (from the data) or True")

@@ -1,11 +1,16 @@
-"""Freeze one subnet into the neutral export IR that every adapter reads (DESIGN section 7).
+"""Freeze one subnet into the neutral export IR that every adapter reads.
 
 `freeze(supernet, cfg)` returns a `FrozenSubnet`: a float `torch.fx.GraphModule` with BatchNorm folded into the
-weights (using the subnet's own BN statistics) in which every quantized tensor passes through a `QuantPoint`
+weights in which every quantized tensor passes through a `QuantPoint`
 carrying its `QParams` (scale, zero point, integer range, bits, axis, symmetry, signedness). Weighted layers become
 `QuantConv{1,2,3}d` / `QuantLinear`: plain torch layers whose weight passes through their own `QuantPoint`.
 Its forward pass reproduces the supernet's eval output under `activate(cfg)`; adapters swap the QuantPoints (and
 layers) for their framework's modules or for ONNX Q/DQ nodes.
+
+BatchNorm (see `eqnet_plugin.bn_fold`): a Conv-BN layer's integer weights are the ones its cell was trained on
+(the fixed fold), and the subnet's BN statistics become per-channel weight scales and the bias. So a Conv-BN layer
+whose cell is per-tensor exports per-channel scales over per-tensor integer codes, unless its BN ratio is the same
+for every channel (as right after `Supernet(...)`, before BN statistics move).
 
 QParams grids are the natural ones for export: weights on the signed grid; activations on the unsigned grid,
 except symmetric activations of signed data, which use the signed grid with zero point 0 (the training module
@@ -20,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bn_fold import fold_to_export, fold_weight
 from .fake_quant import ElasticFakeQuantize
 from .primitives import int_range
 from .space import SubnetConfig
@@ -200,26 +206,16 @@ class FrozenSubnet(nn.Module):
         return any(lay.weight_group == group for lay in self.layers)
 
 
-def _fold(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float weight and bias of a QAT module with its BatchNorm folded in, computed exactly as the QAT module
-    computes the tensor its weight quantizer sees (weight * gamma / sqrt(running_var + eps))."""
-    w = mod.weight.detach()
-    b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
-    bn = getattr(mod, "bn", None)
-    if bn is None:
-        return w.clone(), None if b is None else b.clone()
-    running_std = torch.sqrt(bn.running_var + bn.eps)
-    scale_factor = bn.weight.detach() / running_std
-    shape = [1] * w.dim()
-    shape[0] = -1
-    w = w * scale_factor.reshape(shape)
-    b0 = b if b is not None else torch.zeros_like(bn.running_mean)
-    bias = (b0 - bn.running_mean) * scale_factor + bn.bias.detach()
-    return w, bias
-
-
-def _float_layer(mod: nn.Module, qp: QuantPoint) -> nn.Module:
-    w, b = _fold(mod)
+def _float_layer(mod: nn.Module, qp: QParams) -> tuple[nn.Module, QParams]:
+    """The QuantConv/QuantLinear of a QAT layer, BatchNorm folded in (`bn_fold.fold_to_export`), and the QParams
+    of its weight. Conv-BN layers store the trained integer weights dequantized on the export grid."""
+    w = fold_weight(mod)
+    scale, zp, b, pc = fold_to_export(mod, qp.scale, qp.zero_point, qp.per_channel)
+    if getattr(mod, "bn", None) is not None:
+        codes = qp.quantize(w)
+        qp = QParams(scale.detach().float().cpu(), zp.detach().to(torch.int32).cpu(), qp.qmin, qp.qmax, qp.bits,
+                     0 if pc else None, qp.symmetric)
+        w = qp.dequantize(codes.to(w.device)).to(w.dtype)
     if isinstance(mod, nn.Linear):
         new = QuantLinear(mod.in_features, mod.out_features, bias=b is not None)
     else:
@@ -232,22 +228,30 @@ def _float_layer(mod: nn.Module, qp: QuantPoint) -> nn.Module:
         new.weight.copy_(w)
         if b is not None:
             new.bias.copy_(b)
-    new.weight_quant = qp
-    return new
+    return new, qp
 
 
 @torch.no_grad()
-def freeze(supernet, cfg: SubnetConfig | None = None) -> FrozenSubnet:
+def freeze(supernet, cfg: SubnetConfig | None = None, bn_batches=None) -> FrozenSubnet:
     """Freeze subnet `cfg` (default: the active one) of `supernet` into a `FrozenSubnet`.
+
+    Args:
+        bn_batches: training batches to re-estimate the subnet's BatchNorm statistics on first. Needed once the
+            supernet has been trained, unless the statistics were estimated already (`evaluate`,
+            `Supernet.recalibrate_bn` under ``activate(cfg)``): a trained supernet holds the widest subnet's.
 
     The supernet is left unchanged. The frozen model is in eval mode; its output equals the supernet's eval output
     under ``activate(cfg)`` up to float rounding of the BN fold (measured in the adapter tests).
 
     Raises:
         ValueError: `cfg` does not fit the supernet (from `Supernet.validate`).
+        BatchNormStatsError: the subnet's BatchNorm statistics are not known (pass `bn_batches`).
     """
     cfg = cfg if cfg is not None else supernet.current_config()
     with supernet.activate(cfg):
+        if bn_batches is not None:
+            supernet.recalibrate_bn(bn_batches)
+        supernet.require_bn_stats(cfg, "freeze")
         qparams = {g: QParams.from_fake_quant(fq) for g, fq in supernet.groups.items()}
         gm = copy.deepcopy(supernet.model)
     gm.eval()
@@ -259,7 +263,8 @@ def freeze(supernet, cfg: SubnetConfig | None = None) -> FrozenSubnet:
     for lay in supernet.layers:
         mod = gm.get_submodule(lay.name)
         relu = "ReLU" in type(mod).__name__
-        new = _float_layer(mod, points[lay.weight])
+        new, qparams[lay.weight] = _float_layer(mod, qparams[lay.weight])
+        points[lay.weight] = new.weight_quant = QuantPoint(lay.weight, qparams[lay.weight])
         set_submodule(gm, lay.name, nn.Sequential(new, nn.ReLU()) if relu else new)
         layers.append(FrozenLayer(lay.name, type(new).__name__, lay.weight, lay.input, relu))
     for name, m in src_modules.items():

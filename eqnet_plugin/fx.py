@@ -31,6 +31,7 @@ from torch.ao.quantization.backend_config import (BackendConfig, BackendPatternC
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase, FusedMovingAvgObsFakeQuantize
 from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx, prepare_qat_fx
 
+from .bn_fold import fold_to_export, fold_weight, torch_classes
 from .fake_quant import ElasticFakeQuantize
 from .space import ElasticSpace
 
@@ -206,42 +207,57 @@ def prepare_qat(model: nn.Module, example_inputs: tuple, space: ElasticSpace | N
 
 
 def convert_reference(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Decomposed reference conversion (keeps sub-8-bit ranges). Converts a deep copy; observers are disabled.
+    """Decomposed reference conversion (keeps sub-8-bit ranges) of the active subnet. Converts a deep copy;
+    observers are disabled.
 
-    torch.ao folds BatchNorm into the converted conv weights as ``w * (gamma * rsqrt(var + eps))``, while the QAT
-    Conv-BN modules fake-quantize ``w * (gamma / sqrt(var + eps))``; the two differ in the last bit for some
-    channels, and a weight that sits within one ulp of a rounding boundary then lands on another integer (about one
-    weight in a million once BN statistics have moved away from their initial values). The converted weights are
-    therefore replaced by the exact values the QAT forward quantizes, so the reference integer weights are the
-    trained ones.
+    torch.ao folds BatchNorm into the converted conv weights with the running variance and re-quantizes them,
+    while the supernet's Conv-BN modules quantize a weight folded with a fixed statistic (`eqnet_plugin.bn_fold`).
+    So every converted Conv-BN weight is replaced by the trained integer weights on the export grid of
+    `bn_fold.fold_to_export` (per-channel scales ``s * r``), with torch.ao's reference weight qparams set to match:
+    the reference integer weights are the trained ones, and the model computes the supernet's eval output.
     """
     gm = copy.deepcopy(gm)
     for m in gm.modules():
         if isinstance(m, FakeQuantizeBase):
             m.disable_observer()
     gm.eval()
-    qat_weights = {name: _qat_folded_weight(m) for name, m in gm.named_modules() if isinstance(m, _ConvBnNd)}
-    with warnings.catch_warnings():
+    exported = {name: _export_weight(m) for name, m in gm.named_modules() if isinstance(m, _ConvBnNd)}
+    with warnings.catch_warnings(), torch_classes(gm):
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         ref = _convert_to_reference_decomposed_fx(gm)
-    for name, w in qat_weights.items():
+    for name, (w, scale, zp, per_channel) in exported.items():
         conv = ref.get_submodule(name)
         conv = conv[0] if isinstance(conv, nni._FusedModule) else conv                  # ConvReLU: (conv, relu)
-        if getattr(conv, "weight", None) is None or conv.weight.shape != w.shape:
+        if getattr(conv, "weight", None) is None or conv.weight.shape != w.shape \
+                or not hasattr(conv, "weight_scale"):
             raise RuntimeError(f"reference conversion changed layer {name!r} unexpectedly ({type(conv).__name__}); "
                                "please report this with the torch version")
         with torch.no_grad():
             conv.weight.copy_(w)
+        dev = conv.weight.device
+        conv.weight_scale = scale.to(dev)
+        conv.weight_zero_point = zp.to(dev)
+        if per_channel:
+            conv.weight_qscheme = torch.per_channel_affine
+            conv.weight_axis = torch.tensor(0, dtype=torch.int, device=dev)
+            conv.weight_axis_int = 0
     return ref
 
 
 @torch.no_grad()
-def _qat_folded_weight(m: "_ConvBnNd") -> torch.Tensor:
-    """The weight a QAT Conv-BN module feeds its weight fake-quant, computed exactly as torch.ao's forward does."""
-    bn = m.bn
-    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-    scale_factor = gamma / torch.sqrt(bn.running_var + bn.eps)
-    return (m.weight * scale_factor.reshape([-1] + [1] * (m.weight.dim() - 1))).detach().clone()
+def _export_weight(m: "_ConvBnNd") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(weight on the export grid, scale, zero point, per_channel) of a QAT Conv-BN module's active cell."""
+    fq = m.weight_fake_quant
+    w = fold_weight(m)
+    scale, zp = fq.calculate_qparams()
+    _, _, per_channel = fq.cell
+    qmin, qmax = fq.quant_min, fq.quant_max
+    shape = [-1] + [1] * (w.dim() - 1)
+    s0, z0 = scale.reshape(shape) if per_channel else scale, zp.reshape(shape) if per_channel else zp
+    codes = torch.clamp(torch.round(w * (1.0 / s0)) + z0, qmin, qmax)
+    scale, zp, _, per_channel = fold_to_export(m, scale, zp, per_channel)
+    s1, z1 = (scale.reshape(shape), zp.reshape(shape)) if per_channel else (scale, zp)
+    return ((codes - z1) * s1).detach().clone(), scale.detach().clone(), zp.to(torch.int32).clone(), per_channel
 
 
 def unprepared_layers(gm: torch.fx.GraphModule) -> list[str]:

@@ -1,4 +1,4 @@
-"""EQ-Net training losses (paper section 3.4, DESIGN 5b): Weight Distribution Regularization and Group Progressive
+"""EQ-Net training losses (paper section 3.4): Weight Distribution Regularization and Group Progressive
 Guidance.
 
 * WDR pulls every layer's latent float weights towards a symmetric, flat (uniform-like) distribution, which every
@@ -69,9 +69,12 @@ class WDRLoss(nn.Module):
         kurt_weight: coefficient of (Kurt - target)^2 (paper/official code: 0.015).
         target_kurtosis: 1.8, the kurtosis of a uniform distribution.
         exclude_first: leave out the first weighted layer (it stays at 8 bits), as the paper does.
+        on: "quantized" (default): the tensor each layer's weight quantizer sees (for Conv-BN layers the weight
+            with BatchNorm folded in, ``w * gamma / sqrt(fold_var + eps)``; the official code, which does not
+            fold, regularizes the quantized tensor too); "latent": the conv weight before folding (the first
+            release's choice, kept for ablations).
 
-    `forward(supernet)` reads the latent float weight (``module.weight``; for fused Conv-BN QAT modules the conv
-    weight before BN folding) of every layer in `supernet.layers` and returns the scalar penalty.
+    `forward(supernet)` reads the weight of every layer in `supernet.layers` and returns the scalar penalty.
 
     Example:
         >>> wdr = WDRLoss()
@@ -79,8 +82,12 @@ class WDRLoss(nn.Module):
     """
 
     def __init__(self, skew_weight: float = 1.0, kurt_weight: float = 0.015,
-                 target_kurtosis: float = UNIFORM_KURTOSIS, exclude_first: bool = True) -> None:
+                 target_kurtosis: float = UNIFORM_KURTOSIS, exclude_first: bool = True, on: str = "quantized"
+                 ) -> None:
         super().__init__()
+        if on not in ("quantized", "latent"):
+            raise ValueError(f"on={on!r}: use 'quantized' (the tensor the weight quantizer sees) or 'latent'")
+        self.on = on
         for name, v in (("skew_weight", skew_weight), ("kurt_weight", kurt_weight)):
             if not v >= 0:
                 raise ValueError(f"{name}={v!r} must be >= 0")
@@ -88,18 +95,20 @@ class WDRLoss(nn.Module):
         self.target_kurtosis, self.exclude_first = float(target_kurtosis), bool(exclude_first)
 
     def layer_weights(self, supernet) -> list[torch.Tensor]:
-        """The latent weights the penalty is computed on, in layer order."""
+        """The weights the penalty is computed on, in layer order."""
+        from .bn_fold import quantized_weight
         layers = list(supernet.layers)
         if self.exclude_first:
             layers = layers[1:]
-        return [supernet.model.get_submodule(lay.name).weight for lay in layers]
+        mods = [supernet.model.get_submodule(lay.name) for lay in layers]
+        return [quantized_weight(m) if self.on == "quantized" else m.weight for m in mods]
 
     def forward(self, supernet) -> torch.Tensor:
         return wdr_penalty(self.layer_weights(supernet), self.skew_weight, self.kurt_weight, self.target_kurtosis)
 
     def extra_repr(self) -> str:
         return (f"skew_weight={self.skew_weight}, kurt_weight={self.kurt_weight}, "
-                f"target_kurtosis={self.target_kurtosis}, exclude_first={self.exclude_first}")
+                f"target_kurtosis={self.target_kurtosis}, exclude_first={self.exclude_first}, on={self.on!r}")
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -117,7 +126,7 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
 def gpg_losses(logits_h: torch.Tensor, logits_r: torch.Tensor, logits_l: torch.Tensor, targets: torch.Tensor,
                lam: float = 0.5, temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """Group Progressive Guidance losses of one sandwich (DESIGN 5b).
+    """Group Progressive Guidance losses of one sandwich.
 
     ``h = CE(Y_H, y)``; ``r = lam * KL(Y_R || sg Y_H) + (1 - lam) * CE(Y_R, y)``;
     ``l = lam * KL(Y_L || sg Y_R) + (1 - lam) * CE(Y_L, y)`` (KL as in `distill_kl`).
@@ -136,13 +145,14 @@ def gpg_losses(logits_h: torch.Tensor, logits_r: torch.Tensor, logits_l: torch.T
 
 
 def gpg_term(logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor, lam: float = 0.5,
-             temperature: float = 1.0) -> torch.Tensor:
+             temperature: float = 1.0, criterion=None) -> torch.Tensor:
     """One link of the GPG chain: ``CE(logits, y)`` without a teacher, else
     ``lam * KL(logits || sg teacher) + (1 - lam) * CE(logits, y)``. `sandwich_step` calls it per subnet so that
-    each subnet's graph is freed by its own backward pass."""
+    each subnet's graph is freed by its own backward pass. `criterion(logits, targets)` replaces the
+    cross-entropy when given."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam={lam!r} must be in [0, 1] (the paper uses 0.5)")
-    ce = F.cross_entropy(logits, targets)
+    ce = (criterion or F.cross_entropy)(logits, targets)
     if teacher_logits is None:
         return ce
     return lam * distill_kl(logits, teacher_logits, temperature) + (1.0 - lam) * ce

@@ -30,11 +30,14 @@ class _Block(nn.Module):
 
 
 class TinyResNet(nn.Module):
-    """ResNet-style CNN: stem conv, `len(widths)` stages of one residual block each, global pool, linear head."""
+    """ResNet-style CNN: stem conv, `len(widths)` stages of one residual block each, global pool, linear head.
+    `stem_stride` 2 halves the feature maps at the stem (28x28 Fashion-MNIST: 4x less compute)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64)) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64),
+                 stem_stride: int = 1) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]),
                                   nn.ReLU())
         blocks, cin = [], widths[0]
         for i, w in enumerate(widths):
@@ -64,13 +67,15 @@ class _InvertedResidual(nn.Module):
 
 
 class TinyMobileNetV2(nn.Module):
-    """MobileNetV2-style CNN: inverted residual blocks with depthwise convs and ReLU6."""
+    """MobileNetV2-style CNN: inverted residual blocks with depthwise convs and ReLU6 (`stem_stride` as for
+    `TinyResNet`)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1,
                  settings: tuple[tuple[int, int, int], ...] = ((16, 1, 1), (24, 2, 4), (24, 1, 4), (32, 2, 4)),
-                 stem: int = 16) -> None:
+                 stem: int = 16, stem_stride: int = 1) -> None:
         super().__init__()
-        layers = [nn.Sequential(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6())]
+        layers = [nn.Sequential(nn.Conv2d(in_channels, stem, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(stem),
+                                nn.ReLU6())]
         cin = stem
         for cout, stride, expand in settings:
             layers.append(_InvertedResidual(cin, cout, stride, expand))
@@ -83,11 +88,11 @@ class TinyMobileNetV2(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-def build_model(name: str, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, in_channels: int = 1, stem_stride: int = 1) -> nn.Module:
     """A compact model by name: ``"tiny_resnet"`` or ``"tiny_mobilenet_v2"``."""
     if name == "tiny_resnet":
-        return TinyResNet(num_classes, in_channels)
+        return TinyResNet(num_classes, in_channels, stem_stride=stem_stride)
     if name == "tiny_mobilenet_v2":
-        return TinyMobileNetV2(num_classes, in_channels)
+        return TinyMobileNetV2(num_classes, in_channels, stem_stride=stem_stride)
     raise ValueError(f"unknown compact model {name!r}; choose 'tiny_resnet' or 'tiny_mobilenet_v2' "
                      "(torchvision models are available through the CLI by name)")

@@ -9,9 +9,10 @@
     export_subnet(exp, out.best.config, "tensorrt", "runs/x/exports/tensorrt")
 
 Models: ``tiny_resnet`` / ``tiny_mobilenet_v2`` (`eqnet_plugin.models`), any torchvision classification model by
-name (``resnet18``, ``mobilenet_v2``, ...), or ``package.module:callable``. Data: ``digits`` (embedded), a local
-ImageFolder tree or a CIFAR-10 python batches folder. Bad input raises ValueError / FileNotFoundError with a
-message that names the fix (the command line prints it as one line).
+name (``resnet18``, ``mobilenet_v2``, ...), or ``package.module:callable``. Data: ``digits`` (embedded),
+``fashion-mnist`` / ``mnist`` (IDX files; ``fashion-mnist:<folder>``), a local ImageFolder tree or a CIFAR-10
+python batches folder. Bad input raises ValueError / FileNotFoundError with a message that names the fix (the
+command line prints it as one line).
 """
 from __future__ import annotations
 
@@ -30,23 +31,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .data import DataSplits, cifar10_splits, digits_splits, image_folder_splits, make_loaders
+from .data import (DataSplits, cifar10_splits, digits_splits, fashion_mnist_splits, image_folder_splits,
+                   make_loaders, mnist_splits)
 from .fx import elastic_backend_config, prepare_qat
 from .losses import WDRLoss
-from .space import ElasticSpace, SubnetConfig, atomic_write_text
+from .space import MAX_BITS, MIN_BITS, ElasticSpace, SubnetConfig, atomic_write_text
 from .supernet import Supernet
 from .train import (CheckpointError, bn_batches_from, cosine_scheduler, evaluate, evaluate_configs,
                     load_checkpoint, read_checkpoint, save_checkpoint, train_float, train_supernet)
 
 __all__ = ["RunSpec", "Experiment", "SCHEMES", "TARGETS", "TARGET_SCHEMES", "TARGET_PROFILES", "build_model",
            "load_data", "build_experiment", "train_experiment", "load_experiment", "activations_signed",
-           "read_run_spec", "uniform_config",
+           "read_run_spec", "resume_conflicts", "resume_error", "uniform_config", "export_problems",
            "parse_subnet", "uniform_table", "SearchOutcome", "search_experiment", "freeze_subnet", "export_subnet",
            "onnx_agreement", "fit_predictor", "collect", "model_in_channels", "write_json",
            "format_table"]
 
 COMPACT_MODELS = ("tiny_resnet", "tiny_mobilenet_v2")
-DEFAULT_IMAGE_SIZE = {"digits": 16}
+DEFAULT_IMAGE_SIZE = {"digits": 16, "fashion-mnist": 28, "mnist": 28}
 DEFAULT_FOLDER_IMAGE_SIZE = 32
 
 # scheme name -> (weight symmetric, weight per-channel, activation symmetric)
@@ -56,7 +58,7 @@ SCHEMES: dict[str, tuple[bool, bool, bool]] = {
 TARGETS = ("onnx", "tensorrt", "brevitas", "qnn")
 TARGET_PROFILES = {"onnx": "brevitas", "tensorrt": "tensorrt", "brevitas": "brevitas", "qnn": "qnn"}
 TARGET_SCHEMES = {"onnx": "sym", "tensorrt": "sym-pc", "brevitas": "sym", "qnn": "wsym-pc-aasym"}
-_UNIFORM_RE = re.compile(r"^w([2-8])a([2-8])(?:@([a-z-]+))?$")
+_UNIFORM_RE = re.compile(r"^w(\d+)a(\d+)(?:@([a-z0-9-]+))?$")
 
 
 # --- specification --------------------------------------------------------------------------------------------
@@ -92,7 +94,8 @@ class RunSpec:
     def resolved_image_size(self) -> int:
         if self.image_size is not None:
             return self.image_size
-        return DEFAULT_IMAGE_SIZE.get(self.data, DEFAULT_FOLDER_IMAGE_SIZE)
+        # "fashion-mnist:<folder>" defaults like "fashion-mnist"
+        return DEFAULT_IMAGE_SIZE.get(self.data.partition(":")[0], DEFAULT_FOLDER_IMAGE_SIZE)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "image_size": self.image_size,
@@ -180,20 +183,41 @@ def _repeat_channels(splits: DataSplits, channels: int) -> DataSplits:
                    in_channels=channels, mean=splits.mean * channels, std=splits.std * channels)
 
 
+_IDX_DATASETS = {"fashion-mnist": fashion_mnist_splits, "mnist": mnist_splits}
+
+
+def _idx_dataset(data: str):
+    """(reader, folder or None) for ``fashion-mnist`` / ``mnist`` [``:<folder>``], else None."""
+    name, sep, folder = data.partition(":")
+    if name not in _IDX_DATASETS:
+        return None
+    return _IDX_DATASETS[name], folder or None
+
+
 def load_data(data: str, image_size: int, seed: int = 0) -> DataSplits:
-    """``digits`` or a local folder: CIFAR-10 python batches (``data_batch_1`` .. / ``cifar-10-batches-py``) or an
-    ImageFolder tree.
+    """``digits``, ``fashion-mnist`` / ``mnist`` (IDX files, optionally ``fashion-mnist:<folder>``), or a local
+    folder: CIFAR-10 python batches (``data_batch_1`` .. / ``cifar-10-batches-py``) or an ImageFolder tree.
+
+    ``fashion-mnist`` alone reads ``$EQNET_DATA`` or Debian's ``dataset-fashion-mnist`` files
+    (`eqnet_plugin.data.fashion_mnist_splits`); ``mnist`` alone reads ``$EQNET_DATA``. Both are resized to
+    `image_size` and keep 10,000 training images for validation. A folder literally named ``mnist`` is given as
+    ``./mnist``.
 
     Raises:
-        FileNotFoundError: the folder does not exist or holds no images.
+        FileNotFoundError: the folder does not exist or holds no images / IDX files.
+        ValueError: a file cannot be read, or the data has fewer than 2 classes.
     """
     if data == "digits":
         return digits_splits(image_size=image_size, seed=seed)
+    idx = _idx_dataset(data)
+    if idx is not None:
+        reader, folder = idx
+        return reader(folder, image_size=image_size, seed=seed)
     root = Path(data).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"data path {str(root)!r} does not exist; use 'digits' (embedded), an ImageFolder "
-                                "tree (<path>/<class>/<image> or <path>/train + <path>/val) or a CIFAR-10 python "
-                                "batches folder")
+        raise FileNotFoundError(f"data path {str(root)!r} does not exist; use 'digits' (embedded), 'fashion-mnist' "
+                                "or 'mnist' (IDX files), an ImageFolder tree (<path>/<class>/<image> or "
+                                "<path>/train + <path>/val) or a CIFAR-10 python batches folder")
     if not root.is_dir():
         raise FileNotFoundError(f"data path {str(root)!r} is a file; give the folder that holds the images")
     if (root / "data_batch_1").is_file() or (root / "cifar-10-batches-py").is_dir():
@@ -295,31 +319,130 @@ def train_experiment(exp: Experiment, epochs: int, checkpoint: str | os.PathLike
                      progress: bool = False) -> dict:
     """Supernet training, the paper's recipe: Adam `lr`, cosine decay per step, sandwich + GPG + WDR.
 
-    Writes `checkpoint` (atomic) at every epoch end; the final file also stores the `RunSpec` so that
-    `load_experiment` can rebuild everything from it. Returns train_supernet's history.
+    Writes `checkpoint` (atomic) at every epoch end; every file written also stores the `RunSpec` and the training
+    settings (lr, epochs, max_steps, the length of the cosine schedule), so that `load_experiment` can rebuild
+    everything from it, also from the checkpoint of an interrupted run. Returns train_supernet's history.
+
+    Raises:
+        ValueError: with `resume`, the checkpoint's run differs from this one (spec, lr, or the length of the cosine
+            schedule: `resume_conflicts`); nothing is trained or written.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs={epochs!r}: use a positive integer")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps={max_steps!r}: use a positive integer or None")
     sn = exp.supernet
+    steps_per_epoch = len(exp.train_loader)
+    steps = _schedule_steps(epochs, steps_per_epoch, max_steps)
+    prior: dict = {}
+    if resume and os.path.exists(checkpoint):
+        conflicts, finished = resume_conflicts(checkpoint, exp.spec, epochs=epochs, lr=lr, max_steps=max_steps,
+                                               steps_per_epoch=steps_per_epoch)
+        if conflicts:
+            raise ValueError(resume_error(checkpoint, conflicts, finished, lambda k, v: f"{k}={v!r}",
+                                          "pass resume=False or another checkpoint path"))
+        with contextlib.suppress(CheckpointError):
+            prior = read_run_spec(checkpoint)[1]            # the float model's numbers of the interrupted run
     opt = torch.optim.Adam(sn.model.parameters(), lr=lr)
-    steps = epochs * len(exp.train_loader)
-    steps = steps if max_steps is None else min(steps, max_steps)
     sched = cosine_scheduler(opt, steps)
     gen = torch.Generator().manual_seed(exp.spec.seed)
     eval_cfgs = {"w8a8": sn.uniform(8, 8), "min": sn.min_config(symmetric=True, per_channel=False)} \
         if eval_every else None
-    prior: dict = {}
-    if resume and os.path.exists(checkpoint):
-        with contextlib.suppress(CheckpointError):
-            prior = read_run_spec(checkpoint)[1]            # the float model's numbers of the interrupted run
+    run_extra = {"run": exp.spec.to_dict(), "info": {**prior, **_plain(exp.info)},
+                 "train": {"lr": float(lr), "epochs": epochs, "max_steps": max_steps,
+                           "steps_per_epoch": steps_per_epoch, "schedule_steps": steps}}
     history = train_supernet(sn, exp.train_loader, opt, epochs, scheduler=sched, val_loader=exp.val_loader,
                              eval_configs=eval_cfgs, eval_every=max(1, eval_every), bn_batches=exp.bn_batches,
-                             checkpoint_path=checkpoint, resume=resume, generator=gen, wdr=WDRLoss(),
-                             max_steps=max_steps, progress=progress)
+                             checkpoint_path=checkpoint, checkpoint_extra=run_extra, resume=resume, generator=gen,
+                             wdr=WDRLoss(), max_steps=max_steps, progress=progress)
     info = load_checkpoint(checkpoint, sn, restore_rng=False)
-    extra = {**info["extra"], "run": exp.spec.to_dict(), "info": {**prior, **_plain(exp.info)}}
+    extra = {**info["extra"], **run_extra}
     save_checkpoint(checkpoint, sn, opt, sched, history["step"], gen, extra=extra)
     return history
+
+
+def _schedule_steps(epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
+    """Length of `train_experiment`'s cosine schedule: every step of `epochs` epochs, capped at `max_steps`."""
+    steps = epochs * steps_per_epoch
+    return steps if max_steps is None else min(steps, max_steps)
+
+
+def resume_conflicts(checkpoint: str | os.PathLike | Mapping, spec: RunSpec, *, epochs: int, lr: float,
+                     max_steps: int | None, steps_per_epoch: int | None = None
+                     ) -> tuple[list[tuple[str, object, object]], bool]:
+    """How resuming `checkpoint` (a path, or the dict `read_checkpoint` returned) with these settings would differ
+    from the run that wrote it.
+
+    Returns ``(conflicts, finished)``: conflicts as ``(name, checkpoint's value, new value)`` with names model,
+    data, image_size, batch_size, seed, weight_bits, act_bits, space, lr, epochs, max_steps (epochs / max_steps
+    only when they change the length of the cosine schedule, which the checkpoint's scheduler keeps: a longer one
+    would let the learning rate rise again; ``schedule_steps`` for checkpoints that do not store them);
+    `finished` is True when the checkpoint's run has completed its schedule. `steps_per_epoch` (the train loader's
+    length) is needed only for checkpoints written before the training settings were stored. A checkpoint
+    without a stored run spec is compared on what it holds (space, learning rate, schedule).
+
+    Raises:
+        FileNotFoundError, CheckpointError: `checkpoint` cannot be read (see `read_checkpoint`).
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(os.fspath(checkpoint), "cpu")
+    extra = ckpt.get("extra") or {}
+    out: list[tuple[str, object, object]] = []
+    if "run" in extra:
+        old = RunSpec.from_dict(extra["run"])
+        for k in ("model", "data", "batch_size", "seed"):
+            if getattr(old, k) != getattr(spec, k):
+                out.append((k, getattr(old, k), getattr(spec, k)))
+        if old.resolved_image_size() != spec.resolved_image_size():
+            out.append(("image_size", old.resolved_image_size(), spec.resolved_image_size()))
+        old_space = old.space
+    else:
+        old_space = ElasticSpace.from_dict(ckpt["space"])
+    if old_space != spec.space:
+        named = [(k, getattr(old_space, k), getattr(spec.space, k)) for k in ("weight_bits", "act_bits")
+                 if getattr(old_space, k) != getattr(spec.space, k)]
+        out += named or [("space", old_space.to_dict(), spec.space.to_dict())]
+    rec = dict(extra.get("train") or {})
+    groups = (ckpt.get("optimizer") or {}).get("param_groups") or [{}]
+    old_lr = rec.get("lr", groups[0].get("initial_lr", groups[0].get("lr")))
+    if old_lr is not None and float(old_lr) != float(lr):
+        out.append(("lr", float(old_lr), float(lr)))
+    spe = rec.get("steps_per_epoch", steps_per_epoch)
+    old_steps = rec.get("schedule_steps", (ckpt.get("scheduler") or {}).get("T_max"))
+    finished = old_steps is not None and int(ckpt.get("step", 0)) >= int(old_steps)
+    new_steps = _schedule_steps(epochs, int(spe), max_steps) if spe is not None else None
+    if old_steps is not None and new_steps is not None and new_steps != old_steps:
+        if "epochs" not in rec:                 # written before the settings were stored: name the schedule
+            out.append(("schedule_steps", int(old_steps), new_steps))
+        else:
+            if rec["epochs"] != epochs:
+                out.append(("epochs", rec["epochs"], epochs))
+            if rec.get("max_steps") != max_steps:
+                out.append(("max_steps", rec.get("max_steps"), max_steps))
+    return out, finished
+
+
+def resume_error(checkpoint: str | os.PathLike, conflicts: Sequence[tuple[str, object, object]], finished: bool,
+                 setting: Callable[[str, object], str], start_over: str) -> str:
+    """One line explaining `resume_conflicts`: each setting (`setting(name, value)` spells it, e.g. as a
+    command-line flag) with the checkpoint's value, and what to do (`start_over`: how to start a new run)."""
+    path = os.fspath(checkpoint)
+    schedule = [c for c in conflicts if c[0] in ("epochs", "max_steps", "schedule_steps")]
+    others = [c for c in conflicts if c not in schedule]
+    parts = [f"{setting(k, new)} differs from the checkpoint's {setting(k, old)}" for k, old, new in others]
+    if schedule:
+        what = " and ".join(setting(k, new) for k, _, new in schedule)
+        was = " and ".join(setting(k, old) for k, old, _ in schedule)
+        if finished:
+            parts.append(f"its run has finished ({was}; the learning rate has decayed to the end of its cosine "
+                         f"schedule) and {what} would make the schedule rise again")
+        else:
+            parts.append(f"{what} would change the length of the checkpoint's cosine learning-rate schedule "
+                         f"({was}) in the middle of the run")
+    if finished and schedule:
+        advice = f"To train longer, start a new run ({start_over})"
+    else:
+        advice = f"Resume with the checkpoint's settings, or start a new run ({start_over})"
+    return f"cannot resume {path}: " + "; ".join(parts) + ". " + advice
 
 
 def _plain(d: Mapping) -> dict:
@@ -336,8 +459,9 @@ def read_run_spec(checkpoint: str | os.PathLike) -> tuple[RunSpec, dict]:
     ckpt = read_checkpoint(path, "cpu")
     extra = ckpt.get("extra") or {}
     if "run" not in extra:
-        raise CheckpointError(f"{path!r} holds no run description (it was not written by `eqnet train`/"
-                              "`eqnet demo`, or training was interrupted); pass --model/--data to rebuild the model")
+        raise CheckpointError(f"{path!r} holds no run description (it was written by save_checkpoint directly, or "
+                              "by an interrupted `eqnet train` of an earlier release); pass --model and --data (and "
+                              "--image-size, --batch-size, --seed as trained) to rebuild the model")
     return RunSpec.from_dict(extra["run"]), dict(extra.get("info", {}))
 
 
@@ -374,11 +498,25 @@ def parse_subnet(text: str, supernet: Supernet) -> SubnetConfig:
     ``w<bits>a<bits>[@scheme]`` such as ``w8a8`` or ``w4a8@sym-pc``. Validated against `supernet`.
 
     Raises:
-        ValueError: neither a file nor a valid spec, or a subnet outside the supernet's space.
+        ValueError: neither a file nor a valid spec, bits outside 2..8 or the supernet's space, an unknown scheme.
     """
     m = _UNIFORM_RE.match(text.strip().lower())
-    if m:
-        cfg = uniform_config(supernet, int(m.group(1)), int(m.group(2)), m.group(3) or "sym")
+    if m and not os.path.isfile(text):
+        w, a = int(m.group(1)), int(m.group(2))
+        sp = supernet.space
+        bad = [f"{kind} bits {b}" for kind, b in (("weight", w), ("activation", a)) if not MIN_BITS <= b <= MAX_BITS]
+        if bad:
+            raise ValueError(f"subnet {text!r}: {' and '.join(bad)} out of range: bits must be in "
+                             f"{MIN_BITS}..{MAX_BITS}; this supernet's space allows weight bits "
+                             f"{', '.join(map(str, sp.weight_bits))} and activation bits "
+                             f"{', '.join(map(str, sp.act_bits))}")
+        out = [f"{kind} bits {b}" for kind, b, allowed in
+               (("weight", w, sp.weight_bits), ("activation", a, sp.act_bits)) if b not in allowed]
+        if out:
+            raise ValueError(f"subnet {text!r}: {' and '.join(out)} outside the space of this supernet, which allows "
+                             f"weight bits {', '.join(map(str, sp.weight_bits))} and activation bits "
+                             f"{', '.join(map(str, sp.act_bits))}")
+        cfg = uniform_config(supernet, w, a, m.group(3) or "sym")
     elif os.path.isfile(text):
         try:
             with open(text) as f:
@@ -446,9 +584,17 @@ def fit_predictor(exp: Experiment, records: list, *, holdout: float = 0.2, epoch
     return cqap, quality
 
 
-def collect(exp: Experiment, path: str | os.PathLike, n: int, *, seed: int = 0, progress: bool = False) -> list:
-    """`collect_records` on the validation split with a progress bar (resumes an existing file)."""
+def collect(exp: Experiment, path: str | os.PathLike, n: int, *, seed: int = 0, progress: bool = False,
+            fingerprint: str | None = None) -> list:
+    """`collect_records` on the validation split with a progress bar (resumes an existing file measured on the
+    same supernet: `fingerprint`, default `supernet_fingerprint(exp.supernet)`).
+
+    Raises:
+        RecordsMismatchError: `path` holds records of another supernet, or records without a fingerprint.
+    """
     from .search import CostModel, collect_records
+    from .search.records import supernet_fingerprint
+    fingerprint = fingerprint if fingerprint is not None else supernet_fingerprint(exp.supernet)
     cm = CostModel.from_supernet(exp.supernet, exp.example_inputs)
     done = 0
     if os.path.exists(path):
@@ -456,7 +602,7 @@ def collect(exp: Experiment, path: str | os.PathLike, n: int, *, seed: int = 0, 
         done = min(n, len(load_records(path)))
     with _progress(progress, total=n, initial=done, desc="records") as bar:
         return collect_records(exp.supernet, exp.val_loader, exp.bn_batches, n, path, seed=seed, cost_model=cm,
-                               progress=lambda i, r: bar.update(1))
+                               progress=lambda i, r: bar.update(1), fingerprint=fingerprint)
 
 
 def search_experiment(exp: Experiment, out_dir: str | os.PathLike, *, profile: str | None = None,
@@ -473,10 +619,13 @@ def search_experiment(exp: Experiment, out_dir: str | os.PathLike, *, profile: s
 
     Writes into `out_dir`: ``search.json`` (result), ``best.json`` (SubnetConfig), ``pareto.png`` (plot) and, when
     no `predictor` is given, ``records.jsonl`` (or `records_path`) and ``cqap.pt``.
-    The constraints are checked for feasibility before any record is measured.
+    The constraints are checked for feasibility, and an existing records file for the supernet it was measured on
+    (`supernet_fingerprint`), before any record is measured.
 
     Raises:
         ValueError: infeasible constraints, unknown profile, a profile the supernet's space cannot serve.
+        RecordsMismatchError (a ValueError): the records file holds records of another supernet, or records
+            without a fingerprint (written by an earlier release).
     """
     from .search import (CQAP, CostModel, SearchSpace, evolution_search, measure_top, plot_pareto, refine_search,
                          sample_feasible)
@@ -490,6 +639,8 @@ def search_experiment(exp: Experiment, out_dir: str | os.PathLike, *, profile: s
     extra: dict = {}
     if predictor is None:
         rpath = os.fspath(records_path or out / "records.jsonl")
+        if not isinstance(records, int) or records < 2:
+            raise ValueError(f"records={records!r}: the predictor needs at least 2 measured subnets")
         recs = collect(exp, rpath, records, seed=seed, progress=progress)
         near = [r for r in recs if r.costs["bitops"] <= 1.2 * cons.get("max_bitops", float("inf"))]
         extra["measured subnets (val)"] = ([r.costs["bitops"] for r in near], [r.accuracy for r in near])
@@ -556,6 +707,49 @@ def freeze_subnet(exp: Experiment, cfg: SubnetConfig, recalibrate_bn: bool = Tru
     return freeze(sn, cfg)
 
 
+def export_problems(frozen, target: str, *, unsigned_activations: str = "rescale",
+                    encoding_version: str = "1.0.0") -> list[str]:
+    """Why `target` would refuse to export the frozen subnet (empty list: it can), found without writing anything:
+    the adapter's own checks (TensorRT: `tensorrt_subnet_problems`; QNN: `qnn_rule_violations` and full-range
+    grids; Brevitas: per-channel only along output channels) and the packages each adapter needs.
+
+    Raises:
+        ValueError: unknown target or option value.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    problems: list[str] = []
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return [f"the {target} export writes ONNX and needs the 'onnx' package: pip install -e \".[export]\""]
+    if target == "tensorrt":
+        problems += _adapter("tensorrt_subnet_problems", "tensorrt")(frozen, 17, unsigned_activations)
+    elif target == "qnn":
+        qnn = importlib.import_module("eqnet_plugin.adapters.qnn")
+        if encoding_version not in qnn.ENCODING_VERSIONS:
+            problems.append(f"encoding version {encoding_version!r} is not one of {', '.join(qnn.ENCODING_VERSIONS)}")
+        for g, qp in frozen.qparams.items():
+            try:
+                qnn._check_full_grid(g, qp)
+            except ValueError as e:
+                problems.append(str(e))
+        problems += qnn.qnn_rule_violations(frozen)
+    elif target == "brevitas":
+        try:
+            _adapter("_require_export", "brevitas")()
+        except ImportError as e:
+            problems.append(str(e))
+        for g, qp in frozen.qparams.items():
+            if qp.per_channel and not frozen.qparams_is_weight(g):
+                problems.append(f"activation {g!r} is per-channel (the Brevitas adapter quantizes activations "
+                                "per-tensor)")
+            elif qp.per_channel and qp.axis not in (None, 0):
+                problems.append(f"weight {g!r} is per-channel along axis {qp.axis} (the Brevitas adapter supports "
+                                "output channels, axis 0)")
+    return problems
+
+
 def export_subnet(exp: Experiment, cfg: SubnetConfig, target: str, out_dir: str | os.PathLike, *,
                   unsigned_activations: str = "rescale", encoding_version: str = "1.0.0", frozen=None
                   ) -> dict[str, str]:
@@ -571,11 +765,18 @@ def export_subnet(exp: Experiment, cfg: SubnetConfig, target: str, out_dir: str 
         encoding_version: QNN only: AIMET encodings version (0.6.1, 1.0.0, 2.0.0).
 
     Raises:
-        ValueError: unknown target, or a subnet the target cannot run (the adapter's message names the rule).
+        ValueError: unknown target, or a subnet the target cannot run (`export_problems`, checked before anything
+            is written; the message lists every rule broken).
+        ImportError: a package the target needs is missing (nothing is written).
     """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     frozen = frozen if frozen is not None else freeze_subnet(exp, cfg)
+    problems = export_problems(frozen, target, unsigned_activations=unsigned_activations,
+                               encoding_version=encoding_version)
+    if problems:
+        raise ValueError(f"target {target} cannot run this subnet ({len(problems)} problem(s)): "
+                         + "; ".join(problems))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ex = exp.example_inputs

@@ -7,20 +7,29 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from .bn_fold import use_fixed_bn_fold
 from .exact_pool import use_exact_global_pools
 from .fake_quant import ElasticFakeQuantize
 from .fx import convert_reference, unprepared_layers
 from .space import ElasticSpace, QuantChoice, SubnetConfig
 
-__all__ = ["Supernet", "Layer", "batch_inputs"]
+__all__ = ["Supernet", "Layer", "batch_inputs", "BatchNormStatsError"]
 
 _SHAPE_WALK_LIMIT = 16   # how many non-quantizer nodes to walk back from a layer to find its input quantizer
+_BN_CACHE_SIZE = 64      # subnets whose re-estimated BatchNorm statistics are kept (least recently used dropped)
+
+
+class BatchNormStatsError(RuntimeError):
+    """The BatchNorm statistics in the model are not the requested subnet's (re-estimate them first)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,25 @@ def batch_inputs(batch) -> torch.Tensor:
     raise TypeError(f"a batch must be a tensor or an (inputs, targets) tuple, got {type(batch).__name__}")
 
 
+class _BnTracker:
+    """The Supernet's forward pre-hook on its model. Holds the Supernet weakly; copies (deepcopy, pickle) of the
+    model carry an inert tracker, so frozen and converted copies never report to the original."""
+
+    def __init__(self, supernet: "Supernet") -> None:
+        self._ref = weakref.ref(supernet)
+
+    def __call__(self, module, args):
+        sn = self._ref() if self._ref is not None else None
+        if sn is not None:
+            sn._on_forward(module, args)
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self._ref = None
+
+
 def _device_of(model: nn.Module) -> torch.device:
     for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device
@@ -56,6 +84,9 @@ class Supernet:
         model: the output of `prepare_qat_fx(model, elastic_qconfig_mapping(space), example_inputs)`.
         space: the space to sample from (default: the space the quantizers were built with). It must be covered by
             the quantizers' cells.
+        bn_fold: "fixed" (default): Conv-BN weights are folded with a fixed statistic, so every subnet quantizes
+            the same weights in training, evaluation and export (`eqnet_plugin.bn_fold`); "running": torch.ao's
+            fold with the running variance (the first release's behaviour, kept for ablations).
 
     Attributes:
         groups: name -> ElasticFakeQuantize, one entry per distinct quantizer object (FX may reuse one for several
@@ -67,6 +98,15 @@ class Supernet:
             torch.ao re-quantizes a pool's output on its input's grid, where exact rounding ties are frequent, and a
             float32 mean decides them by summation order; the exact pool gives the same codes on CPU, CUDA and in
             the exported ONNX (see `eqnet_plugin.exact_pool`). Placement and parameters are unchanged.
+        fixed_fold: the Conv-BN modules switched to the fixed fold (empty with ``bn_fold="running"``).
+
+    BatchNorm statistics: training-mode forwards through `sandwich_step` update the running statistics with the
+    widest (H) subnet only, so the model's own eval mode is right for the widest subnet. Every other subnet needs
+    statistics of its own: `recalibrate_bn` (which `evaluate` calls) re-estimates them for the active subnet and
+    remembers them, and `activate(cfg)` puts a remembered subnet's statistics in place (and restores the previous
+    ones afterwards), so `evaluate`, `freeze`, `to_reference` and every exporter compute the same numbers.
+    `freeze` / `to_reference` refuse a non-widest subnet whose statistics were never estimated since the last
+    training step (`BatchNormStatsError`, naming the fix). Eval-mode forwards of such a subnet warn once.
 
     Example:
         >>> sn = Supernet(gm)                                  # doctest: +SKIP
@@ -75,7 +115,8 @@ class Supernet:
         ...     logits = gm(x)
     """
 
-    def __init__(self, model: torch.fx.GraphModule, space: ElasticSpace | None = None) -> None:
+    def __init__(self, model: torch.fx.GraphModule, space: ElasticSpace | None = None, bn_fold: str = "fixed"
+                 ) -> None:
         if not isinstance(model, torch.fx.GraphModule):
             raise TypeError(f"Supernet needs the GraphModule returned by prepare_qat_fx, got {type(model).__name__}; "
                             "call prepare_qat_fx(model, eqnet_plugin.elastic_qconfig_mapping(), example_inputs) first")
@@ -93,6 +134,17 @@ class Supernet:
         self.space = space if space is not None else fqs[0][1].space
         if not isinstance(self.space, ElasticSpace):
             raise TypeError(f"space must be an ElasticSpace, got {type(self.space).__name__}")
+        if bn_fold not in ("fixed", "running"):
+            raise ValueError(f"bn_fold={bn_fold!r}: use 'fixed' (default) or 'running' (torch.ao's fold)")
+        self.bn_fold = bn_fold
+        self.fixed_fold = use_fixed_bn_fold(model) if bn_fold == "fixed" else []
+        self.bn_modules = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._bn_cache: OrderedDict[SubnetConfig, list[tuple[torch.Tensor, ...]]] = OrderedDict()
+        self._bn_owner: SubnetConfig | None = None     # whose re-estimated statistics are in the BN buffers
+        self._bn_trained = False                       # a training-mode forward happened since the model was built
+        self._bn_warned = False
+        self._recalibrating = False
+        self._hook = model.register_forward_pre_hook(_BnTracker(self))
         self.exact_pools = use_exact_global_pools(model)
         if self.exact_pools:
             named = list(model.named_modules(remove_duplicate=False))
@@ -160,6 +212,60 @@ class Supernet:
                 raise ValueError(f"the Supernet space asks for {missing} that quantizer {g!r} was not built with; "
                                  "prepare the model with elastic_qconfig_mapping(space) for the same space")
 
+    # --- BatchNorm statistics -------------------------------------------------------------------------------
+    def _on_forward(self, module, args) -> None:
+        """Forward pre-hook on the model (Python only, no device sync): track what the BN buffers hold."""
+        if self._recalibrating or not self.bn_modules:
+            return
+        if module.training:
+            if self._bn_cache or self._bn_owner is not None or not self._bn_trained:
+                self._bn_cache.clear()
+                self._bn_owner = None
+                self._bn_trained = True
+        elif not self._bn_warned and self._bn_trained and self._bn_owner is None and not self._is_widest():
+            self._bn_warned = True
+            warnings.warn("this subnet runs with the BatchNorm statistics of the widest subnet (tracked during "
+                          "training), not its own: re-estimate them with `with sn.activate(cfg): "
+                          "sn.recalibrate_bn(train_batches)` (eqnet_plugin.evaluate does this)", stacklevel=3)
+
+    def _is_widest(self) -> bool:
+        return all(fq._bits == max(self._choices(g)[0]) for g, fq in self.groups.items())
+
+    def _bn_snapshot(self) -> list[tuple[torch.Tensor, ...]]:
+        return [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                for m in self.bn_modules if m.running_mean is not None]
+
+    @torch.no_grad()
+    def _bn_restore(self, snap: list[tuple[torch.Tensor, ...]]) -> None:
+        for m, (mean, var, n) in zip([m for m in self.bn_modules if m.running_mean is not None], snap):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+
+    def bn_stats_ready(self, cfg: SubnetConfig | None = None) -> bool:
+        """Do the BN buffers hold statistics right for `cfg` (default: the active subnet)? True when the model
+        has no BatchNorm, was not trained since it was built, holds `cfg`'s re-estimated statistics, or `cfg` is
+        the widest subnet (whose statistics training tracks)."""
+        cfg = cfg if cfg is not None else self.current_config()
+        if not self.bn_modules or not self._bn_trained or self._bn_owner == cfg or cfg in self._bn_cache:
+            return True
+        return all(ch.bits == max(self._choices(g)[0]) for g, ch in cfg.groups.items())
+
+    def require_bn_stats(self, cfg: SubnetConfig | None = None, what: str = "this") -> None:
+        """Raise `BatchNormStatsError` naming the fix unless `bn_stats_ready(cfg)`."""
+        if not self.bn_stats_ready(cfg):
+            raise BatchNormStatsError(
+                f"{what} needs the BatchNorm statistics of this subnet, which were not estimated since the last "
+                "training step (the model holds the widest subnet's): pass bn_batches=<training batches>, or "
+                "first run `with sn.activate(cfg): sn.recalibrate_bn(train_batches)` or "
+                "eqnet_plugin.evaluate(sn, cfg, loader, bn_batches)")
+
+    def mark_bn_trained(self) -> None:
+        """Declare the BN statistics as training statistics (after loading a trained state_dict)."""
+        self._bn_cache.clear()
+        self._bn_owner = None
+        self._bn_trained = bool(self.bn_modules)
+
     # --- configs --------------------------------------------------------------------------------------------
     def _choices(self, g: str) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[bool, ...]]:
         fq = self.groups[g]
@@ -202,14 +308,27 @@ class Supernet:
 
     @contextlib.contextmanager
     def activate(self, cfg: SubnetConfig) -> Iterator[SubnetConfig]:
-        """Context manager: run with `cfg` active, restore the previous cells afterwards (also on error)."""
+        """Context manager: run with `cfg` active, restore the previous cells afterwards (also on error).
+
+        BatchNorm: if `cfg`'s statistics were re-estimated earlier (`recalibrate_bn`), they are put in place for
+        the block and the previous ones restored on exit. Note that `activate` does nothing
+        unless used as ``with sn.activate(cfg):``; `apply(cfg)` switches without restoring."""
         previous = self.current_config()
         self.apply(cfg)
+        snap = owner = None
+        cached = self._bn_cache.get(cfg)
+        if cached is not None and self._bn_owner != cfg:
+            snap, owner = self._bn_snapshot(), self._bn_owner
+            self._bn_restore(cached)
+            self._bn_owner = cfg
         try:
             yield cfg
         finally:
             for g, ch in previous.groups.items():
                 self.groups[g].set_cell(ch.bits, ch.symmetric, ch.per_channel)
+            if snap is not None and self._bn_owner == cfg:
+                self._bn_restore(snap)
+                self._bn_owner = owner
 
     def current_config(self) -> SubnetConfig:
         """The active cells as a SubnetConfig."""
@@ -330,7 +449,9 @@ class Supernet:
     def recalibrate_bn(self, batches: Iterable, max_batches: int | None = None) -> int:
         """Re-estimate BatchNorm statistics for the active subnet on `batches` (reset, then cumulative average).
 
-        Use training batches, never test data. Returns the number of batches used.
+        Use training batches, never test data. The statistics are remembered for this subnet until the next
+        training step, so a later ``activate(cfg)`` (and `freeze`, the exporters) use them. Returns the number of
+        batches used.
         """
         bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not bns:
@@ -339,6 +460,7 @@ class Supernet:
         was_training = self.model.training
         device = _device_of(self.model)
         n = 0
+        self._recalibrating = True
         try:
             self.model.eval()
             for m in bns:
@@ -351,26 +473,42 @@ class Supernet:
                 self.model(batch_inputs(batch).to(device))
                 n += 1
         finally:
+            self._recalibrating = False
             for m, (momentum, training) in zip(bns, saved):
                 m.momentum = momentum
                 m.train(training)
             self.model.train(was_training)
         if n == 0:
             raise ValueError("recalibrate_bn() got no batches; pass training batches (tensors or (x, y) tuples)")
+        cfg = self.current_config()
+        self._bn_owner = cfg
+        self._bn_cache[cfg] = self._bn_snapshot()
+        self._bn_cache.move_to_end(cfg)
+        while len(self._bn_cache) > _BN_CACHE_SIZE:
+            self._bn_cache.popitem(last=False)
         return n
 
-    def to_reference(self, cfg: SubnetConfig | None = None) -> torch.fx.GraphModule:
-        """Decomposed reference model of one subnet (default: the active one); keeps sub-8-bit ranges and matches
-        the prepared model's eval output. The supernet itself is left unchanged.
+    def to_reference(self, cfg: SubnetConfig | None = None, bn_batches: Iterable | None = None
+                     ) -> torch.fx.GraphModule:
+        """Decomposed torch.ao reference model of one subnet (default: the active one); keeps sub-8-bit ranges and
+        matches the prepared model's eval output under ``activate(cfg)``. The supernet itself is left unchanged.
 
-        The integer weights always equal the QAT ones (see `fx.convert_reference`). Outputs matched bit for bit in
-        every test while BatchNorm statistics were at their initial values (as right after `calibrate`). Once they
-        have moved, torch.ao's folded conv bias and the QAT Conv-BN arithmetic (divide by the BN scale, then
-        batch-norm) differ in the last float bit, so an activation that falls exactly on a rounding tie can land one
-        quantization step apart, and low-bit layers downstream amplify that step: measured on random-weight
-        ResNet-18 with re-estimated BN, 3 of 30 random subnets differed (by up to 49 output steps), MobileNetV2
-        0 of 30. Compare in output steps and top-1 agreement there, not bitwise."""
-        with self.activate(cfg if cfg is not None else self.current_config()):
+        Use this instead of torch.ao's ``convert_fx``, which refuses elastic Conv-BN layers (it would fold
+        BatchNorm with the running variance and re-quantize the trained weights; see `eqnet_plugin.bn_fold`).
+
+        Args:
+            bn_batches: training batches to re-estimate the subnet's BatchNorm statistics on first (needed once
+                the model has been trained, unless they were estimated already; see `require_bn_stats`).
+
+        The integer weights always equal the trained ones (see `fx.convert_reference`). torch.ao's folded conv
+        bias and the QAT Conv-BN arithmetic (divide by the BN scale, then batch-norm) can differ in the last float
+        bit, so an activation that falls exactly on a rounding tie can land one quantization step apart, and
+        low-bit layers downstream amplify that step: compare in output steps and top-1 agreement, not bitwise.
+        """
+        with self.activate(cfg if cfg is not None else self.current_config()) as c:
+            if bn_batches is not None:
+                self.recalibrate_bn(bn_batches)
+            self.require_bn_stats(c, "to_reference")
             return convert_reference(self.model)
 
     def __repr__(self) -> str:

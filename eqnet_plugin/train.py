@@ -1,4 +1,4 @@
-"""Supernet training (paper section 3.4, DESIGN 5b): the sandwich step, evaluation with BN recalibration, a complete
+"""Supernet training (paper section 3.4): the sandwich step, evaluation with BN recalibration, a complete
 training loop, checkpoints, and the float / single-config baselines the benchmark compares against.
 
 Inside an existing loop, replace ``loss = ce(model(x), y); loss.backward(); opt.step()`` by::
@@ -11,10 +11,13 @@ symmetry and granularity per group; H learns from the labels, R from H, L from R
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import itertools
 import os
+import pickle
 import random
+import re
 import time
 import zipfile
 from typing import Iterable, Mapping
@@ -82,13 +85,25 @@ def _set_cells(supernet: Supernet, cfg: SubnetConfig) -> None:
 
 
 def _finish_step(supernet: Supernet, net: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None,
-                 sync: bool, check_ranks: bool) -> None:
+                 sync: bool, check_ranks: bool, grad_clip_value: float | None = None,
+                 losses: Mapping[str, torch.Tensor] | None = None) -> None:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if sync:
         pg = getattr(net, "process_group", None)
         D.all_reduce_gradients(params, group=pg, check=check_ranks)
+    if losses is not None:
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        if not bool(torch.isfinite(total)):                      # one host sync per step, before any update
+            optimizer.zero_grad(set_to_none=True)
+            bad = {k: float(v) for k, v in losses.items()}
+            raise FloatingPointError(f"non-finite training loss {bad}: the optimizer step was skipped and the "
+                                     "parameters are unchanged; check the inputs for NaN/inf and lower the "
+                                     "learning rate")
+    grads = [p for p in params if p.grad is not None]
+    if grad_clip_value is not None:
+        torch.nn.utils.clip_grad_value_(grads, grad_clip_value)
     if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
+        torch.nn.utils.clip_grad_norm_(grads, grad_clip)
     optimizer.step()
     if sync and getattr(net, "broadcast_buffers", True):
         # DDP would broadcast rank 0's buffers (BN statistics) at the next forward; no_sync skips that, so do it
@@ -96,18 +111,35 @@ def _finish_step(supernet: Supernet, net: nn.Module, optimizer: torch.optim.Opti
         D.broadcast_buffers(supernet.model, group=getattr(net, "process_group", None), skip=(ElasticFakeQuantize,))
 
 
+def _check_batch(inputs, targets, check_finite: bool) -> None:
+    """Validate one batch before any forward pass (a bad batch must not touch BatchNorm buffers)."""
+    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("inputs and targets must be tensors (one batch: inputs (B, ...), targets (B,))")
+    if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"inputs and targets must have the same batch size, got inputs {tuple(inputs.shape)} and "
+                         f"targets {tuple(targets.shape)}")
+    if check_finite and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        raise ValueError("the input batch holds NaN or inf values; nothing was updated (clean the data, or pass "
+                         "check_finite=False to skip this check)")
+
+
+def _track_bn(supernet: Supernet, on: bool) -> None:
+    for m in supernet.bn_modules:
+        m.track_running_stats = on
+
+
 def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
                   *, generator: torch.Generator | None = None, model: nn.Module | None = None,
                   wdr: WDRLoss | None = None, lam: float = 0.5, temperature: float = 1.0,
-                  grad_clip: float | None = None, gpg: bool = True,
+                  grad_clip: float | None = None, grad_clip_value: float | None = 1.0, gpg: bool = True,
                   configs: tuple[SubnetConfig, SubnetConfig, SubnetConfig] | None = None,
-                  sync_grads: bool | None = None, check_ranks: bool = True, scheme: str = "group"
-                  ) -> dict[str, torch.Tensor]:
+                  sync_grads: bool | None = None, check_ranks: bool = True, scheme: str = "group",
+                  criterion=None, check_finite: bool = True) -> dict[str, torch.Tensor]:
     """One EQ-Net training step: sample H/R/L, forward and backward each, WDR, one optimizer step.
 
     Args:
         supernet: the Supernet view of the model being trained.
-        inputs, targets: one batch (on the model's device).
+        inputs, targets: one batch (on the model's device), of the same batch size (checked before any forward).
         optimizer: optimizer over the model's parameters (including the quantizers' scales).
         generator: CPU generator for sampling; under DDP it must be seeded identically on every rank
             (`distributed.shared_generator`).
@@ -115,20 +147,33 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
             `supernet.model` (default: `supernet.model`).
         wdr: optional `WDRLoss` added to the loss (the paper's recipe uses `WDRLoss()`).
         lam, temperature: GPG distillation weight and temperature (paper: 0.5, 1.0).
-        grad_clip: clip the global gradient norm to this value before the step.
+        grad_clip: clip the global gradient norm to this value before the step (default: off).
+        grad_clip_value: clip every gradient element to [-v, v] (default 1.0, the official EQ-Net trainer's
+            ``clip_grad_value_(1.0)``; None: off).
         gpg: False trains each subnet with plain cross-entropy (the ablation without GPG).
         configs: explicit (H, R, L) instead of sampling.
         scheme: how symmetry/granularity are sampled, see `sample_sandwich` (default: per group, the paper's).
         sync_grads: average gradients over ranks (default: when `model` is DDP). DDP's own reducer is bypassed
             (forwards run under ``no_sync()``; see `eqnet_plugin.distributed` for why).
         check_ranks: under DDP, verify that all ranks trained the same parameters (one host sync per step).
+        criterion: the label loss, ``criterion(logits, targets)`` (default: cross-entropy). H learns from it; R and
+            L from ``lam * KL(teacher) + (1 - lam) * criterion``.
+        check_finite: refuse a batch with NaN/inf inputs before any forward (ValueError, nothing updated) and a
+            non-finite loss before the optimizer step (FloatingPointError; the parameters stay as they were). Two
+            host syncs per step; False skips both.
     Returns:
-        detached scalar tensors {"h", "r", "l", "wdr", "total"} (no host synchronization).
+        detached {"h", "r", "l", "wdr", "total"} scalar losses and "logits": the widest (H) subnet's detached
+        logits, for training accuracy.
     Raises:
-        ValueError: gradients are synchronized but neither `generator` nor `configs` is given.
+        ValueError: gradients are synchronized but neither `generator` nor `configs` is given; inputs and targets
+            of different batch sizes.
+        FloatingPointError: a non-finite loss (with `check_finite`).
 
-    The active subnet is restored afterwards; parameters of cells no subnet used keep ``grad=None``.
+    The active subnet is restored afterwards; parameters of cells no subnet used keep ``grad=None``. BatchNorm
+    running statistics are updated by the H subnet only (R and L normalize with their batch statistics), so the
+    model's own eval mode is right for the widest subnet (``bn_fold="running"`` supernets: by all three).
     """
+    _check_batch(inputs, targets, check_finite)
     net = model if model is not None else supernet.model
     ddp = isinstance(net, DistributedDataParallel)
     sync = ddp if sync_grads is None else bool(sync_grads)
@@ -142,16 +187,22 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
     previous = supernet.current_config()
     optimizer.zero_grad(set_to_none=True)
     losses: dict[str, torch.Tensor] = {}
+    h_logits = None
+    h_only = supernet.bn_fold == "fixed"
     try:
         with net.no_sync() if ddp else contextlib.nullcontext():
             teacher = None
             for name, cfg in zip(("h", "r", "l"), configs):
                 _set_cells(supernet, cfg)
+                if h_only:
+                    _track_bn(supernet, name == "h")
                 logits = net(inputs)                                   # (B, K)
-                loss = gpg_term(logits, teacher if gpg else None, targets, lam, temperature)
+                loss = gpg_term(logits, teacher if gpg else None, targets, lam, temperature, criterion)
                 loss.backward()                                        # frees this subnet's graph
                 losses[name] = loss.detach()
                 teacher = logits.detach()
+                if h_logits is None:
+                    h_logits = teacher
             if wdr is not None:
                 reg = wdr(supernet)
                 reg.backward()
@@ -159,19 +210,26 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
             else:
                 losses["wdr"] = torch.zeros((), device=losses["h"].device)
     finally:
+        if h_only:
+            _track_bn(supernet, True)
         _set_cells(supernet, previous)
-    _finish_step(supernet, net, optimizer, grad_clip, sync, check_ranks)
+    _finish_step(supernet, net, optimizer, grad_clip, sync, check_ranks, grad_clip_value,
+                 losses if check_finite else None)
     losses["total"] = losses["h"] + losses["r"] + losses["l"] + losses["wdr"]
+    losses["logits"] = h_logits
     return losses
 
 
 def qat_step(supernet: Supernet, cfg: SubnetConfig, inputs: torch.Tensor, targets: torch.Tensor,
              optimizer: torch.optim.Optimizer, *, model: nn.Module | None = None, wdr: WDRLoss | None = None,
-             grad_clip: float | None = None, sync_grads: bool | None = None) -> dict[str, torch.Tensor]:
-    """One conventional QAT step of a single subnet `cfg` (cross-entropy [+ WDR]): the dedicated baseline.
+             grad_clip: float | None = None, grad_clip_value: float | None = 1.0, sync_grads: bool | None = None,
+             criterion=None, check_finite: bool = True) -> dict[str, torch.Tensor]:
+    """One conventional QAT step of a single subnet `cfg` (label loss [+ WDR]): the dedicated baseline, with the
+    same gradient clipping and checks as `sandwich_step`.
 
-    Returns detached {"loss", "wdr", "total"}; the active subnet is restored afterwards.
+    Returns detached {"loss", "wdr", "total", "logits"}; the active subnet is restored afterwards.
     """
+    _check_batch(inputs, targets, check_finite)
     net = model if model is not None else supernet.model
     ddp = isinstance(net, DistributedDataParallel)
     sync = ddp if sync_grads is None else bool(sync_grads)
@@ -181,13 +239,15 @@ def qat_step(supernet: Supernet, cfg: SubnetConfig, inputs: torch.Tensor, target
     try:
         with net.no_sync() if ddp else contextlib.nullcontext():
             _set_cells(supernet, cfg)
-            loss = F.cross_entropy(net(inputs), targets)
+            logits = net(inputs)
+            loss = (criterion or F.cross_entropy)(logits, targets)
             total = loss + (wdr(supernet) if wdr is not None else 0.0)
             total.backward()
     finally:
         _set_cells(supernet, previous)
-    _finish_step(supernet, net, optimizer, grad_clip, sync, True)
-    return {"loss": loss.detach(), "wdr": (total - loss).detach(), "total": total.detach()}
+    _finish_step(supernet, net, optimizer, grad_clip, sync, True, grad_clip_value,
+                 {"total": total.detach()} if check_finite else None)
+    return {"loss": loss.detach(), "wdr": (total - loss).detach(), "total": total.detach(), "logits": logits.detach()}
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------
@@ -327,15 +387,58 @@ def _check_plain(value, where: str = "extra") -> None:
                     "SubnetConfig.to_dict()")
 
 
+def _hash_into(h, obj) -> None:
+    """Feed `obj` (what `save_checkpoint` stores: plain values and tensors, nested in dicts, lists and tuples) into
+    the hash `h` in a canonical form that a save/load round trip (also to another device) leaves unchanged."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.is_quantized:
+            t = t.int_repr()
+        t = t.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)};".encode())
+        for k, v in obj.items():
+            _hash_into(h, k)
+            _hash_into(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
+        for v in obj:
+            _hash_into(h, v)
+    elif isinstance(obj, bool) or obj is None:
+        h.update(f"{obj!r};".encode())
+    elif isinstance(obj, int):
+        h.update(f"I{obj};".encode())
+    elif isinstance(obj, float):
+        h.update(f"F{obj.hex()};".encode())
+    elif isinstance(obj, str):
+        b = obj.encode("utf-8", "surrogatepass")
+        h.update(f"S{len(b)};".encode() + b)
+    elif isinstance(obj, (bytes, bytearray)):
+        h.update(f"B{len(obj)};".encode() + bytes(obj))
+    else:
+        h.update(f"O{type(obj).__name__}:{obj!r};".encode())
+
+
+def _content_sha256(ckpt: Mapping) -> str:
+    """sha256 (hex) over every entry of a checkpoint dict except its stored ``"sha256"``."""
+    h = hashlib.sha256()
+    _hash_into(h, {k: v for k, v in ckpt.items() if k != "sha256"})
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, supernet: Supernet, optimizer: torch.optim.Optimizer | None,
                     scheduler=None, step: int = 0, generator: torch.Generator | None = None,
                     extra: Mapping | None = None) -> bool:
     """Write a training checkpoint atomically (temporary file in the same folder, then `os.replace`).
 
     Holds the model state_dict, optimizer, scheduler, step, the sampling generator's state, the torch / CUDA /
-    numpy / Python RNG states, the ElasticSpace, the active subnet and a format version. `extra` is stored as given
-    (plain Python values and tensors, loadable with ``torch.load(weights_only=True)``). Under torch.distributed only
-    rank 0 writes. Returns True when this process wrote the file.
+    numpy / Python RNG states, the ElasticSpace, the active subnet, a format version and ``"sha256"``: a hash of all
+    the other entries, which `read_checkpoint` verifies (a flipped bit anywhere in the stored state is reported,
+    never loaded). `extra` is stored as given (plain Python values and tensors, loadable with
+    ``torch.load(weights_only=True)``). Under torch.distributed only rank 0 writes. Returns True when this process
+    wrote the file.
 
     Raises:
         TypeError: `extra` holds an object that is not a plain value (nothing is written).
@@ -355,40 +458,87 @@ def save_checkpoint(path: str | os.PathLike, supernet: Supernet, optimizer: torc
         "rng": _rng_state(),
         "extra": dict(extra) if extra is not None else {},
     }
+    ckpt["sha256"] = _content_sha256(ckpt)
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     atomic_write_bytes(path, buf.getvalue())
     return True
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), without torch's advice
+    to load with weights_only=False (which would run arbitrary code from the file)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if "weights_only" in text or "weights-only" in text.lower() or not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_CORRUPT_ADVICE = ("use an earlier checkpoint or train again (save_checkpoint writes atomically, so a crash while "
+                   "saving leaves the previous file intact)")
+
+
 def read_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
-    """The raw checkpoint dict written by `save_checkpoint` (validated: format, version); restores nothing.
+    """The raw checkpoint dict written by `save_checkpoint`, validated; restores nothing.
+
+    Checks, in order: the file is a PyTorch zip archive, every entry passes its zip CRC check, it loads with
+    ``torch.load(weights_only=True)``, it has our format and version, and its content matches the ``"sha256"``
+    stored when it was written (checkpoints of releases without the hash get the CRC check only).
 
     Raises:
-        FileNotFoundError: no file. CheckpointError: truncated, corrupt or foreign file.
+        FileNotFoundError: no file. CheckpointError: empty, truncated, corrupt or foreign file (the message names
+        the file).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise CheckpointError(f"checkpoint {path!r} is a folder; give the checkpoint file in it (e.g. "
+                                  f"{os.path.join(path, 'supernet.pt')!r})")
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes): it was never written completely; "
+                              + _CORRUPT_ADVICE)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path):
+        if head == _ZIP_MAGIC:
+            raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt (its zip directory is missing or "
+                                  "damaged: the file was cut off or damaged after writing); " + _CORRUPT_ADVICE)
+        raise CheckpointError(f"{path!r} is not an eqnet_plugin checkpoint (not a PyTorch zip archive); write "
+                              "checkpoints with `eqnet train` or eqnet_plugin.train.save_checkpoint")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:       # BadZipFile, zlib.error, EOFError, OSError, ...: a damaged archive
+        raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt ({_first_line(e)}); "
+                              + _CORRUPT_ADVICE) from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: its entry {bad!r} fails the zip CRC check (the file "
+                              "was damaged after writing); " + _CORRUPT_ADVICE)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); it was cut off or damaged after writing. Use an "
-                              "earlier checkpoint (save_checkpoint writes atomically, so a crash while saving "
-                              "leaves the previous file intact)") from None
-    except Exception as e:   # pickle errors for foreign objects under weights_only
-        raise CheckpointError(f"{path!r} is not an eqnet_plugin checkpoint and cannot be loaded safely "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); write checkpoints with "
-                              "eqnet_plugin.train.save_checkpoint") from None
+    except pickle.UnpicklingError as e:     # weights_only refused an object: not something save_checkpoint writes
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" (it holds a {found.group(1)} object)" if found else ""
+        raise CheckpointError(f"{path!r} is not an eqnet_plugin checkpoint and cannot be loaded safely{what}; write "
+                              "checkpoints with `eqnet train` or eqnet_plugin.train.save_checkpoint") from None
+    except Exception as e:      # RuntimeError, EOFError, KeyError, ...: damaged pickle or records
+        raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt ({_first_line(e)}); "
+                              + _CORRUPT_ADVICE) from None
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        keys = sorted(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        keys = sorted(map(str, ckpt))[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise CheckpointError(f"{path!r} is not an eqnet_plugin checkpoint (found {keys}); write one with "
                               "eqnet_plugin.train.save_checkpoint, or load a plain state_dict with "
                               "supernet.model.load_state_dict(torch.load(path))")
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path!r} has checkpoint version {ckpt.get('version')!r}; this eqnet_plugin reads "
                               f"version {CHECKPOINT_VERSION}")
+    stored = ckpt.get("sha256")
+    if stored is not None and stored != _content_sha256(ckpt):
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: its content does not match the sha256 stored when "
+                              "it was written (it was changed after saving); " + _CORRUPT_ADVICE)
     return ckpt
 
 
@@ -550,7 +700,8 @@ def train_supernet(supernet: Supernet, train_loader: DataLoader, optimizer: torc
                     scheduler.step()
                 step += 1
                 for k, v in losses.items():
-                    sums.setdefault(k, []).append(v)
+                    if k != "logits":
+                        sums.setdefault(k, []).append(v)
                 if bar is not None:
                     bar.update(1)
                     if step % 10 == 0:

@@ -153,3 +153,73 @@ def test_extra_must_be_plain_values(trained, tmp_path):
     with pytest.raises(TypeError, match="to_dict"):
         save_checkpoint(tmp_path / "x.pt", sn, opt, extra={"config": sn.current_config()})
     assert not (tmp_path / "x.pt").exists()
+
+
+def _flip_bit_in_entry(src: Path, dst: Path, entry_suffix: str = "data/0", bit: int = 2) -> str:
+    """Copy `src` to `dst` with one bit flipped inside the stored bytes of the first zip entry ending in
+    `entry_suffix` (a tensor's data); returns the entry's name."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(src) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(entry_suffix) and i.file_size > 0)
+    data = bytearray(src.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len          # the local header's own extra field (padding)
+    data[start] ^= 1 << bit
+    dst.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_flipped_bit_in_stored_data_is_refused(trained, tmp_path):
+    """One flipped bit in a stored tensor (e.g. a quantizer scale) used to load silently; now the zip CRC check
+    refuses it with the file's name."""
+    sn, _, _, _, path = trained
+    bad = tmp_path / "flipped.pt"
+    entry = _flip_bit_in_entry(path, bad)
+    with pytest.raises(CheckpointError, match=r"'.*flipped\.pt' is corrupt") as e:
+        load_checkpoint(bad, sn)
+    assert entry in str(e.value)
+
+
+def test_content_hash_catches_a_change_with_valid_crcs(trained, tmp_path):
+    """A checkpoint re-saved with one value changed (valid zip CRCs) no longer matches its stored sha256."""
+    sn, _, _, _, path = trained
+    ckpt = torch.load(path, weights_only=True)
+    assert len(ckpt["sha256"]) == 64
+    name = next(k for k in ckpt["model"] if "scale" in k)             # a quantizer's learned scale
+    ckpt["model"][name] = ckpt["model"][name].clone()
+    flat = ckpt["model"][name].view(-1)
+    flat[0] = torch.nextafter(flat[0], flat[0] + 1)                # the smallest possible change
+    bad = tmp_path / "edited.pt"
+    torch.save(ckpt, bad)
+    with pytest.raises(CheckpointError, match=r"edited\.pt' is corrupt: its content does not match the sha256"):
+        load_checkpoint(bad, sn)
+
+
+def test_checkpoint_without_hash_still_loads(trained, tmp_path):
+    """Checkpoints of releases before the content hash load (their zip CRCs are still checked)."""
+    sn, _, _, _, path = trained
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["sha256"]
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    assert load_checkpoint(old, sn, restore_rng=False)["step"] == 1
+    entry = _flip_bit_in_entry(old, tmp_path / "old_flipped.pt")
+    with pytest.raises(CheckpointError, match="fails the zip CRC check"):
+        load_checkpoint(tmp_path / "old_flipped.pt", sn)
+    assert entry
+
+
+def test_empty_and_random_files_get_our_message(trained, tmp_path):
+    """An empty file used to crash with an IndexError; random bytes showed torch's weights_only advice."""
+    sn, _, _, _, _ = trained
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"'.*empty\.pt' is empty \(0 bytes\)"):
+        load_checkpoint(empty, sn)
+    rnd = tmp_path / "random.pt"
+    rnd.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                  dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(CheckpointError, match=r"random\.pt' is not an eqnet_plugin checkpoint") as e:
+        load_checkpoint(rnd, sn)
+    assert "weights_only" not in str(e.value)

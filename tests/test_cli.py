@@ -132,15 +132,22 @@ def test_image_folder_data(tmp_path):
 
 
 def test_train_resumes_from_existing_checkpoint(checkpoint, tmp_path, capsys):
+    """Resuming with the run's own settings continues it (a finished run: nothing to do) and keeps the float model's
+    numbers; a longer schedule (--max-steps 4 after a 3-step run) is refused before any work."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "supernet.pt").write_bytes(checkpoint.read_bytes())
-    rc, text, _ = run(capsys, "train", "--epochs", "1", "--max-steps", "4", "--image-size", "8", "--weight-bits", "2",
-                      "4", "8", "--act-bits", "2", "4", "8", "--out", str(out), *FAST)
-    assert rc == 0 and "resuming from" in text and "4 steps" in text
-    assert torch.load(out / "supernet.pt", weights_only=True)["step"] == 4
+    opts = ["--epochs", "1", "--image-size", "8", "--weight-bits", "2", "4", "8", "--act-bits", "2", "4", "8",
+            "--out", str(out), *FAST]
+    rc, text, _ = run(capsys, "train", "--max-steps", "3", *opts)
+    assert rc == 0 and "resuming from" in text and "3 steps" in text
+    assert torch.load(out / "supernet.pt", weights_only=True)["step"] == 3
     assert read_run_spec(out / "supernet.pt")[1]["float_test_accuracy"] == read_run_spec(checkpoint)[1][
         "float_test_accuracy"]
+    before = (out / "supernet.pt").read_bytes()
+    rc, _, err = run(capsys, "train", "--max-steps", "4", *opts)
+    assert_one_line_error(rc, err, "--max-steps 4", "--max-steps 3", "rise again", "new --out")
+    assert (out / "supernet.pt").read_bytes() == before
 
 
 def test_train_signed_activations_for_tensorrt(checkpoint, tmp_path, capsys):
@@ -245,8 +252,10 @@ def test_tensorrt_refuses_asymmetric_subnet(checkpoint, tmp_path, capsys):
 
 
 def test_bad_subnet_spec(checkpoint, capsys):
-    rc, _, err = run(capsys, "eval", "--checkpoint", str(checkpoint), "--subnet", "w9a9", *FAST)
-    assert_one_line_error(rc, err, "w9a9", "w<bits>a<bits>")
+    rc, _, err = run(capsys, "eval", "--checkpoint", str(checkpoint), "--subnet", "w9a1", *FAST)
+    assert_one_line_error(rc, err, "w9a1", "bits must be in 2..8", "weight bits 2, 4, 8", "activation bits 2, 4, 8")
+    rc, _, err = run(capsys, "eval", "--checkpoint", str(checkpoint), "--subnet", "x9", *FAST)
+    assert_one_line_error(rc, err, "x9", "w<bits>a<bits>")
     rc, _, err = run(capsys, "eval", "--checkpoint", str(checkpoint), "--subnet", "w3a3", *FAST)
     assert_one_line_error(rc, err, "outside the space")
 

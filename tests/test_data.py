@@ -1,4 +1,5 @@
-"""Embedded digits splits, loaders, and the local ImageFolder / CIFAR-10 readers (nothing downloads)."""
+"""Embedded digits splits, loaders, and the local ImageFolder / CIFAR-10 readers (nothing downloads), including
+malicious CIFAR-10 batches, one-class folders and unreadable images."""
 from __future__ import annotations
 
 import pickle
@@ -153,3 +154,77 @@ def test_cifar10_missing_files_named(tmp_path):
     (tmp_path / "c" / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
         cifar10_splits(tmp_path / "c")
+
+
+# --- safety and unreadable files -------------------------------------------------------------------------------
+class _CreatesFileWithSystem:
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch '{self.target}'",)
+
+
+class _CreatesFileWithOpen:
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        import builtins
+        return builtins.open, (self.target, "w")
+
+
+@pytest.mark.parametrize("payload", [_CreatesFileWithSystem, _CreatesFileWithOpen])
+def test_cifar10_malicious_batch_runs_no_code(tmp_path, payload):
+    _write_cifar(tmp_path / "c")
+    target = tmp_path / "pwned"
+    bad = tmp_path / "c" / "data_batch_2"
+    with open(bad, "wb") as f:                   # the payload sits inside an otherwise normal batch dict
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"x": payload(target)}, f)
+    with pytest.raises(ValueError, match="not allowed") as e:
+        cifar10_splits(tmp_path / "c")
+    assert str(bad) in str(e.value) and "not a CIFAR-10 python batch" in str(e.value)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar10_legitimate_batches_still_load(tmp_path, protocol):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"batch_label": n.encode(), b"labels": np.arange(20) % 10,        # labels as an ndarray this time
+             b"data": rng.integers(0, 255, (20, 3072), dtype=np.uint8), b"filenames": [b"a.png"] * 20}
+        body = pickle.dumps(d, protocol=protocol)
+        if protocol == 2:       # the global names numpy 1.x wrote into the real (Python 2) CIFAR-10 files
+            body = body.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        (folder / n).write_bytes(body)
+    s = cifar10_splits(tmp_path, val_fraction=0.1)
+    assert (len(s.train), len(s.val), len(s.test)) == (90, 10, 20) and s.num_classes == 10
+
+
+def test_image_folder_needs_two_classes(tmp_path):
+    _write_png_tree(tmp_path / "one", ["cat"], 6)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        image_folder_splits(tmp_path / "one", image_size=8)
+    (tmp_path / "one" / "dog").mkdir()                                 # an empty second class does not count
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        image_folder_splits(tmp_path / "one", image_size=8)
+    _write_png_tree(tmp_path / "tv" / "train", ["a"], 6)
+    _write_png_tree(tmp_path / "tv" / "val", ["a"], 2)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        image_folder_splits(tmp_path / "tv", image_size=8)
+
+
+def test_truncated_image_names_the_file(tmp_path):
+    _write_png_tree(tmp_path / "d", ["a", "b"], 4, size=32)
+    bad = tmp_path / "d" / "b" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:60])                             # header intact, pixel data cut
+    with pytest.raises(ValueError, match="cannot read image") as e:
+        image_folder_splits(tmp_path / "d", image_size=8)
+    assert str(bad) in str(e.value)
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="cannot read image") as e:
+        image_folder_splits(tmp_path / "d", image_size=8)
+    assert str(bad) in str(e.value)

@@ -242,7 +242,7 @@ def test_signed_override_with_all_gather_and_bad_values():
     _, x = _calibrated_act(signed=False)
     seen = []
     fq = _calibrate_forced(x, True, all_gather=lambda t: seen.append(t.numel()) or torch.cat([t, -t]))
-    assert seen == [x.numel()] and fq.signed.item() == 1
+    assert seen[0] == x.numel() and fq.signed.item() == 1                  # then the 2 extremes
     unforced = _calibrate_forced(x, None, all_gather=lambda t: torch.cat([t, -t]))
     assert unforced.signed.item() == 1                                        # gathered data is signed anyway
     assert _calibrate_forced(x, False).signed.item() == 0                    # False on non-negative data: fine
@@ -356,3 +356,85 @@ def test_lsq_gradient_scale_and_active_column_only(kind, sym):
     assert torch.equal(cell.grad, s.grad)
     untouched = [name for name, p in fq.named_parameters() if not name.endswith(f"{tag}_{bits}b")]
     assert untouched and all(getattr(fq, name).grad is None for name in untouched)
+
+
+# --- calibration sampling: no aliasing with the tensor layout, sign from the exact minimum -------------------
+def _calibrate_on(batches, signed=None) -> ElasticFakeQuantize:
+    fq = ElasticFakeQuantize(is_weight=False)
+    fq.enable_observer(True)
+    fq.enable_fake_quant(False)
+    for x in batches:
+        fq(x)
+    fq.finish_calibration(signed=signed)
+    fq.enable_observer(False)
+    fq.enable_fake_quant(True)
+    return fq
+
+
+def test_calibration_sees_every_column_not_a_strided_one():
+    """(64, 16, 8, 8) batches: an evenly strided subsample of 8192 values takes every 8th value, i.e. only column 0
+    of every feature map. Column 0 holds small values, the rest large ones: the range must be the large one."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        x = torch.rand(64, 16, 8, 8, generator=g) * 2.0 + 0.4            # columns 1..7: up to 2.4
+        x[..., 0] = torch.rand(64, 16, 8, generator=g) * 0.7              # column 0: below 0.7
+        batches.append(x)
+    assert float(batches[0].reshape(-1)[::8].max()) < 0.7                  # what a stride-8 sample would see
+    fq = _calibrate_on(batches)
+    fq.set_cell(4, True, False)
+    scale = fq.calculate_qparams()[0].item()
+    assert scale * 15 > 1.5, scale                                         # covers the large columns
+    x = torch.cat(batches)
+    err = (fq(x) - x).abs().mean().item()
+    assert err < 0.06, err
+
+
+def test_rare_negatives_off_the_sample_make_the_activation_signed():
+    """Five negative values among 65536 per batch: the sign comes from the exact minimum, not the subsample."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 16, 8, 8, generator=g)
+    flat = x.view(-1)
+    flat[[1, 9, 17, 1001, 4097]] = -0.5                                    # odd positions: off any even stride
+    fq = _calibrate_on([x])
+    assert fq.signed.item() == 1
+    fq.set_cell(8, True, False)
+    assert fq(torch.tensor([-0.5])).item() < -0.4                         # representable, not clipped to 0
+
+
+def test_asymmetric_cell_keeps_negatives_with_signed_activations():
+    """Every odd column negative: with signed_activations the asymmetric cell's zero point makes room for them."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(64, 16, 8, 8, generator=g)
+    x[..., 1::2] *= -0.3
+    fq = _calibrate_on([x], signed=True)
+    fq.set_cell(4, False, False)
+    zp = fq.calculate_qparams()[1].item()
+    assert zp > 0
+    assert fq(torch.tensor([-0.25])).item() < -0.15
+
+
+def test_calibration_is_deterministic():
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(64, 16, 8, 8, generator=g) for _ in range(2)]
+    a, b = _calibrate_on(batches), _calibrate_on(batches)
+    assert torch.equal(a.state_dict()["scale_sym_tensor_3b"], b.state_dict()["scale_sym_tensor_3b"])
+
+
+def test_calibration_extremes_are_reduced_over_ranks():
+    """all_gather (data parallel): the global minimum decides the sign on every rank."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(8, 4, 4, 4, generator=g)                                # this rank: non-negative
+
+    def gather(t):                                                         # another rank saw a -1.0
+        other = t.clone()
+        if other.numel() == 2:
+            other[0] = -1.0
+        return torch.cat([t, other])
+
+    fq = ElasticFakeQuantize(is_weight=False)
+    fq.enable_observer(True)
+    fq.enable_fake_quant(False)
+    fq(x)
+    fq.finish_calibration(all_gather=gather)
+    assert fq.signed.item() == 1

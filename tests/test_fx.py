@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from eqnet_plugin.bn_fold import fold_weight
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -209,23 +210,34 @@ def _weighted(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
 
 
 def test_reference_integer_weights_equal_qat_weights_after_bn_moves(case):
-    """Once BN statistics move, torch.ao's rsqrt BN folding differs from the QAT Conv-BN arithmetic in the last bit;
-    `convert_reference` still quantizes exactly the weights the QAT forward quantizes (every layer, every cell)."""
+    """Once BN statistics move away from the fixed fold, `convert_reference` still holds exactly the integer weights
+    the QAT forward quantizes (every layer, every cell), with the BN ratio in per-channel weight scales."""
     gm = copy.deepcopy(case.sn.model)
     sn = Supernet(gm)
     g = torch.Generator().manual_seed(7)
     sn.recalibrate_bn([torch.randn(4, *case.x.shape[1:], generator=g) for _ in range(2)])
-    assert any((m.running_var != 1).any() for m in gm.modules() if isinstance(m, nn.BatchNorm2d))
+    assert any((m.bn.running_var != m.fold_var).any() for m in gm.modules() if hasattr(m, "fold_var"))
     for cfg in (sn.sample(g), sn.sample(g, symmetric=False, per_channel=True), sn.uniform(8, 8)):
         with torch.no_grad(), sn.activate(cfg):
             ref = sn.to_reference()
             for name, m in _weighted(gm).items():
-                w = m.weight
-                if hasattr(m, "bn"):                                         # QAT Conv-BN: what its forward feeds
-                    w = w * (m.bn.weight / torch.sqrt(m.bn.running_var + m.bn.eps)).reshape(-1, 1, 1, 1)
+                fq = m.weight_fake_quant
+                w = fold_weight(m)                                           # what the QAT forward quantizes
                 r = ref.get_submodule(name)
                 r = r[0] if isinstance(r, nn.Sequential) else r
-                assert torch.equal(r.get_weight(), m.weight_fake_quant(w)), (name, m.weight_fake_quant.cell)
+                scale, zp = fq.calculate_qparams()
+                shape = [-1] + [1] * (w.dim() - 1)
+                pc = fq.cell[2]
+                s0, z0 = (scale.reshape(shape), zp.reshape(shape)) if pc else (scale, zp)
+                codes = torch.clamp(torch.round(w * (1.0 / s0)) + z0, fq.quant_min, fq.quant_max) - z0
+                if hasattr(m, "bn"):
+                    ratio = torch.sqrt(m.fold_var + m.bn.eps) / torch.sqrt(m.bn.running_var + m.bn.eps)
+                    s1 = r.weight_scale.reshape(shape) if r.weight_scale.numel() > 1 else r.weight_scale
+                    torch.testing.assert_close(r.weight_scale.reshape(-1), (scale * ratio).reshape(-1))
+                else:
+                    s1 = s0
+                ref_codes = torch.round(r.get_weight() / s1)
+                assert torch.equal(ref_codes, codes), (name, fq.cell)
 
 
 def test_convert_reference_keeps_sub_8_bit_ranges(case):
@@ -250,8 +262,8 @@ def test_state_dict_round_trip_into_freshly_prepared_model(case):
     cfg = sn.sample(torch.Generator().manual_seed(5))
     sn.apply(cfg)
     fresh = _fresh_prepared(case)
+    sn2 = Supernet(fresh)                                    # first: it adds the fixed BN fold's buffers
     fresh.load_state_dict(sn.model.state_dict())                             # strict; per-channel tables resize
-    sn2 = Supernet(fresh)
     assert sn2.current_config() == cfg
     sn.model.eval()
     fresh.eval()

@@ -83,6 +83,41 @@ def test_records_store_extra_metrics(sn, tmp_path):
         collect_records(sn, loader, None, 1, tmp_path / "x.jsonl", evaluate_fn=lambda *a: {"acc": 1.0})
 
 
+def test_records_of_another_supernet_are_refused(sn, tmp_path):
+    """Records carry the fingerprint of the supernet they were measured on: a file of another supernet, or of an
+    earlier release (no fingerprint), is refused before anything is measured or written."""
+    from eqnet_plugin.search.records import RecordsMismatchError, supernet_fingerprint
+    path = tmp_path / "rec.jsonl"
+    loader = [(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))]
+    fp = supernet_fingerprint(sn)
+    assert fp == supernet_fingerprint(eq.Supernet(sn.model, sn.space)) and len(fp) == 64
+    calls = []
+    recs = collect_records(sn, loader, None, 3, path, evaluate_fn=_fake_eval(calls), fingerprint=fp)
+    assert all(r.supernet == fp for r in recs) and load_records(path) == recs
+    assert all(json.loads(line)["supernet"] == fp for line in path.read_text().splitlines())
+    assert collect_records(sn, loader, None, 4, path, evaluate_fn=_fake_eval(calls), fingerprint=fp)[:3] == recs
+    before = path.read_bytes()
+    with pytest.raises(RecordsMismatchError, match=r"rec\.jsonl holds records of another supernet.*new --out.*delete"):
+        collect_records(sn, loader, None, 6, path, evaluate_fn=_fake_eval(calls), fingerprint="0" * 64)
+    assert path.read_bytes() == before and len(calls) == 4
+    old = tmp_path / "old.jsonl"                       # an earlier release's file: no fingerprint
+    collect_records(sn, loader, None, 2, old, evaluate_fn=_fake_eval([]))
+    assert "supernet" not in old.read_text()
+    with pytest.raises(RecordsMismatchError, match="without a supernet fingerprint.*delete"):
+        collect_records(sn, loader, None, 3, old, evaluate_fn=_fake_eval([]), fingerprint=fp)
+    # any training step changes the fingerprint
+    param = next(sn.model.parameters())
+    saved = param.detach().clone()
+    with torch.no_grad():
+        param.add_(1e-3)
+    try:
+        assert supernet_fingerprint(sn) != fp
+    finally:
+        with torch.no_grad():
+            param.copy_(saved)
+    assert supernet_fingerprint(sn) == fp
+
+
 def test_records_with_real_evaluate(sn, tmp_path):
     from eqnet_plugin.train import evaluate
     g = torch.Generator().manual_seed(0)

@@ -1,11 +1,14 @@
 """Measured (subnet, accuracy) records for fitting the CQAP, stored as JSON lines (resumable).
 
-Each line: ``{"version": 1, "index": i, "seed": s, "config": {...SubnetConfig...}, "accuracy": a, "costs": {...}}``.
-Record ``i`` is drawn from ``numpy.random.default_rng([seed, i])``, so it depends only on (seed, i): a run that
-stopped halfway resumes by re-drawing the stored records' configs (checked against the file) and measuring the rest.
+Each line: ``{"version": 1, "index": i, "seed": s, "config": {...SubnetConfig...}, "accuracy": a, "costs": {...},
+"supernet": fingerprint}``. Record ``i`` is drawn from ``numpy.random.default_rng([seed, i])``, so it depends only on
+(seed, i): a run that stopped halfway resumes by re-drawing the stored records' configs (checked against the file)
+and measuring the rest. ``supernet`` (`supernet_fingerprint`: a sha256 of the trained state) says which supernet a
+record was measured on, so that a file is never resumed with the accuracies of another supernet.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,28 +21,54 @@ from .cost import CostModel
 from .encoding import SearchSpace
 from .profiles import BackendProfile
 
-__all__ = ["Record", "collect_records", "load_records", "sample_config", "RECORDS_VERSION"]
+__all__ = ["Record", "collect_records", "load_records", "sample_config", "supernet_fingerprint",
+           "RecordsMismatchError", "RECORDS_VERSION"]
 
 RECORDS_VERSION = 1
 
 
 @dataclass(frozen=True)
 class Record:
-    """One measured subnet: its config, accuracy, costs (`Costs.to_dict()` keys) and any other metrics the
-    evaluation function returned (e.g. loss)."""
+    """One measured subnet: its config, accuracy, costs (`Costs.to_dict()` keys), any other metrics the
+    evaluation function returned (e.g. loss) and the `supernet_fingerprint` of the supernet it was measured on
+    (None: not recorded)."""
 
     index: int
     config: SubnetConfig
     accuracy: float
     costs: dict
     metrics: dict = field(default_factory=dict)
+    supernet: str | None = None
 
     def to_json_line(self, seed: int) -> str:
         d = {"version": RECORDS_VERSION, "index": self.index, "seed": seed, "config": self.config.to_dict(),
              "accuracy": self.accuracy, "costs": self.costs}
         if self.metrics:
             d["metrics"] = self.metrics
+        if self.supernet is not None:
+            d["supernet"] = self.supernet
         return json.dumps(d, separators=(",", ":")) + "\n"
+
+
+class RecordsMismatchError(ValueError):
+    """A records file holds records of another supernet (or records without a fingerprint)."""
+
+
+def supernet_fingerprint(supernet) -> str:
+    """sha256 (hex) of a supernet's trained state: every entry of its model's state_dict (name, dtype, shape,
+    bytes) and its space. Equal for the supernet a checkpoint holds however often it is loaded; changed by any
+    training step."""
+    import torch
+    h = hashlib.sha256()
+    h.update(json.dumps(supernet.space.to_dict(), sort_keys=True).encode())
+    for name, t in supernet.model.state_dict().items():
+        h.update(f"{name};{t.dtype};{tuple(t.shape)};".encode())
+        t = t.detach().cpu().contiguous().reshape(-1)
+        if t.is_quantized:
+            t = t.int_repr()
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def sample_config(space: SearchSpace, seed: int, index: int, spread: float = 1.0) -> SubnetConfig:
@@ -55,7 +84,7 @@ def _parse(line: str, where: str) -> Record:
                          f"supported (this release reads version {RECORDS_VERSION})")
     try:
         return Record(int(d["index"]), SubnetConfig.from_dict(d["config"]), float(d["accuracy"]), dict(d["costs"]),
-                      dict(d.get("metrics", {})))
+                      dict(d.get("metrics", {})), d.get("supernet"))
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: malformed record ({e}); records are written by collect_records") from None
 
@@ -105,7 +134,8 @@ def load_records(path: str | os.PathLike) -> list[Record]:
 def collect_records(supernet, loader: Iterable, bn_batches, n: int, path: str | os.PathLike, *, seed: int = 0,
                     profile: str | BackendProfile | None = None, cost_model: CostModel | None = None,
                     evaluate_fn: Callable | None = None, spread: float = 1.0,
-                    progress: Callable[[int, Record], None] | None = None) -> list[Record]:
+                    progress: Callable[[int, Record], None] | None = None,
+                    fingerprint: str | None = None) -> list[Record]:
     """Measure `n` sampled subnets and append them to the JSON-lines file `path` (resumable).
 
     Subnets are drawn the paper's way (a uniform target average bit-width, per-group bits around it; one global
@@ -126,9 +156,14 @@ def collect_records(supernet, loader: Iterable, bn_batches, n: int, path: str | 
             mapping with an ``"accuracy"`` key and other metrics (stored in `Record.metrics`).
         spread: spread of per-group bits around the target (`SearchSpace.sample_around`).
         progress: called as ``progress(i, record)`` after each new record.
+        fingerprint: `supernet_fingerprint(supernet)` (or any string naming the supernet), stored with every new
+            record; an existing file is resumed only if all its records carry the same one (None: not checked, not
+            stored).
     Returns:
         all n records (stored and new), in index order.
     Raises:
+        RecordsMismatchError: with `fingerprint`, the file holds records of another supernet or records without
+            a fingerprint (nothing is measured or written).
         ValueError: the file holds records of another seed/supernet/profile, or a corrupt line before the last.
     """
     from ..supernet import batch_inputs
@@ -138,6 +173,8 @@ def collect_records(supernet, loader: Iterable, bn_batches, n: int, path: str | 
     space = SearchSpace.from_supernet(supernet, profile)
     if evaluate_fn is None:
         from ..train import evaluate as evaluate_fn
+    if fingerprint is not None and os.path.exists(path):
+        _check_fingerprint(path, _read(path, repair=False), fingerprint)
     records = _read(path, repair=True) if os.path.exists(path) else []
     for i, r in enumerate(records[:n]):
         if r.index != i or r.config != sample_config(space, seed, i, spread):
@@ -159,7 +196,7 @@ def collect_records(supernet, loader: Iterable, bn_batches, n: int, path: str | 
                 out = out["accuracy"]
             else:
                 metrics = {}
-            rec = Record(i, cfg, float(out), cost_model(cfg).to_dict(), metrics)
+            rec = Record(i, cfg, float(out), cost_model(cfg).to_dict(), metrics, fingerprint)
             f.write(rec.to_json_line(seed))
             f.flush()
             os.fsync(f.fileno())
@@ -167,3 +204,15 @@ def collect_records(supernet, loader: Iterable, bn_batches, n: int, path: str | 
             if progress is not None:
                 progress(i, rec)
     return records
+
+
+def _check_fingerprint(path: str, records: list[Record], fingerprint: str) -> None:
+    """Raise RecordsMismatchError unless every record of `path` was measured on the supernet `fingerprint` names."""
+    other = sorted({r.supernet for r in records if r.supernet != fingerprint}, key=str)
+    if not other:
+        return
+    why = ("records without a supernet fingerprint (written by an earlier release), so they may belong to another "
+           "supernet" if None in other else
+           f"records of another supernet (fingerprint {str(other[0])[:12]}..., this one {fingerprint[:12]}...)")
+    raise RecordsMismatchError(f"{path} holds {why}; their accuracies would be reused for this one. Write the records "
+                               f"to a new file (eqnet search: a new --out) or delete {path}")

@@ -1,0 +1,229 @@
+"""Conv-BatchNorm with a fixed fold: the weights a quantizer cell trains on are the weights every subnet uses.
+
+torch.ao's QAT Conv-BN modules fold BatchNorm into the weight *before* the weight fake-quant, with the running
+variance: the quantizer sees ``w * gamma / sqrt(running_var + eps)``. In an elastic supernet the running variance
+is a mix of many subnets' statistics during training, and it is re-estimated per subnet for evaluation, so every
+re-estimate rescales each output channel of the quantized tensor while the learned per-cell scales stay fixed:
+the weights a subnet is evaluated and exported with are not the ones its cells were trained on.
+
+Here the fold uses a *fixed* per-channel statistic, ``fold_var`` (a buffer, set once from the running variance
+when the `Supernet` is built, i.e. the float model's statistics; never changed by training or BN
+re-estimation). The weight fake-quant therefore always sees ``W = w * gamma / sqrt(fold_var + eps)``, the same
+tensor in every subnet, in training and in evaluation. BatchNorm keeps its per-subnet running statistics for the
+output affine. In eval mode a layer computes
+
+    y = conv(x, Q(W)) * r + b',    r = sqrt(fold_var + eps) / sqrt(running_var + eps),
+                                   b' = beta + (bias - running_mean) * gamma / sqrt(running_var + eps),
+
+`fold_to_export` gives (integer codes of Q(W), per-channel scales ``s * r``, zero points, b'): the trained
+integer weights, with the BN ratio r folded into the weight scales, exactly. A per-tensor weight cell therefore
+exports with per-channel scales (the same per-tensor integer codes, ``s * r_c`` per output channel): one float
+scale per tensor cannot hold a per-channel BN ratio exactly, and every export target here accepts per-channel
+weight scales. Layers without BatchNorm are unchanged.
+
+In training mode the forward is torch.ao's (batch statistics normalize, running statistics are updated) except
+for the fixed fold. torch.ao's own ``convert_fx`` cannot express the ratio r (it folds with the running variance
+and re-quantizes), so these modules refuse ``to_float`` outside eqnet_plugin's reference conversion, with an
+error naming the exact paths (`Supernet.to_reference`, `freeze` and the adapters).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.ao.nn.intrinsic.qat as nniqat
+from torch import nn
+from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+
+__all__ = ["FixedFoldConvBnMixin", "use_fixed_bn_fold", "use_running_bn_fold", "torch_classes", "fold_weight", "quantized_weight", "fold_to_export",
+           "is_conv_bn", "ConvertFxError"]
+
+_ALLOW = threading.local()
+
+
+class ConvertFxError(RuntimeError):
+    """torch.ao's convert_fx was called on an elastic supernet; it cannot reproduce the subnet exactly."""
+
+
+CONVERT_FX_ADVICE = ("use sn.to_reference(cfg) for torch.ao's reference (Q/DQ) model of a subnet, or "
+                     "eqnet_plugin.freeze(sn, cfg) and the exporters (export_onnx, export_to_tensorrt, to_brevitas, "
+                     "export_qnn) for deployment")
+
+
+@contextlib.contextmanager
+def allow_torch_convert():
+    """Inside: the fixed-fold modules let torch.ao convert them (eqnet_plugin's own reference conversion)."""
+    prev = getattr(_ALLOW, "on", False)
+    _ALLOW.on = True
+    try:
+        yield
+    finally:
+        _ALLOW.on = prev
+
+
+def convert_allowed() -> bool:
+    return getattr(_ALLOW, "on", False)
+
+
+def _fold_std(bn: nn.modules.batchnorm._BatchNorm, var: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(var + bn.eps)
+
+
+class FixedFoldConvBnMixin:
+    """Overrides torch.ao's `_ConvBnNd._forward_approximate` to fold with the fixed ``fold_var`` buffer."""
+
+    def _forward_approximate(self, input):
+        scale_factor = self.bn.weight / _fold_std(self.bn, self.fold_var)
+        weight_shape = [1] * len(self.weight.shape)
+        weight_shape[0] = -1
+        bias_shape = [1] * len(self.weight.shape)
+        bias_shape[1] = -1
+        scaled_weight = self.weight_fake_quant(self.weight * scale_factor.reshape(weight_shape))
+        if self.bias is not None:
+            zero_bias = torch.zeros_like(self.bias, dtype=input.dtype)
+        else:
+            zero_bias = torch.zeros(self.out_channels, device=scaled_weight.device, dtype=input.dtype)
+        conv = self._conv_forward(input, scaled_weight, zero_bias)
+        conv_orig = conv / scale_factor.reshape(bias_shape)
+        if self.bias is not None:
+            conv_orig = conv_orig + self.bias.reshape(bias_shape)
+        return self.bn(conv_orig)
+
+    def to_float(self):
+        if not convert_allowed():
+            raise ConvertFxError(
+                f"torch.ao convert_fx cannot convert {type(self).__name__} of an eqnet_plugin supernet exactly: "
+                "it folds BatchNorm with the subnet's running variance and re-quantizes the weight, while the "
+                "supernet quantizes a fixed-fold weight (and keeps sub-8-bit ranges); " + CONVERT_FX_ADVICE)
+        return super().to_float()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "fold_var"
+        if key not in state_dict:
+            # A checkpoint from before the fixed fold: its quantizers were trained on the running-variance fold.
+            var = state_dict.get(prefix + "bn.running_var")
+            if var is not None:
+                state_dict[key] = var.clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _subclass(base: type) -> type:
+    cls = type(base.__name__, (FixedFoldConvBnMixin, base), {"__module__": __name__,
+                                                             "__qualname__": base.__name__})
+    return cls
+
+
+# One fixed-fold class per torch.ao QAT Conv-BN class (module-level, so models pickle).
+ConvBn1d = _subclass(nniqat.ConvBn1d)
+ConvBn2d = _subclass(nniqat.ConvBn2d)
+ConvBn3d = _subclass(nniqat.ConvBn3d)
+ConvBnReLU1d = _subclass(nniqat.ConvBnReLU1d)
+ConvBnReLU2d = _subclass(nniqat.ConvBnReLU2d)
+ConvBnReLU3d = _subclass(nniqat.ConvBnReLU3d)
+_FIXED = {base: cls for base, cls in ((nniqat.ConvBn1d, ConvBn1d), (nniqat.ConvBn2d, ConvBn2d),
+                                      (nniqat.ConvBn3d, ConvBn3d), (nniqat.ConvBnReLU1d, ConvBnReLU1d),
+                                      (nniqat.ConvBnReLU2d, ConvBnReLU2d), (nniqat.ConvBnReLU3d, ConvBnReLU3d))}
+_TORCH = {cls: base for base, cls in _FIXED.items()}
+
+
+def is_conv_bn(mod: nn.Module) -> bool:
+    return isinstance(mod, _ConvBnNd)
+
+
+@torch.no_grad()
+def use_fixed_bn_fold(model: nn.Module) -> list[str]:
+    """Switch every torch.ao QAT Conv-BN module of `model` (in place) to its fixed-fold class, with ``fold_var``
+    set from the current running variance. Idempotent. Returns the names of the switched modules."""
+    out = []
+    for name, m in model.named_modules():
+        cls = _FIXED.get(type(m))
+        if cls is None:
+            continue
+        m.__class__ = cls
+        if "fold_var" not in m._buffers:
+            m.register_buffer("fold_var", m.bn.running_var.detach().clone())
+        out.append(name)
+    return out
+
+
+@torch.no_grad()
+def use_running_bn_fold(model: nn.Module) -> list[str]:
+    """Undo `use_fixed_bn_fold` (in place): torch.ao's own Conv-BN classes, folding with the running variance."""
+    out = []
+    for name, m in model.named_modules():
+        base = _TORCH.get(type(m))
+        if base is not None:
+            m.__class__ = base
+            m._buffers.pop("fold_var", None)
+            out.append(name)
+    return out
+
+
+@contextlib.contextmanager
+def torch_classes(model: nn.Module):
+    """Inside: every fixed-fold module of `model` is torch.ao's own class again (for torch.ao's convert, which
+    looks modules up by exact type), and to_float is allowed. Use on a copy that is converted."""
+    switched = []
+    for m in model.modules():
+        base = _TORCH.get(type(m))
+        if base is not None:
+            m.__class__ = base
+            switched.append((m, type(m)))
+    try:
+        with allow_torch_convert():
+            yield
+    finally:
+        for m, base in switched:
+            m.__class__ = _FIXED[base]
+
+
+def quantized_weight(mod: nn.Module) -> torch.Tensor:
+    """The tensor the weight fake-quant of `mod` sees, differentiable: ``w * gamma / sqrt(fold + eps)`` for Conv-BN
+    (fold: the fixed ``fold_var`` when present, else the running variance, as torch.ao folds), the weight
+    otherwise."""
+    w = mod.weight
+    bn = getattr(mod, "bn", None)
+    if bn is None:
+        return w
+    var = getattr(mod, "fold_var", None)
+    var = bn.running_var if var is None else var
+    factor = bn.weight / _fold_std(bn, var)
+    return w * factor.reshape([-1] + [1] * (w.dim() - 1))
+
+
+def fold_weight(mod: nn.Module) -> torch.Tensor:
+    """`quantized_weight`, detached (a copy)."""
+    with torch.no_grad():
+        return quantized_weight(mod).detach().clone()
+
+
+@torch.no_grad()
+def fold_to_export(mod: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor, per_channel: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """BatchNorm folded into a layer whose weight quantizer has `scale` / `zero_point` ((C,) per-channel or (1,)
+    per-tensor) and turns `fold_weight(mod)` into integer codes n.
+
+    Returns (scale', zero_point', bias', per_channel'): the eval output is conv(x, (n - zero_point') * scale') +
+    bias'. Conv-BN layers get scales ``scale * r`` (see the module docstring), per-channel unless r is the same
+    for every channel; layers without BN keep their scale and bias.
+    """
+    bn = getattr(mod, "bn", None)
+    b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
+    if bn is None:
+        return scale, zero_point, None if b is None else b.clone(), per_channel
+    var = getattr(mod, "fold_var", None)
+    var = bn.running_var if var is None else var
+    std = _fold_std(bn, bn.running_var)
+    ratio = _fold_std(bn, var) / std
+    b0 = b if b is not None else torch.zeros_like(bn.running_mean)
+    bias = (b0 - bn.running_mean) * (bn.weight.detach() / std) + bn.bias.detach()
+    scale = scale.to(ratio.device)
+    if not per_channel and bool((ratio == ratio[0]).all()):
+        return (scale * ratio[:1]).float(), zero_point, bias, False
+    c = ratio.numel()
+    scale = (scale.expand(c) * ratio).float()
+    zero_point = zero_point.expand(c).clone() if zero_point.numel() == 1 else zero_point
+    return scale, zero_point, bias, True
