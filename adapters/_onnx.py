@@ -2,7 +2,7 @@
 each adapter replace the markers by what its target needs.
 
 Why markers instead of torch's quantized ONNX export: torch's exporters reject or silently drop sub-8-bit ranges
-(FACTS.md), and ONNX Runtime's `quantize_static` places Q/DQ by its own rules, which differ from where torch.ao
+(see docs/targets.md), and ONNX Runtime's `quantize_static` places Q/DQ by its own rules, which differ from where torch.ao
 placed the fake-quants we trained with. A marker (custom op ``eqnet.QuantPoint`` carrying the group name) survives
 the TorchScript exporter exactly where the QuantPoint was, so every adapter writes its nodes at the training
 placement: Q -> DQ (optionally with Clip for sub-8-bit) for ONNX Runtime and TensorRT, nothing (a stable tensor
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from eqnet_plugin.exact_pool import ExactGlobalAvgPool, exact_global_avg_pool
-from eqnet_plugin.freeze import FrozenSubnet, QuantPoint
+from eqnet_plugin.freeze import FrozenSubnet, QuantPoint, as_example_inputs
 
 __all__ = ["MARKER_DOMAIN", "MARKER_OP", "export_marked", "replace_markers", "save_model_atomic"]
 
@@ -96,8 +96,7 @@ def export_marked(frozen: FrozenSubnet, example_inputs: tuple, opset: int = 17, 
     """
     import onnx
 
-    if not isinstance(example_inputs, tuple):
-        raise TypeError("example_inputs must be a tuple of tensors, e.g. (torch.randn(1, 3, 224, 224),)")
+    example_inputs = as_example_inputs(example_inputs)
     graph = _swap_points(copy.deepcopy(frozen.graph)).eval()
     if not exact_pool:
         _plain_pools(graph)

@@ -9,7 +9,7 @@
 How the quantizers reproduce a QParams record (Brevitas computes ``scale = scaling_impl(x, int_scaling_impl(b))``):
   * scale: ``scaling_impl_type='parameter'`` initialized with the scale itself, divided by an integer scaling that
     returns exactly 1, so the learned parameter *is* the scale (initializing with ``scale * threshold`` and letting
-    Brevitas divide by the threshold gave 1-ulp errors, FACTS.md). Per-channel: shape (C, 1, ..., 1).
+    Brevitas divide by the threshold gave 1-ulp errors). Per-channel: shape (C, 1, ..., 1).
   * zero point: Brevitas' `ParameterZeroPoint` (what its `Shifted*` quantizers learn), initialized so that its
     quantized value ``round(|v| / s) + qmin`` is the integer zero point.
   * grid: ``signed = qmin < 0``, ``narrow_range = False``, ``bit_width = bits`` (2..8 all work).
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from eqnet_plugin.freeze import (FrozenSubnet, QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantPoint,
-                                 as_frozen, set_submodule)
+                                 as_example_inputs, as_frozen, set_submodule)
 from eqnet_plugin.supernet import Supernet
 
 __all__ = ["to_brevitas", "export_brevitas_qcdq", "export_brevitas_qonnx"]
@@ -234,10 +234,7 @@ def _export_model(model) -> nn.Module:
 
 
 def _check_inputs(example_inputs) -> tuple:
-    if not isinstance(example_inputs, tuple) or not example_inputs or \
-            not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        raise TypeError("example_inputs must be a non-empty tuple of tensors, e.g. (torch.randn(1, 3, 224, 224),)")
-    return example_inputs
+    return as_example_inputs(example_inputs)
 
 
 def _export_to(path, export_fn, rewrite=None) -> str:

@@ -1,4 +1,4 @@
-"""Generic ONNX Q/DQ export of a frozen subnet, for ONNX Runtime (DESIGN section 7).
+"""Generic ONNX Q/DQ export of a frozen subnet, for ONNX Runtime.
 
 Every quantized tensor of the `FrozenSubnet` becomes explicit QuantizeLinear / DequantizeLinear nodes at exactly the
 place torch.ao put the fake-quant we trained with (the markers of `adapters._onnx.export_marked`):
@@ -14,7 +14,7 @@ place torch.ao put the fake-quant we trained with (the markers of `adapters._onn
   Runtime 1.32 fuses ``DQ(uint4) -> Conv`` into a QLinearConv that rejects 4-bit inputs (the default session fails
   to load the model), its MaxPool rejects uint4 inputs, and ONNX Clip has no 4-bit types for 2/3-bit grids.
 
-torch's exporters reject or silently drop sub-8-bit ranges (FACTS.md), and ONNX Runtime's `quantize_static` places
+torch's exporters reject or silently drop sub-8-bit ranges (see docs/targets.md), and ONNX Runtime's `quantize_static` places
 Q/DQ by its own rules (e.g. it does not re-quantize after an average pool as torch.ao does), so the nodes are written
 here explicitly.
 

@@ -1,4 +1,4 @@
-"""QNN export: a float ONNX model with stable tensor names plus an AIMET-style encodings file (DESIGN section 7).
+"""QNN export: a float ONNX model with stable tensor names plus an AIMET-style encodings file.
 
 Qualcomm's QNN converter (``qnn-onnx-converter --quantization_overrides``) and AIMET read a float model together
 with a JSON file that maps tensor names to quantization encodings. `export_qnn` writes both from a `FrozenSubnet`:

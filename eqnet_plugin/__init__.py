@@ -6,6 +6,7 @@ torch.ao FX QAT, with search and export to TensorRT, Brevitas and Qualcomm QNN.
     losses = sandwich_step(sn, x, y, optimizer, generator=g)         # inside your training loop
     acc = evaluate(sn, sn.uniform(4, 4), val_loader, bn_batches)
     frozen = freeze(sn, best_cfg)                                      # then eqnet_plugin.adapters.*
+    eqnet_plugin.export_to_tensorrt(frozen, x, "model.onnx")          # or export_onnx / export_qnn / to_brevitas
 """
 __version__ = "0.1.0"
 
@@ -15,10 +16,24 @@ from .freeze import FrozenSubnet, QParams, freeze
 from .fx import elastic_backend_config, elastic_qconfig_mapping, prepare_qat
 from .losses import WDRLoss, gpg_losses
 from .space import ElasticSpace, QuantChoice, SubnetConfig
-from .supernet import Supernet
+from .supernet import BatchNormStatsError, Supernet
 from .train import evaluate, evaluate_configs, load_checkpoint, sandwich_step, save_checkpoint, train_supernet
 
 __all__ = ["ElasticSpace", "QuantChoice", "SubnetConfig", "ElasticFakeQuantize", "elastic_qconfig_mapping",
            "elastic_backend_config", "prepare_qat", "Supernet", "WDRLoss", "gpg_losses", "sandwich_step",
            "evaluate", "evaluate_configs", "train_supernet", "save_checkpoint", "load_checkpoint", "freeze",
-           "FrozenSubnet", "QParams", "search", "__version__"]
+           "FrozenSubnet", "QParams", "search", "BatchNormStatsError", "adapters", "export_onnx", "export_to_tensorrt",
+           "export_qnn", "to_brevitas", "to_pytorch_quantization", "__version__"]
+
+_ADAPTER_EXPORTS = ("export_onnx", "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization",
+                    "export_brevitas_qcdq", "export_brevitas_qonnx", "check_tensorrt_onnx")
+
+
+def __getattr__(name: str):
+    """`eqnet_plugin.adapters` and its exporters as package attributes, imported on first use (the adapters pull
+    in onnx and friends, which the core does not need)."""
+    if name == "adapters" or name in _ADAPTER_EXPORTS:
+        import importlib
+        adapters = importlib.import_module(".adapters", __name__)
+        return adapters if name == "adapters" else getattr(adapters, name)
+    raise AttributeError(f"module 'eqnet_plugin' has no attribute {name!r}")

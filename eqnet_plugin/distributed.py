@@ -1,4 +1,4 @@
-"""torch.distributed helpers for supernet training (DESIGN 5b): one subnet per step on every rank, averaged
+"""torch.distributed helpers for supernet training: one subnet per step on every rank, averaged
 gradients, rank-0 writes. Every function is a no-op (or the trivial answer) outside an initialized process group,
 so the same training code runs with and without `torchrun`.
 

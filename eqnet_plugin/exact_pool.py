@@ -15,8 +15,6 @@ smallest one's ulp, at most 2^8 times apart), so the float64 sum is exact in any
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -28,10 +26,12 @@ def exact_global_avg_pool(x: torch.Tensor) -> torch.Tensor:
 
     Devices without float64 (MPS) fall back to the plain mean. Differentiable (the gradient is the usual g / n).
     """
-    dims = tuple(range(2, x.dim()))
+    dims = list(range(2, x.dim()))                        # written so that torch.jit.script accepts it
     if x.device.type == "mps":
         return x.mean(dims, keepdim=True)
-    n = math.prod(x.shape[2:])
+    n = 1
+    for size in x.shape[2:]:
+        n *= size
     return torch.sum(x, dims, keepdim=True, dtype=torch.float64).div(n).to(x.dtype)
 
 

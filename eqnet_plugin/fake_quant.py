@@ -23,9 +23,12 @@ of them is what forward reads, so the forward pass never synchronizes with the d
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
+from .bn_fold import CONVERT_FX_ADVICE, ConvertFxError, convert_allowed
 from .primitives import EPS, fake_quantize, grid_search_qparams, int_range, lsq_grad_factor
 from .space import ElasticSpace
 
@@ -35,6 +38,18 @@ _SAMPLES_PER_BATCH = 8192       # activation values kept from each calibration b
 _SAMPLE_CAPACITY = 16384        # activation values kept in all (random subsample beyond that)
 _WEIGHT_SAMPLES_PER_CHANNEL = 512
 _CALIB_SEED = 20230816          # seeds the activation subsampling: calibration is deterministic
+
+
+def _called_by_torch_convert(depth: int = 8) -> bool:
+    """Is a torch.ao FX convert function among the callers (a few frames up)?"""
+    f = sys._getframe(2)
+    for _ in range(depth):
+        if f is None:
+            return False
+        if f.f_globals.get("__name__", "") in ("torch.ao.quantization.fx.convert", "torch.ao.quantization.quantize_fx"):
+            return True
+        f = f.f_back
+    return False
 
 
 def _tag(symmetric: bool, per_channel: bool) -> str:
@@ -146,7 +161,17 @@ class ElasticFakeQuantize(FakeQuantizeBase):
 
     @torch.no_grad()
     def calculate_qparams(self):
-        """(scale, zero_point) of the active cell: float (C,) or (1,), and integer zero point of the same shape."""
+        """(scale, zero_point) of the active cell: float (C,) or (1,), and integer zero point of the same shape.
+
+        Raises:
+            ConvertFxError: called by torch.ao's ``convert_fx`` / ``convert_to_reference_fx`` directly on an elastic
+                supernet, which cannot reproduce its subnets (fixed BN fold, sub-8-bit ranges); the message names
+                the exact paths (`Supernet.to_reference`, `freeze` and the exporters).
+        """
+        if not convert_allowed() and _called_by_torch_convert():
+            raise ConvertFxError("torch.ao convert_fx cannot convert an eqnet_plugin elastic supernet exactly (it "
+                                 "re-folds BatchNorm with the running variance and lowers to 8-bit kernels); "
+                                 + CONVERT_FX_ADVICE)
         scale, zp = self._active_qparams()
         return scale.detach().clone(), zp.detach().round().to(torch.int32)
 

@@ -31,7 +31,7 @@ from .primitives import int_range
 from .space import SubnetConfig
 
 __all__ = ["QParams", "QuantPoint", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "FrozenLayer",
-           "FrozenSubnet", "freeze", "as_frozen"]
+           "FrozenSubnet", "freeze", "as_frozen", "as_example_inputs"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -248,6 +248,7 @@ def freeze(supernet, cfg: SubnetConfig | None = None, bn_batches=None) -> Frozen
         BatchNormStatsError: the subnet's BatchNorm statistics are not known (pass `bn_batches`).
     """
     cfg = cfg if cfg is not None else supernet.current_config()
+    supernet.require_calibrated("freeze")
     with supernet.activate(cfg):
         if bn_batches is not None:
             supernet.recalibrate_bn(bn_batches)
@@ -277,6 +278,20 @@ def freeze(supernet, cfg: SubnetConfig | None = None, bn_batches=None) -> Frozen
     gm.recompile()
     frozen = FrozenSubnet(gm, cfg, qparams, layers)
     return frozen.eval()
+
+
+def as_example_inputs(example_inputs) -> tuple:
+    """Example inputs as the tuple torch.onnx / torch.fx expect: a bare tensor becomes ``(tensor,)`` (what
+    ``prepare_qat_fx`` accepts too); a tuple or list of tensors is kept. Raises TypeError naming the fix otherwise."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple) or not example_inputs or \
+            not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise TypeError("example_inputs must be a tensor or a non-empty tuple of tensors, e.g. "
+                        "torch.randn(1, 3, 224, 224) or (torch.randn(1, 3, 224, 224),)")
+    return example_inputs
 
 
 def as_frozen(model, cfg: SubnetConfig | None = None) -> FrozenSubnet:

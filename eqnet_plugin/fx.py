@@ -197,8 +197,10 @@ def prepare_qat(model: nn.Module, example_inputs: tuple, space: ElasticSpace | N
         TraceError: FX could not trace the model (the message says how to make it traceable).
         PlacementError: a fake-quant was dropped or added relative to torch.ao's default QAT mapping.
     """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
     if not isinstance(example_inputs, tuple):
-        raise TypeError("example_inputs must be a tuple of tensors, e.g. (torch.randn(1, 3, 32, 32),)")
+        raise TypeError("example_inputs must be a tensor or a tuple of tensors, e.g. (torch.randn(1, 3, 32, 32),)")
     gm = _prepare(copy.deepcopy(model), elastic_qconfig_mapping(space), example_inputs, prepare_custom_config,
                   backend_config)
     if check and backend_config is None:

@@ -1,7 +1,7 @@
 """Pure quantizer math: integer ranges, LSQ fake quantization with learnable scale and zero point, and the
 calibration grid search. One source of truth for every range used by the modules and the exporters.
 
-Conventions (DESIGN section 4):
+Conventions:
   q = clamp(round(x / s) + z, qmin, qmax),  x_hat = (q - z) * s
 computed as ``x * (1 / s)`` so that it matches torch's fake-quant kernels and the decomposed reference ops bit for bit.
 """

@@ -1,4 +1,4 @@
-"""The elastic search space and one policy drawn from it (DESIGN section 3).
+"""The elastic search space and one policy drawn from it.
 
 `ElasticSpace` says which bit-widths, symmetries and granularities a supernet may use; `QuantChoice` is one
 quantizer group's setting; `SubnetConfig` maps every group of a supernet to its `QuantChoice` and serializes to

@@ -5,7 +5,6 @@ holds references to its `ElasticFakeQuantize` modules and knows the graph around
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import warnings
 import weakref
@@ -69,6 +68,27 @@ class _BnTracker:
 
     def __setstate__(self, state):
         self._ref = None
+
+
+class _Activation:
+    """What `Supernet.activate` returns: a context manager that switches to a subnet for its block."""
+
+    def __init__(self, supernet: "Supernet", cfg: SubnetConfig) -> None:
+        self._sn, self.cfg, self._state, self._entered = supernet, cfg, None, False
+
+    def __enter__(self) -> SubnetConfig:
+        self._entered = True
+        self._state = self._sn._enter(self.cfg)
+        return self.cfg
+
+    def __exit__(self, *exc) -> None:
+        state, self._state = self._state, None
+        self._sn._exit(self.cfg, state)
+
+    def __del__(self) -> None:
+        if not self._entered:
+            warnings.warn("Supernet.activate(cfg) switched nothing: use it as `with sn.activate(cfg): ...`, or "
+                          "call sn.apply(cfg) to switch for good", stacklevel=2)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -144,6 +164,8 @@ class Supernet:
         self._bn_trained = False                       # a training-mode forward happened since the model was built
         self._bn_warned = False
         self._recalibrating = False
+        self._calibrated = False
+        self._calib_warned = False
         self._hook = model.register_forward_pre_hook(_BnTracker(self))
         self.exact_pools = use_exact_global_pools(model)
         if self.exact_pools:
@@ -214,7 +236,13 @@ class Supernet:
 
     # --- BatchNorm statistics -------------------------------------------------------------------------------
     def _on_forward(self, module, args) -> None:
-        """Forward pre-hook on the model (Python only, no device sync): track what the BN buffers hold."""
+        """Forward pre-hook on the model: track what the BN buffers hold (Python only), and warn once about an
+        uncalibrated supernet (one host sync, until calibrated)."""
+        if not self._calibrated and not self._calib_warned and not any(fq._observing for fq in self.groups.values()):
+            if not self.is_calibrated():
+                self._calib_warned = True
+                warnings.warn("this supernet is not calibrated: every quantizer scale is 1.0 and the outputs are "
+                              "nearly constant; call sn.calibrate(batches) first", stacklevel=3)
         if self._recalibrating or not self.bn_modules:
             return
         if module.training:
@@ -247,7 +275,7 @@ class Supernet:
         has no BatchNorm, was not trained since it was built, holds `cfg`'s re-estimated statistics, or `cfg` is
         the widest subnet (whose statistics training tracks)."""
         cfg = cfg if cfg is not None else self.current_config()
-        if not self.bn_modules or not self._bn_trained or self._bn_owner == cfg or cfg in self._bn_cache:
+        if not self.bn_modules or not self._bn_trained or cfg in self._bn_cache:
             return True
         return all(ch.bits == max(self._choices(g)[0]) for g, ch in cfg.groups.items())
 
@@ -259,6 +287,22 @@ class Supernet:
                 "training step (the model holds the widest subnet's): pass bn_batches=<training batches>, or "
                 "first run `with sn.activate(cfg): sn.recalibrate_bn(train_batches)` or "
                 "eqnet_plugin.evaluate(sn, cfg, loader, bn_batches)")
+
+    def is_calibrated(self) -> bool:
+        """Have the cells been initialized (`calibrate`, or a loaded trained state)? A fresh quantizer's scales are
+        all 1.0. Checked on the device once (one host sync), then remembered."""
+        if not self._calibrated:
+            with torch.no_grad():
+                flags = [(p != 1).any() for fq in self.groups.values()
+                         for n, p in fq.named_parameters(recurse=False) if n.startswith("scale")]
+                self._calibrated = bool(torch.stack(flags).all()) if flags else True
+        return self._calibrated
+
+    def require_calibrated(self, what: str = "this") -> None:
+        """Raise RuntimeError naming the fix unless `is_calibrated()`."""
+        if not self.is_calibrated():
+            raise RuntimeError(f"{what} needs a calibrated supernet: call sn.calibrate(batches) first (every cell "
+                               "still has its initial scale 1.0, which gives constant outputs)")
 
     def mark_bn_trained(self) -> None:
         """Declare the BN statistics as training statistics (after loading a trained state_dict)."""
@@ -306,29 +350,38 @@ class Supernet:
         for g, ch in cfg.groups.items():
             self.groups[g].set_cell(ch.bits, ch.symmetric, ch.per_channel)
 
-    @contextlib.contextmanager
-    def activate(self, cfg: SubnetConfig) -> Iterator[SubnetConfig]:
-        """Context manager: run with `cfg` active, restore the previous cells afterwards (also on error).
+    def activate(self, cfg: SubnetConfig) -> "_Activation":
+        """Context manager: run with `cfg` active, restore the previous cells afterwards (also on error)::
+
+            with sn.activate(cfg):
+                logits = model(x)
+
+        It switches nothing until the ``with`` block is entered (a warning says so if it never is; `apply(cfg)`
+        switches for good). `cfg` is validated at once.
 
         BatchNorm: if `cfg`'s statistics were re-estimated earlier (`recalibrate_bn`), they are put in place for
-        the block and the previous ones restored on exit. Note that `activate` does nothing
-        unless used as ``with sn.activate(cfg):``; `apply(cfg)` switches without restoring."""
+        the block and the previous ones restored on exit."""
+        self.validate(cfg)
+        return _Activation(self, cfg)
+
+    def _enter(self, cfg: SubnetConfig):
         previous = self.current_config()
         self.apply(cfg)
         snap = owner = None
         cached = self._bn_cache.get(cfg)
-        if cached is not None and self._bn_owner != cfg:
+        if cached is not None:
             snap, owner = self._bn_snapshot(), self._bn_owner
             self._bn_restore(cached)
             self._bn_owner = cfg
-        try:
-            yield cfg
-        finally:
-            for g, ch in previous.groups.items():
-                self.groups[g].set_cell(ch.bits, ch.symmetric, ch.per_channel)
-            if snap is not None and self._bn_owner == cfg:
-                self._bn_restore(snap)
-                self._bn_owner = owner
+        return previous, snap, owner
+
+    def _exit(self, cfg: SubnetConfig, state) -> None:
+        previous, snap, owner = state
+        for g, ch in previous.groups.items():
+            self.groups[g].set_cell(ch.bits, ch.symmetric, ch.per_channel)
+        if snap is not None and self._bn_owner == cfg:
+            self._bn_restore(snap)
+            self._bn_owner = owner
 
     def current_config(self) -> SubnetConfig:
         """The active cells as a SubnetConfig."""
@@ -381,6 +434,8 @@ class Supernet:
         W sym / A asym).
         """
         for what, b, allowed in (("w_bits", w_bits, self.space.weight_bits), ("a_bits", a_bits, self.space.act_bits)):
+            if isinstance(b, bool) or not isinstance(b, int):
+                raise TypeError(f"{what} must be an int, got {type(b).__name__} {b!r}")
             if b not in allowed:
                 raise ValueError(f"{what}={b} is outside the space; allowed: {allowed}")
         return self._build(lambda g, bits: bits[0] if len(bits) == 1 else
@@ -392,11 +447,12 @@ class Supernet:
         return list(self.groups.values())
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable, max_batches: int | None = None, signed_activations: bool = False) -> int:
+    def calibrate(self, batches: Iterable, max_batches: int | None = None, signed_activations: bool = False,
+                  overwrite: bool = False) -> int:
         """Initialize every cell of every quantizer (paper grid search) from float activations on `batches`.
 
         Args:
-            batches: iterable of input tensors or (inputs, targets) tuples.
+            batches: iterable of input tensors or (inputs, targets) tuples; a single tensor is one batch.
             max_batches: stop after this many batches.
             signed_activations: False (default): each activation quantizer takes the grid its data needs, the
                 unsigned grid [0, 2^b-1] with zero point 0 for non-negative (post-ReLU) tensors and the signed
@@ -407,14 +463,21 @@ class Supernet:
                 8-bit activations then export exactly (`export_to_tensorrt(..., unsigned_activations="refuse")` accepts
                 it), at the cost of one bit of resolution on post-ReLU tensors. The choice is stored in the
                 quantizers' `signed` buffers, so it is part of the model's state_dict and checkpoints.
+            overwrite: re-initialize a supernet whose cells were calibrated (or trained and loaded) already;
+                without it that is refused, since it would overwrite the learned scales.
         Returns:
             the number of batches used.
         Raises:
-            ValueError: no batches; `signed_activations` not a bool.
+            ValueError: no batches; `signed_activations` not a bool; already calibrated and not `overwrite`.
         Under torch.distributed the statistics are gathered from all ranks, so every rank gets identical scales.
         """
         if not isinstance(signed_activations, bool):
             raise ValueError(f"signed_activations must be True or False, got {signed_activations!r}")
+        if not overwrite and self.is_calibrated():
+            raise ValueError("this supernet is calibrated already (or holds trained scales): calibrating again would "
+                             "overwrite every learned scale; pass overwrite=True to re-initialize the cells")
+        if isinstance(batches, torch.Tensor):
+            batches = [batches]                    # one batch, not an iterable of single samples
         fqs = self._elastic_modules()
         was_training = self.model.training
         device = _device_of(self.model)
@@ -437,6 +500,7 @@ class Supernet:
                     fq.finish_calibration()
                 else:
                     fq.finish_calibration(all_gather=gather, signed=True if signed_activations else None)
+            self._calibrated = True
         finally:
             for fq in fqs:
                 fq.enable_observer(False)
@@ -505,6 +569,7 @@ class Supernet:
         bit, so an activation that falls exactly on a rounding tie can land one quantization step apart, and
         low-bit layers downstream amplify that step: compare in output steps and top-1 agreement, not bitwise.
         """
+        self.require_calibrated("to_reference")
         with self.activate(cfg if cfg is not None else self.current_config()) as c:
             if bn_batches is not None:
                 self.recalibrate_bn(bn_batches)

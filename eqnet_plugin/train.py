@@ -180,6 +180,7 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
     if sync and generator is None and configs is None and D.is_distributed():
         raise ValueError("under DDP every rank must sample the same subnets: pass "
                          "generator=eqnet_plugin.distributed.shared_generator(seed) to sandwich_step")
+    supernet.require_calibrated("sandwich_step")
     if configs is None:
         configs = sample_sandwich(supernet, generator, scheme)
     for cfg in configs:
@@ -234,6 +235,7 @@ def qat_step(supernet: Supernet, cfg: SubnetConfig, inputs: torch.Tensor, target
     ddp = isinstance(net, DistributedDataParallel)
     sync = ddp if sync_grads is None else bool(sync_grads)
     supernet.validate(cfg)
+    supernet.require_calibrated("qat_step")
     previous = supernet.current_config()
     optimizer.zero_grad(set_to_none=True)
     try:
@@ -396,7 +398,8 @@ def _hash_into(h, obj) -> None:
         if t.is_quantized:
             t = t.int_repr()
         t = t.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())        # the buffer itself, no copy
     elif isinstance(obj, Mapping):
         h.update(f"D{len(obj)};".encode())
         for k, v in obj.items():
@@ -572,6 +575,7 @@ def load_checkpoint(path: str | os.PathLike, supernet: Supernet, optimizer: torc
         supernet.model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{path!r} does not fit this model: {str(e).splitlines()[-1].strip()[:300]}") from None
+    supernet.mark_bn_trained()             # trained BN statistics: other subnets need their own (recalibrate_bn)
     if optimizer is not None:
         if ckpt["optimizer"] is None:
             raise CheckpointError(f"{path!r} holds no optimizer state; load it with optimizer=None")

@@ -7,7 +7,7 @@
     python examples/imagenet_resnet18.py --smoke --out /tmp/r18_smoke
     torchrun --nproc_per_node 2 examples/imagenet_resnet18.py --smoke --arch tiny_resnet --out /tmp/smoke_ddp
 
-Recipe (paper section 3.4, DESIGN 5b): start from float weights (torchvision's IMAGENET1K_V1 with --pretrained),
+Recipe (paper section 3.4): start from float weights (torchvision's IMAGENET1K_V1 with --pretrained),
 prepare with elastic fake-quants (drop-in `prepare_qat_fx` placement), calibrate every cell (statistics all-reduced
 across ranks, so every rank starts from identical scales), then train with the sandwich rule (max / random / min
 subnet per step) + Group Progressive Guidance + Weight Distribution Regularization, Adam lr 1e-3 with cosine decay.

@@ -196,8 +196,12 @@ def test_calibrate_initializes_every_cell_and_restores_modes(tiny_resnet_superne
     assert all(torch.equal(a, b) for a, b in zip(sn.model.state_dict().values(),
                                                   tensors_only.model.state_dict().values()))
     with pytest.raises(ValueError, match=r"calibrate\(\) got no batches; pass an iterable of input tensors"):
-        sn.calibrate([])
+        sn.calibrate([], overwrite=True)
     assert all(fq.observer_enabled.item() == 0 for fq in sn.groups.values())  # restored after the error
+    with pytest.raises(ValueError, match="calibrated already.*overwrite=True"):   # trained scales are kept
+        sn.calibrate([x for x, _ in batches[:2]])
+    one_batch = tiny_resnet_supernet(SMALL, calibrate=False)
+    assert one_batch.calibrate(batches[0][0]) == 1                           # a bare tensor is one batch
 
 
 def test_calibrate_signed_activations_for_tensorrt(tiny_resnet_supernet, random_batches):

@@ -1,4 +1,4 @@
-"""Search: cost model, backend profiles, accuracy predictor (CQAP) and genetic search (DESIGN section 6).
+"""Search: cost model, backend profiles, accuracy predictor (CQAP) and genetic search.
 
     cm = CostModel.from_supernet(sn, x[:1])                          # real shapes -> MACs, BitOps, size
     recs = collect_records(sn, val_loader, bn_batches, 1000, "runs/records.jsonl")   # measured subnets

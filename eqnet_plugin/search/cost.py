@@ -1,4 +1,4 @@
-"""Cost model from the traced graph with real shapes (DESIGN section 6).
+"""Cost model from the traced graph with real shapes.
 
 One forward pass with hooks on the prepared GraphModule's weighted layers records each layer's input and output
 shape. From them, per layer: MACs (per sample), parameter count, output channels and input size. For any subnet:

@@ -1,6 +1,6 @@
 """Array form of deployable subnets: `SearchSpace` (per-group bit choices + global conditions).
 
-A deployable subnet uses ONE quantization condition (DESIGN section 3): weight granularity, weight symmetry and
+A deployable subnet uses ONE quantization condition: weight granularity, weight symmetry and
 activation symmetry are global; bit-widths are per group. The search works on two arrays:
 
 * ``bits``: (N, G) integers, one column per quantizer group (every group of the supernet, `Supernet.groups` order;

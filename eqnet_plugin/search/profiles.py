@@ -1,4 +1,4 @@
-"""Backend capability profiles: which quantization forms a deployment target runs (DESIGN section 6).
+"""Backend capability profiles: which quantization forms a deployment target runs.
 
 A profile restricts the elastic space; `SearchSpace.from_supernet(supernet, profile)` intersects the two, so a
 profile-constrained search never proposes a subnet its target cannot run.

@@ -67,7 +67,7 @@ def supernet_fingerprint(supernet) -> str:
         if t.is_quantized:
             t = t.int_repr()
         if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.view(torch.uint8).numpy())
     return h.hexdigest()
 
 
