@@ -2,9 +2,9 @@
 each adapter replace the markers by what its target needs.
 
 Why markers instead of torch's quantized ONNX export: torch's exporters reject or silently drop sub-8-bit ranges
-(see docs/targets.md), and ONNX Runtime's `quantize_static` places Q/DQ by its own rules, which differ from where torch.ao
-placed the fake-quants we trained with. A marker (custom op ``eqnet.QuantPoint`` carrying the group name) survives
-the TorchScript exporter exactly where the QuantPoint was, so every adapter writes its nodes at the training
+(see docs/targets.md), and ONNX Runtime's `quantize_static` places Q/DQ by its own rules, which differ from where
+torch.ao placed the fake-quants we trained with. A marker (custom op ``eqnet.QuantPoint`` carrying the group name)
+survives the TorchScript exporter exactly where the QuantPoint was, so every adapter writes its nodes at the training
 placement: Q -> DQ (optionally with Clip for sub-8-bit) for ONNX Runtime and TensorRT, nothing (a stable tensor
 name) for QNN's encodings file.
 """

@@ -14,9 +14,9 @@ place torch.ao put the fake-quant we trained with (the markers of `adapters._onn
   Runtime 1.32 fuses ``DQ(uint4) -> Conv`` into a QLinearConv that rejects 4-bit inputs (the default session fails
   to load the model), its MaxPool rejects uint4 inputs, and ONNX Clip has no 4-bit types for 2/3-bit grids.
 
-torch's exporters reject or silently drop sub-8-bit ranges (see docs/targets.md), and ONNX Runtime's `quantize_static` places
-Q/DQ by its own rules (e.g. it does not re-quantize after an average pool as torch.ao does), so the nodes are written
-here explicitly.
+torch's exporters reject or silently drop sub-8-bit ranges (see docs/targets.md), and ONNX Runtime's
+`quantize_static` places Q/DQ by its own rules (e.g. it does not re-quantize after an average pool as torch.ao
+does), so the nodes are written here explicitly.
 
 ONNX's QuantizeLinear computes ``round(x / scale)`` where training computes ``round(x * (1 / scale))``; the two
 differ on exact rounding ties. Sub-8-bit activations (which carry a Clip, so ONNX Runtime never fuses them) and the

@@ -335,13 +335,15 @@ def _write_pair(model, doc: dict, onnx_path: str, enc_path: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_qnn(frozen, example_inputs: tuple, out_dir_or_prefix, *, encoding_version: str = "1.0.0",
+def export_qnn(frozen, example_inputs: tuple, out_dir_or_prefix, *, cfg=None, encoding_version: str = "1.0.0",
                opset: int = 17, strict: bool = True, dynamic_batch: bool = True) -> QnnExport:
     """Write ``<prefix>.onnx`` (float, stable tensor names) and ``<prefix>.encodings`` (AIMET JSON) for QNN.
 
     Args:
-        frozen: a `FrozenSubnet`, or a ``(supernet, cfg)`` pair to freeze.
-        example_inputs: tuple of example input tensors for the ONNX export.
+        frozen: a `FrozenSubnet`, or a `Supernet` with `cfg` (default: its active subnet), as every exporter
+            takes (a ``(supernet, cfg)`` pair still works).
+        example_inputs: a tensor or a tuple of example input tensors for the ONNX export.
+        cfg: the subnet to freeze when `frozen` is a Supernet.
         out_dir_or_prefix: an existing folder or a path ending in "/" (files ``model.onnx`` / ``model.encodings``
             in it), or a path prefix (a trailing ".onnx" is dropped); missing parent folders are created.
         encoding_version: "0.6.1", "1.0.0" or "2.0.0" (see module docstring).
@@ -359,7 +361,7 @@ def export_qnn(frozen, example_inputs: tuple, out_dir_or_prefix, *, encoding_ver
     """
     if encoding_version not in ENCODING_VERSIONS:
         raise ValueError(f"encoding_version={encoding_version!r} is not supported; choose one of {ENCODING_VERSIONS}")
-    frozen = as_frozen(frozen)
+    frozen = as_frozen(frozen, cfg)
     for g, qp in frozen.qparams.items():
         _check_full_grid(g, qp)
     if strict:

@@ -1,7 +1,7 @@
 """TensorRT explicit-quantization ONNX export of a frozen subnet, and a checker for TensorRT's Q/DQ rules.
 
-TensorRT (from its documentation and onnx-tensorrt's importer; see docs/targets.md) reads Q/DQ networks under these rules; `check_tensorrt_onnx`
-names each violation by its rule id:
+TensorRT (from its documentation and onnx-tensorrt's importer; see docs/targets.md) reads Q/DQ networks under these
+rules; `check_tensorrt_onnx` names each violation by its rule id:
 
 =========================  ================================================================================
 rule id                    rule

@@ -36,8 +36,8 @@ import torch.ao.nn.intrinsic.qat as nniqat
 from torch import nn
 from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 
-__all__ = ["FixedFoldConvBnMixin", "use_fixed_bn_fold", "use_running_bn_fold", "torch_classes", "fold_weight", "quantized_weight", "fold_to_export",
-           "is_conv_bn", "ConvertFxError"]
+__all__ = ["FixedFoldConvBnMixin", "use_fixed_bn_fold", "use_running_bn_fold", "torch_classes", "fold_weight",
+           "quantized_weight", "fold_to_export", "is_conv_bn", "ConvertFxError"]
 
 _ALLOW = threading.local()
 

@@ -331,15 +331,12 @@ class ElasticFakeQuantize(FakeQuantizeBase):
             seen = torch.cat(self._calib_samples)
             sample = _random_subset(seen, _SAMPLE_CAPACITY, _CALIB_SEED - 1)
             extremes = torch.stack([self._calib_min, self._calib_max])
-            if self._calib_total > sample.numel():
-                # A subsample: the exact extremes join it, so the range searched is that of all the data (rare
-                # values off the sample, e.g. a few negatives, are not clipped away).
-                sample = torch.cat([sample, extremes])
             if all_gather is not None:                       # every rank: the same sample and the global extremes
                 sample = all_gather(sample)
                 extremes = all_gather(extremes).reshape(-1, 2)
                 extremes = torch.stack([extremes[:, 0].min(), extremes[:, 1].max()])
-            # The sign is decided by the exact minimum over all the data (and ranks), not by the subsample.
+            # The range search runs on the random sample; the sign is decided by the exact minimum over all the data
+            # (and ranks), so rare negative values off the sample still make the quantizer signed.
             self._init_act_cells(sample, signed, negative=bool(torch.minimum(extremes[0], sample.min()) < 0))
         self._calib_reset()
 

@@ -15,23 +15,7 @@ from eqnet_plugin import cli
 from eqnet_plugin.pipeline import (RunSpec, activations_signed, build_experiment, build_model, load_experiment,
                                    parse_subnet, read_run_spec)
 
-FAST = ["--threads", "1", "--no-progress"]
-
-
-def run(capsys, *argv):
-    """main(argv) -> (exit status, stdout, stderr)."""
-    rc = cli.main([*argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
+from _cli import FAST, assert_one_line_error, run
 
 
 @pytest.fixture(scope="module")

@@ -309,8 +309,9 @@ def test_untraceable_model_raises_trace_error_naming_the_options():
 def test_prepare_qat_checks_inputs_and_leaves_the_model_alone():
     model = TinyResNet(in_channels=1, widths=(4, 8, 8))
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(TypeError, match=r"example_inputs must be a tuple of tensors, e\.g\. \(torch\.randn"):
-        prepare_qat(model, torch.randn(1, 1, 8, 8))
+    with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple of tensors, e\.g\. \(torch"):
+        prepare_qat(model, [torch.randn(1, 1, 8, 8)])
+    assert isinstance(prepare_qat(model, torch.randn(1, 1, 8, 8)), torch.fx.GraphModule)   # a bare tensor: fine
     gm = prepare_qat(model, (torch.randn(1, 1, 8, 8),))
     assert isinstance(gm, torch.fx.GraphModule) and not isinstance(model, torch.fx.GraphModule)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

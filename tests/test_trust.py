@@ -19,25 +19,12 @@ from eqnet_plugin.pipeline import read_run_spec
 from eqnet_plugin.search.records import Record
 from eqnet_plugin.space import QuantChoice, SubnetConfig
 
-FAST = ["--threads", "1", "--no-progress"]
+from _cli import FAST, assert_one_line_error, run
+
 TRAIN = ["--float-epochs", "0", "--epochs", "2", "--batch-size", "256", "--image-size", "8", "--weight-bits", "2",
          "4", "8", "--act-bits", "2", "4", "8", *FAST]
 
 
-def run(capsys, *argv):
-    """main(argv) -> (exit status, stdout, stderr)."""
-    rc = cli.main([*map(str, argv)])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
