@@ -238,7 +238,9 @@ class Supernet:
     def _on_forward(self, module, args) -> None:
         """Forward pre-hook on the model: track what the BN buffers hold (Python only), and warn once about an
         uncalibrated supernet (one host sync, until calibrated)."""
-        if not self._calibrated and not self._calib_warned and not any(fq._observing for fq in self.groups.values()):
+        fqs = self.groups.values()
+        if not self._calibrated and not self._calib_warned and not any(fq._observing for fq in fqs) \
+                and any(fq._fq_on for fq in fqs):                 # quantizing (not calibrating, not shape probing)
             if not self.is_calibrated():
                 self._calib_warned = True
                 warnings.warn("this supernet is not calibrated: every quantizer scale is 1.0 and the outputs are "

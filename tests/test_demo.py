@@ -180,8 +180,11 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
 
 
 def test_readme_starts_with_the_two_commands_ci_runs():
+    """A title, then one fenced shell block with the two set-up commands."""
     lines = (ROOT / "README.md").read_text().splitlines()
-    assert lines[0] == 'pip install -e ".[all]" && eqnet demo'
-    assert lines[1] == 'pip install -e ".[dev]" && python -m pytest -q'
+    assert lines[0].startswith("# ") and lines[1] == "" and lines[2] == "```shell"
+    assert lines[3] == 'pip install -e ".[all]" && eqnet demo'
+    assert lines[4] == 'pip install -e ".[dev]" && python -m pytest -q'
+    assert lines[5] == "```"
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -q -e ".[dev]"' in ci and "python -m pytest -q" in ci
