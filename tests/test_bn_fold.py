@@ -7,6 +7,7 @@ import copy
 import warnings
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -95,7 +96,6 @@ def test_training_tracks_bn_statistics_of_the_widest_subnet_only(tiny_resnet_sup
 
 def test_evaluate_freeze_to_reference_and_onnx_agree(trained, tmp_path):
     """The subnet measured by `evaluate` is the subnet frozen, converted and exported: same accuracy everywhere."""
-    ort = pytest.importorskip("onnxruntime")
     from eqnet_plugin.adapters import export_onnx
 
     sn, _, test, bn = _fresh(trained)

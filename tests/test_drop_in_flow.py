@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -54,7 +55,6 @@ def _own_eval(model, loader) -> float:
 
 
 def test_users_script_flow(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     train, _, test = digits_loaders(batch_size=64, image_size=16, seed=0)
     torch.manual_seed(0)
     model = ScriptNet()
