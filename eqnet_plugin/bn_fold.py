@@ -34,10 +34,9 @@ import threading
 import torch
 import torch.ao.nn.intrinsic.qat as nniqat
 from torch import nn
-from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 
 __all__ = ["FixedFoldConvBnMixin", "use_fixed_bn_fold", "use_running_bn_fold", "torch_classes", "fold_weight",
-           "quantized_weight", "fold_to_export", "is_conv_bn", "ConvertFxError"]
+           "quantized_weight", "fold_to_export", "export_weight", "ConvertFxError"]
 
 _ALLOW = threading.local()
 
@@ -127,10 +126,6 @@ _FIXED = {base: cls for base, cls in ((nniqat.ConvBn1d, ConvBn1d), (nniqat.ConvB
                                       (nniqat.ConvBn3d, ConvBn3d), (nniqat.ConvBnReLU1d, ConvBnReLU1d),
                                       (nniqat.ConvBnReLU2d, ConvBnReLU2d), (nniqat.ConvBnReLU3d, ConvBnReLU3d))}
 _TORCH = {cls: base for base, cls in _FIXED.items()}
-
-
-def is_conv_bn(mod: nn.Module) -> bool:
-    return isinstance(mod, _ConvBnNd)
 
 
 @torch.no_grad()
@@ -227,3 +222,19 @@ def fold_to_export(mod: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor
     scale = (scale.expand(c) * ratio).float()
     zero_point = zero_point.expand(c).clone() if zero_point.numel() == 1 else zero_point
     return scale, zero_point, bias, True
+
+
+@torch.no_grad()
+def export_weight(mod: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  per_channel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """The trained integer codes of `fold_weight(mod)` under its cell's (scale, zero_point, [qmin, qmax]),
+    dequantized on the export grid of `fold_to_export`: (weight, scale', zero_point', bias', per_channel').
+    The one place `freeze` and `fx.convert_reference` get a Conv-BN layer's exported weight from."""
+    w = fold_weight(mod)
+    shape = [-1] + [1] * (w.dim() - 1)
+    scale, zero_point = scale.to(w.device), zero_point.to(w.device)
+    s0, z0 = (scale.reshape(shape), zero_point.reshape(shape)) if per_channel else (scale, zero_point)
+    codes = torch.clamp(torch.round(w * (1.0 / s0)) + z0, qmin, qmax)
+    scale, zero_point, bias, per_channel = fold_to_export(mod, scale, zero_point, per_channel)
+    s1, z1 = (scale.reshape(shape), zero_point.reshape(shape)) if per_channel else (scale, zero_point)
+    return ((codes - z1) * s1).to(w.dtype), scale, zero_point, bias, per_channel

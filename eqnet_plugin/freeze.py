@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bn_fold import fold_to_export, fold_weight
+from .bn_fold import export_weight, fold_weight
 from .fake_quant import ElasticFakeQuantize
 from .primitives import int_range
 from .space import SubnetConfig
@@ -209,13 +209,13 @@ class FrozenSubnet(nn.Module):
 def _float_layer(mod: nn.Module, qp: QParams) -> tuple[nn.Module, QParams]:
     """The QuantConv/QuantLinear of a QAT layer, BatchNorm folded in (`bn_fold.fold_to_export`), and the QParams
     of its weight. Conv-BN layers store the trained integer weights dequantized on the export grid."""
-    w = fold_weight(mod)
-    scale, zp, b, pc = fold_to_export(mod, qp.scale, qp.zero_point, qp.per_channel)
     if getattr(mod, "bn", None) is not None:
-        codes = qp.quantize(w)
+        w, scale, zp, b, pc = export_weight(mod, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.per_channel)
         qp = QParams(scale.detach().float().cpu(), zp.detach().to(torch.int32).cpu(), qp.qmin, qp.qmax, qp.bits,
                      0 if pc else None, qp.symmetric)
-        w = qp.dequantize(codes.to(w.device)).to(w.dtype)
+    else:
+        w = fold_weight(mod)
+        b = mod.bias.detach().clone() if getattr(mod, "bias", None) is not None else None
     if isinstance(mod, nn.Linear):
         new = QuantLinear(mod.in_features, mod.out_features, bias=b is not None)
     else:

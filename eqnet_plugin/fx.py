@@ -31,7 +31,7 @@ from torch.ao.quantization.backend_config import (BackendConfig, BackendPatternC
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase, FusedMovingAvgObsFakeQuantize
 from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx, prepare_qat_fx
 
-from .bn_fold import fold_to_export, fold_weight, torch_classes
+from .bn_fold import export_weight, torch_classes
 from .fake_quant import ElasticFakeQuantize
 from .space import ElasticSpace
 
@@ -246,20 +246,12 @@ def convert_reference(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return ref
 
 
-@torch.no_grad()
 def _export_weight(m: "_ConvBnNd") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """(weight on the export grid, scale, zero point, per_channel) of a QAT Conv-BN module's active cell."""
     fq = m.weight_fake_quant
-    w = fold_weight(m)
     scale, zp = fq.calculate_qparams()
-    _, _, per_channel = fq.cell
-    qmin, qmax = fq.quant_min, fq.quant_max
-    shape = [-1] + [1] * (w.dim() - 1)
-    s0, z0 = scale.reshape(shape) if per_channel else scale, zp.reshape(shape) if per_channel else zp
-    codes = torch.clamp(torch.round(w * (1.0 / s0)) + z0, qmin, qmax)
-    scale, zp, _, per_channel = fold_to_export(m, scale, zp, per_channel)
-    s1, z1 = (scale.reshape(shape), zp.reshape(shape)) if per_channel else (scale, zp)
-    return ((codes - z1) * s1).detach().clone(), scale.detach().clone(), zp.to(torch.int32).clone(), per_channel
+    w, scale, zp, _, per_channel = export_weight(m, scale, zp, fq.quant_min, fq.quant_max, fq.cell[2])
+    return w.detach().clone(), scale.detach().clone(), zp.to(torch.int32).clone(), per_channel
 
 
 def unprepared_layers(gm: torch.fx.GraphModule) -> list[str]:
