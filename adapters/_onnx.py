@@ -10,20 +10,20 @@ name) for QNN's encodings file.
 """
 from __future__ import annotations
 
-import copy
 import io
 import os
-import tempfile
 import warnings
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from eqnet_plugin.exact_pool import ExactGlobalAvgPool, exact_global_avg_pool
-from eqnet_plugin.freeze import FrozenSubnet, QuantPoint, as_example_inputs
+from eqnet_plugin.files import atomic_write
+from eqnet_plugin.ir import FrozenSubnet, QuantPoint, as_example_inputs
 
-__all__ = ["MARKER_DOMAIN", "MARKER_OP", "export_marked", "replace_markers", "save_model_atomic"]
+__all__ = ["MARKER_DOMAIN", "MARKER_OP", "export_marked", "replace_markers", "save_model_atomic", "constants",
+           "constant_tensors"]
 
 MARKER_DOMAIN = "eqnet"
 MARKER_OP = "QuantPoint"
@@ -67,23 +67,6 @@ def _swap_points(module: nn.Module) -> nn.Module:
     return module
 
 
-def _plain_pools(module: nn.Module) -> nn.Module:
-    """Replace every ExactGlobalAvgPool module by ``nn.AdaptiveAvgPool2d(1)`` (exported as GlobalAveragePool), in
-    place; for targets without float64 (TensorRT, QNN)."""
-    for name, child in list(module._modules.items()):
-        if isinstance(child, ExactGlobalAvgPool):
-            setattr(module, name, nn.AdaptiveAvgPool2d(1))
-        elif child is not None:
-            _plain_pools(child)
-    if isinstance(module, torch.fx.GraphModule):
-        calls = [n for n in module.graph.nodes if n.op == "call_function" and n.target is exact_global_avg_pool]
-        for node in calls:
-            node.target, node.args = nn.functional.adaptive_avg_pool2d, (node.args[0], 1)
-        if calls:
-            module.recompile()
-    return module
-
-
 def export_marked(frozen: FrozenSubnet, example_inputs: tuple, opset: int = 17, input_names=("input",),
                   output_names=("output",), dynamic_batch: bool = True, exact_pool: bool = False):
     """Export `frozen` as float ONNX with an ``eqnet.QuantPoint`` marker node at every quantized tensor.
@@ -97,9 +80,7 @@ def export_marked(frozen: FrozenSubnet, example_inputs: tuple, opset: int = 17, 
     import onnx
 
     example_inputs = as_example_inputs(example_inputs)
-    graph = _swap_points(copy.deepcopy(frozen.graph)).eval()
-    if not exact_pool:
-        _plain_pools(graph)
+    graph = _swap_points(frozen.export_graph(exact_pool=exact_pool)).eval()
     axes = {n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -168,9 +149,7 @@ def reciprocal_quantize(model) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    consts = constants(graph)
     clipped = {n.input[0] for n in graph.node if n.op_type == "Clip"}
     pooled: set[str] = set()                 # pool outputs, followed through shape-only ops (Flatten, Reshape, ...)
     for n in graph.node:                     # topological order
@@ -178,7 +157,7 @@ def reciprocal_quantize(model) -> int:
             pooled.update(n.output)
     new_nodes, count = [], 0
     for node in graph.node:
-        scale = consts.get(node.input[1]) if node.op_type == "QuantizeLinear" and len(node.input) > 1 else None
+        scale = consts(node.input[1]) if node.op_type == "QuantizeLinear" and len(node.input) > 1 else None
         if scale is not None and scale.size == 1 and (node.output[0] in clipped or node.input[0] in pooled):
             inv, one = f"{node.output[0]}.inv_scale", f"{node.output[0]}.unit_scale"
             graph.initializer.extend([numpy_helper.from_array((np.float32(1) / scale.astype(np.float32)), inv),
@@ -194,20 +173,42 @@ def reciprocal_quantize(model) -> int:
 
 
 def save_model_atomic(model, path: str | os.PathLike) -> str:
-    """Check and write an ONNX model via a temporary file and a rename; returns the path."""
+    """Check and write an ONNX model atomically (`eqnet_plugin.files.atomic_write`); returns the path."""
     import onnx
 
-    path = os.fspath(path)
     onnx.checker.check_model(model)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".onnx")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: onnx.save(model, tmp))
+
+
+def constant_tensors(graph) -> Callable[[str], object]:
+    """A lookup of the constant tensors of an ONNX graph by name, as `onnx.TensorProto`: initializers, Constant
+    nodes and Identity chains over them (torch's exporter de-duplicates equal initializers through Identity
+    nodes); None for a computed tensor. The one constant lookup the adapters share."""
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def tensor(name: str, depth: int = 0):
+        if name in inits:
+            return inits[name]
+        node = producers.get(name)
+        if node is None or depth > 8:
+            return None
+        if node.op_type == "Identity":
+            return tensor(node.input[0], depth + 1)
+        if node.op_type == "Constant":
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            return None if attr is None else attr.t
+        return None
+    return tensor
+
+
+def constants(graph) -> Callable[[str], np.ndarray | None]:
+    """`constant_tensors` as numpy arrays."""
+    from onnx import numpy_helper
+
+    tensor = constant_tensors(graph)
+
+    def value(name: str) -> np.ndarray | None:
+        t = tensor(name)
+        return None if t is None else numpy_helper.to_array(t)
+    return value

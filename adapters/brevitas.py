@@ -33,9 +33,8 @@ import warnings
 import torch
 from torch import nn
 
-from eqnet_plugin.freeze import (FrozenSubnet, QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantPoint,
-                                 as_example_inputs, as_frozen, set_submodule)
-from eqnet_plugin.supernet import Supernet
+from eqnet_plugin.ir import (FrozenSubnet, QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear,
+                             as_example_inputs, as_frozen)
 
 __all__ = ["to_brevitas", "export_brevitas_qcdq", "export_brevitas_qonnx"]
 
@@ -199,33 +198,19 @@ def to_brevitas(frozen, cfg=None, exact: bool = True) -> nn.Module:
     import brevitas.nn as qnn
 
     frozen = as_frozen(frozen, cfg)
-    gm = copy.deepcopy(frozen.graph)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="brevitas")
-        for lay in frozen.layers:
-            mod = gm.get_submodule(lay.name)
-            inner = mod[0] if isinstance(mod, nn.Sequential) else mod
-            new = _brevitas_layer(inner, exact)
-            set_submodule(gm, lay.name, nn.Sequential(new, *list(mod)[1:]) if isinstance(mod, nn.Sequential) else new)
-        made: dict[str, nn.Module] = {}     # one QuantIdentity per group (FX may call one quantizer at two places)
-        for name, mod in list(gm.named_modules(remove_duplicate=False)):
-            if isinstance(mod, QuantPoint):
-                if mod.name not in made:
-                    made[mod.name] = qnn.QuantIdentity(act_quant=_act_quant(mod.qparams, exact),
-                                                       return_quant_tensor=False)
-                set_submodule(gm, name, made[mod.name])
-    left = [n for n, m in gm.named_modules() if isinstance(m, QuantPoint)]
-    if left:
-        raise RuntimeError(f"to_brevitas left QuantPoints in the graph: {left[:5]}; please report the model")
-    gm.recompile()
-    device = next(iter(frozen.graph.parameters()), torch.empty(0)).device
-    return gm.to(device).eval()
+        return frozen.swap(lambda layer: _brevitas_layer(layer, exact),
+                           lambda point: qnn.QuantIdentity(act_quant=_act_quant(point.qparams, exact),
+                                                           return_quant_tensor=False))
 
 
-def _export_model(model) -> nn.Module:
+def _export_model(model, cfg=None) -> nn.Module:
     """A private copy of the Brevitas model to export (exporters attach handlers and caches to the module)."""
-    if isinstance(model, (FrozenSubnet, Supernet)):
-        return to_brevitas(model)
+    if isinstance(model, (FrozenSubnet, tuple)) or callable(getattr(model, "freeze", None)):
+        return to_brevitas(as_frozen(model, cfg))
+    if cfg is not None:
+        raise TypeError("cfg= is for a Supernet; a Brevitas model already holds its subnet")
     if not isinstance(model, nn.Module) or \
             not any(type(m).__module__.startswith("brevitas.nn") for m in model.modules()):
         raise TypeError(f"expected the module returned by to_brevitas (or a FrozenSubnet / Supernet), got a "
@@ -258,7 +243,8 @@ def _export_to(path, export_fn, rewrite=None) -> str:
     return save_model_atomic(model, path)
 
 
-def export_brevitas_qcdq(model, example_inputs: tuple, path, opset: int = 18, dynamic_batch: bool = True) -> str:
+def export_brevitas_qcdq(model, example_inputs: tuple, path, opset: int = 18, dynamic_batch: bool = True, *,
+                         cfg=None) -> str:
     """Export through Brevitas' QCDQ exporter (``brevitas.export.export_onnx_qcdq``): QuantizeLinear ->
     (Clip for sub-8-bit) -> DequantizeLinear at every quantizer, float bias, runnable in ONNX Runtime.
 
@@ -270,8 +256,8 @@ def export_brevitas_qcdq(model, example_inputs: tuple, path, opset: int = 18, dy
     DequantizeLinear(scale)``).
 
     Args:
-        model: the module returned by `to_brevitas` (or a FrozenSubnet / Supernet, converted first). The model is
-            copied; the caller's module is left untouched.
+        model: the module returned by `to_brevitas`, or a FrozenSubnet / a Supernet with `cfg` (converted
+            first). The model is copied; the caller's module is left untouched.
         example_inputs: tuple of example input tensors.
         path: destination `.onnx` file (written atomically).
         opset: ONNX opset (>= 18: the dynamo exporter's lowest implemented opset).
@@ -290,7 +276,7 @@ def export_brevitas_qcdq(model, example_inputs: tuple, path, opset: int = 18, dy
     example_inputs = _check_inputs(example_inputs)
     if opset < 18:
         raise ValueError(f"opset={opset}: Brevitas' dynamo QCDQ export needs opset >= 18")
-    module = _export_model(model)
+    module = _export_model(model, cfg)
     kw = dict(dynamo=True, opset_version=opset, keep_initializers_as_inputs=False, export_weight_q_node=True,
               optimize=True, verbose=False)
     if dynamic_batch:
@@ -302,7 +288,8 @@ def export_brevitas_qcdq(model, example_inputs: tuple, path, opset: int = 18, dy
                       rewrite=reciprocal_quantize)
 
 
-def export_brevitas_qonnx(model, example_inputs: tuple, path, opset: int = 17, dynamic_batch: bool = True) -> str:
+def export_brevitas_qonnx(model, example_inputs: tuple, path, opset: int = 17, dynamic_batch: bool = True, *,
+                          cfg=None) -> str:
     """Export through Brevitas' QONNX exporter (``brevitas.export.export_qonnx``): one ``Quant`` node (domain
     ``qonnx.custom_op.general``; inputs x, scale, zero point, bit width; attributes signed, narrow, rounding_mode)
     per quantizer, any bit-width. Running the file needs the `qonnx` package (not a dependency of eqnet_plugin).
@@ -311,7 +298,8 @@ def export_brevitas_qonnx(model, example_inputs: tuple, path, opset: int = 17, d
     (GlobalAveragePool, Flatten) and dynamic axes.
 
     Args:
-        model: the module returned by `to_brevitas` (or a FrozenSubnet / Supernet, converted first); it is copied.
+        model: the module returned by `to_brevitas`, or a FrozenSubnet / a Supernet with `cfg` (converted first); it
+            is copied.
         example_inputs: tuple of example input tensors.
         path: destination `.onnx` file (written atomically).
         opset: ONNX opset of the standard ops.
@@ -328,7 +316,7 @@ def export_brevitas_qonnx(model, example_inputs: tuple, path, opset: int = 17, d
     from brevitas.export import export_qonnx
 
     example_inputs = _check_inputs(example_inputs)
-    module = _export_model(model)
+    module = _export_model(model, cfg)
     inputs = [f"input{i}" if len(example_inputs) > 1 else "input" for i in range(len(example_inputs))]
     kw = dict(dynamo=False, opset_version=opset, keep_initializers_as_inputs=False, input_names=inputs,
               output_names=["output"])

@@ -38,9 +38,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from eqnet_plugin.freeze import FrozenLayer, FrozenSubnet, QParams, as_frozen
+from eqnet_plugin.ir import FrozenLayer, FrozenSubnet, QParams, as_frozen
 
-from ._onnx import POOL_OUTPUT_OPS, export_marked, replace_markers, save_model_atomic
+from ._onnx import POOL_OUTPUT_OPS, constants, export_marked, replace_markers, save_model_atomic
 
 __all__ = ["export_onnx", "build_qdq_model", "generic_encoding", "int_tensor", "Encoding", "LOW_BIT_MODES"]
 
@@ -111,29 +111,6 @@ def generic_encoding(qp: QParams, is_weight: bool, low_bit: str = "clip", opset:
                     reciprocal=clip is not None)
 
 
-def _constants(graph) -> Callable[[str], np.ndarray | None]:
-    """A lookup of constant tensors by name: initializers, Constant nodes and Identity chains over them (torch's
-    exporter de-duplicates equal initializers through Identity nodes)."""
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-
-    def value(name: str, depth: int = 0) -> np.ndarray | None:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        node = producers.get(name)
-        if node is None or depth > 8:
-            return None
-        if node.op_type == "Identity":
-            return value(node.input[0], depth + 1)
-        if node.op_type == "Constant":
-            attr = next((a for a in node.attribute if a.name == "value"), None)
-            return None if attr is None else numpy_helper.to_array(attr.t)
-        return None
-    return value
-
-
 def _split_bias(node, bias: np.ndarray, weight_rank: int, new_inits: dict) -> list:
     """Rewrite ``Conv/Gemm(x, W, b)`` as ``Add(Conv/Gemm(x, W), b)``; returns [the new Add node]."""
     from onnx import helper, numpy_helper
@@ -169,8 +146,8 @@ def build_qdq_model(frozen: FrozenSubnet, example_inputs: tuple, opset: int,
     model = export_marked(frozen, example_inputs, opset=opset, exact_pool=exact_pool)
     graph = model.graph
     producer_op = {o: n.op_type for n in graph.node for o in n.output}
-    constant = _constants(graph)
-    layer_of_weight = {lay.weight_group: lay for lay in frozen.layers}
+    constant = constants(graph)
+    layer_of_weight = frozen.weight_groups()
     new_inits: dict[str, object] = {}
     encodings: dict[str, Encoding] = {}
     weight_outputs: dict[str, FrozenLayer] = {}
@@ -186,7 +163,7 @@ def build_qdq_model(frozen: FrozenSubnet, example_inputs: tuple, opset: int,
         if group not in frozen.qparams:
             raise KeyError(f"marker for unknown group {group!r}; the FrozenSubnet and its graph disagree")
         qp = frozen.qparams[group]
-        is_weight = group in layer_of_weight
+        is_weight = frozen.is_weight(group)
         enc = encodings.setdefault(group, encode(group, qp, is_weight))
         axis = {} if enc.axis is None else {"axis": int(enc.axis)}
         s_name, z_name = qparams_inits(group, enc)
@@ -293,11 +270,10 @@ def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=N
     written to round exactly as training, see the module docstring). Its default
     session instead runs integer kernels (QLinearConv, QLinearAdd, QLinearGlobalAveragePool) and first rounds float
     biases to int32 at scale ``s_in * s_w`` (its WeightBiasQuantization pass): fast for 8-bit layers, and a small
-    but real change of arithmetic (measured: trained compact models keep >= 99% top-1 agreement; a random-init
-    MobileNetV2, whose outputs move by tens of LSBs under any float-rounding change, only 56-66%). Pass
+    but real change of arithmetic (docs/targets.md has the measured top-1 agreement). Pass
     ``disabled_optimizers=["WeightBiasQuantization"]`` to ``InferenceSession`` to keep float biases. Layers with a
     sub-8-bit input or weight grid (no integer kernels exist for them) get their bias as a separate float Add,
-    which that pass leaves alone (it moved 4-bit subnets far more: top-1 agreement 70% on a compact model).
+    which that pass leaves alone.
 
     Example:
         >>> export_onnx(freeze(sn, cfg), (torch.randn(1, 3, 224, 224),), "runs/subnet.onnx")  # doctest: +SKIP

@@ -24,16 +24,14 @@ quantizer (our unsigned grid with zero point 0 is only chosen for data that were
 """
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
 from torch import nn
 
-from eqnet_plugin.freeze import (QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantPoint, as_frozen,
-                                 set_submodule)
+from eqnet_plugin.ir import QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, as_frozen
 
-__all__ = ["to_pytorch_quantization", "pq_amax"]
+__all__ = ["to_pytorch_quantization", "pq_amax", "pq_problems"]
 
 _INSTALL_HINT = 'pip install "eqnet_plugin[tensorrt]"'
 
@@ -56,6 +54,17 @@ def _check(group: str, qp: QParams) -> None:
     if qp.axis not in (None, 0):
         raise ValueError(f"group {group!r} is per-channel along axis {qp.axis}; the pytorch-quantization adapter "
                          "supports per-channel quantization along axis 0 (output channels) only")
+
+
+def pq_problems(frozen) -> list[str]:
+    """Every quantizer of `frozen` pytorch-quantization cannot reproduce (empty: the adapter can convert it)."""
+    out = []
+    for group, qp in frozen.qparams.items():
+        try:
+            _check(group, qp)
+        except ValueError as e:
+            out.append(str(e))
+    return out
 
 
 def pq_amax(qp: QParams, ndim: int = 1) -> torch.Tensor:
@@ -121,24 +130,6 @@ def to_pytorch_quantization(frozen, cfg=None) -> nn.Module:
     frozen = as_frozen(frozen, cfg)
     for group, qp in frozen.qparams.items():
         _check(group, qp)
-    gm = copy.deepcopy(frozen.graph)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for lay in frozen.layers:
-            mod = gm.get_submodule(lay.name)
-            inner = mod[0] if isinstance(mod, nn.Sequential) else mod
-            new = _pq_layer(inner)
-            set_submodule(gm, lay.name, nn.Sequential(new, *list(mod)[1:]) if isinstance(mod, nn.Sequential) else new)
-        made: dict[str, nn.Module] = {}     # one TensorQuantizer per group (FX may call one quantizer twice)
-        for name, mod in list(gm.named_modules(remove_duplicate=False)):
-            if isinstance(mod, QuantPoint):
-                if mod.name not in made:
-                    made[mod.name] = quant_nn.TensorQuantizer(_desc(mod.qparams, 1))
-                set_submodule(gm, name, made[mod.name])
-    left = [n for n, m in gm.named_modules() if isinstance(m, QuantPoint)]
-    if left:
-        raise RuntimeError(f"to_pytorch_quantization left QuantPoints in the graph: {left[:5]}; please report "
-                           "the model")
-    gm.recompile()
-    device = next(iter(frozen.graph.parameters()), torch.empty(0)).device
-    return gm.to(device).eval()
+        return frozen.swap(_pq_layer, lambda point: quant_nn.TensorQuantizer(_desc(point.qparams, 1)))

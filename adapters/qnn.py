@@ -39,38 +39,38 @@ per-tensor (unsigned, any zero point; a symmetric activation is the special case
 ``strict=True`` refuses other subnets with an error naming the rule; ``strict=False`` writes any bit-width
 (2..8), for AIMET simulation (``encodings_to_onnx_qdq`` only converts 4/8/16-bit files: ONNX has no other types).
 
-Measured with aimet-onnx 2.42 (tests/test_adapters_qnn.py): every version loads (also with strict=True for
-W8A8 symmetric per-channel weights / asymmetric activations, which equal AIMET's default per-channel config); the
-sim matches the FrozenSubnet within 1 LSB of the output scale on 100% of outputs for TinyResNet / TinyMobileNetV2
-at W8A8, W4A8 and mixed 3/4/8-bit subnets. Two limits, both about rounding, not the file: AIMET rounds .5 ties away
-from zero where torch rounds to even, and an average pool of b-bit codes requantized with the same scale hits
-exact ties often (~3% of codes at 3 bits), so low-bit pool inputs drift by a code; and in a net as deep as
-ResNet-18 float summation order alone (batched vs one image at a time, in torch) moves outputs by several LSB, so
-there every AIMET quantizer is checked against QParams on its own input instead.
+`tests/test_adapters_qnn.py` loads every version in aimet-onnx and compares its simulation with the FrozenSubnet;
+docs/targets.md (section Qualcomm QNN / AIMET) records the measured agreement and its two limits, both about
+rounding (AIMET rounds .5 ties away from zero where torch rounds to even; float summation order in deep nets).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from eqnet_plugin import __version__
-from eqnet_plugin.freeze import FrozenSubnet, QParams, as_frozen
+from eqnet_plugin.files import atomic_files
+from eqnet_plugin.ir import PRODUCER, FrozenSubnet, QParams, as_frozen
 
 from ._onnx import export_marked, replace_markers
 
 __all__ = ["ENCODING_VERSIONS", "QnnExport", "qnn_rule_violations", "encoding_entry", "build_encodings",
-           "export_qnn", "aimet_quantsim"]
+           "export_qnn", "aimet_quantsim", "check_encoding_version",
+           "full_grid_problems"]
 
 ENCODING_VERSIONS = ("0.6.1", "1.0.0", "2.0.0")
 HTP_WEIGHT_BITS = (4, 8)
 HTP_ACT_BITS = (8, 16)
 _NAME_OK = re.compile(r"[^0-9A-Za-z_.]")
+
+
+def check_encoding_version(version: str) -> None:
+    """Raise ValueError naming the supported AIMET encoding versions unless `version` is one of them."""
+    if version not in ENCODING_VERSIONS:
+        raise ValueError(f"encoding_version={version!r} is not supported; choose one of {ENCODING_VERSIONS}")
 
 
 class QnnExport(NamedTuple):
@@ -88,6 +88,17 @@ def _check_full_grid(group: str, qp: QParams) -> None:
                          "range that AIMET/QNN encodings can express; freeze a subnet with full-range quantizers")
 
 
+def full_grid_problems(frozen: FrozenSubnet) -> list[str]:
+    """A problem line per quantizer whose range is not the full b-bit grid (AIMET encodings describe full grids)."""
+    out = []
+    for g, qp in frozen.qparams.items():
+        try:
+            _check_full_grid(g, qp)
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
 def qnn_rule_violations(frozen: FrozenSubnet) -> list[str]:
     """The QNN HTP rules that `frozen` breaks (empty list: HTP runs it).
 
@@ -96,7 +107,7 @@ def qnn_rule_violations(frozen: FrozenSubnet) -> list[str]:
     """
     out = []
     for g, qp in frozen.qparams.items():
-        if frozen.qparams_is_weight(g):
+        if frozen.is_weight(g):
             if qp.bits not in HTP_WEIGHT_BITS:
                 out.append(f"weight {g!r}: {qp.bits}-bit (rule: QNN HTP weights are 4 or 8 bit)")
             if not (qp.signed and bool((qp.zero_point == 0).all())):
@@ -134,8 +145,7 @@ def encoding_entry(qp: QParams, *, is_param: bool, version: str, name: str | Non
     Raises:
         ValueError: unknown version, or a range that is not the full b-bit grid.
     """
-    if version not in ENCODING_VERSIONS:
-        raise ValueError(f"encoding_version={version!r} is not supported; choose one of {ENCODING_VERSIONS}")
+    check_encoding_version(version)
     _check_full_grid(name or "?", qp)
     b = qp.bits
     scale = qp.scale.detach().cpu().numpy().astype(np.float32).reshape(-1)    # (C,) or (1,)
@@ -169,12 +179,11 @@ def build_encodings(params: Mapping[str, QParams], activations: Mapping[str, QPa
     Returns a JSON-ready dict: ``{"version", "producer", "activation_encodings", "param_encodings"}`` for 0.6.1
     (sections keyed by name) and 1.0.0 (lists), ``{"version", "producer", "encodings"}`` for 2.0.0.
     """
-    if version not in ENCODING_VERSIONS:
-        raise ValueError(f"encoding_version={version!r} is not supported; choose one of {ENCODING_VERSIONS}")
+    check_encoding_version(version)
     shared = set(params) & set(activations)
     if shared:
         raise ValueError(f"tensors {sorted(shared)} are both weights and activations; each tensor has one encoding")
-    doc: dict[str, Any] = {"version": version, "producer": {"package": "eqnet_plugin", "version": __version__}}
+    doc: dict[str, Any] = {"version": version, "producer": dict(PRODUCER)}
     p = [encoding_entry(q, is_param=True, version=version, name=n) for n, q in params.items()]
     a = [encoding_entry(q, is_param=False, version=version, name=n) for n, q in activations.items()]
     if version == "0.6.1":
@@ -271,7 +280,7 @@ def _stable_graph(frozen: FrozenSubnet, example_inputs: tuple, opset: int, dynam
     layer_of = {lay.weight_group: lay.name for lay in frozen.layers}
     mapping: dict[str, str] = {}
     for g, tensors in per_group.items():
-        if frozen.qparams_is_weight(g):
+        if frozen.is_weight(g):
             bad = [t for t in tensors if t not in inits]
             if bad or len(tensors) != 1:
                 raise RuntimeError(f"weight group {g!r} is carried by {tensors}, not one initializer (the exporter "
@@ -301,38 +310,15 @@ def _paths(out_dir_or_prefix) -> tuple[str, str]:
 
 
 def _write_pair(model, doc: dict, onnx_path: str, enc_path: str) -> None:
-    """Write both files via a temporary folder next to them; on any error neither new file is left behind (an
-    existing ONNX file replaced before the error is restored)."""
+    """Write both files as one unit (`eqnet_plugin.files.atomic_files`): on any error neither new file is left
+    behind and earlier files are restored."""
     import onnx
 
     onnx.checker.check_model(model)
-    folder = os.path.dirname(os.path.abspath(onnx_path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=folder, prefix=".tmp-qnn-")
-    backup = os.path.join(tmp, "previous.onnx")
-    moved = False
-    try:
-        t_onnx, t_enc = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "model.encodings")
+    with atomic_files([onnx_path, enc_path]) as (t_onnx, t_enc):
         onnx.save(model, t_onnx)
         with open(t_enc, "w") as f:
             json.dump(doc, f, indent=1)
-        if os.path.exists(onnx_path):
-            try:
-                os.link(onnx_path, backup)
-            except OSError:                                  # no hard links here: copy instead
-                shutil.copy2(onnx_path, backup)
-        os.replace(t_onnx, onnx_path)
-        moved = True
-        os.replace(t_enc, enc_path)
-    except BaseException:
-        if moved:
-            if os.path.exists(backup):
-                os.replace(backup, onnx_path)
-            else:
-                os.unlink(onnx_path)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_qnn(frozen, example_inputs: tuple, out_dir_or_prefix, *, cfg=None, encoding_version: str = "1.0.0",
@@ -359,8 +345,7 @@ def export_qnn(frozen, example_inputs: tuple, out_dir_or_prefix, *, cfg=None, en
         >>> out = export_qnn(freeze(sn, sn.uniform(8, 8, act_symmetric=False)), (x,), "artifacts/qnn/resnet")
         ... # doctest: +SKIP
     """
-    if encoding_version not in ENCODING_VERSIONS:
-        raise ValueError(f"encoding_version={encoding_version!r} is not supported; choose one of {ENCODING_VERSIONS}")
+    check_encoding_version(encoding_version)
     frozen = as_frozen(frozen, cfg)
     for g, qp in frozen.qparams.items():
         _check_full_grid(g, qp)
@@ -372,8 +357,8 @@ def export_qnn(frozen, example_inputs: tuple, out_dir_or_prefix, *, cfg=None, en
                              "act_symmetric=False)) or pass strict=False to write the encodings anyway (AIMET "
                              "simulation)")
     model, tensors = _stable_graph(frozen, example_inputs, opset, dynamic_batch)
-    params = {t: frozen.qparams[g] for g, ts in tensors.items() if frozen.qparams_is_weight(g) for t in ts}
-    acts = {t: frozen.qparams[g] for g, ts in tensors.items() if not frozen.qparams_is_weight(g) for t in ts}
+    params = {t: frozen.qparams[g] for g, ts in tensors.items() if frozen.is_weight(g) for t in ts}
+    acts = {t: frozen.qparams[g] for g, ts in tensors.items() if not frozen.is_weight(g) for t in ts}
     doc = build_encodings(params, acts, encoding_version)
     names = _tensor_names(model)
     unknown = sorted((set(params) | set(acts)) - names)

@@ -29,11 +29,10 @@ Linear layers, not 3x3/1x1 convolutions).
 
 Unsigned activations (after ReLU, symmetric, zero point 0 on [0, 2^b - 1]): TensorRT's INT8 grid is [-128, 127], so
 a scale-`s` unsigned 8-bit cell has no exact INT8 equivalent. `unsigned_activations` chooses: ``"refuse"``
-(default) raise; ``"rescale"``: INT8 with scale 2 s (covers the same range, drops the lowest bit; measured on
-TinyResNet W8A8 with digits: 95.7-99.9% of outputs within 1 LSB of the subnet, top-1 agreement 99.4-100%). Keeping the
-scale and saturating at 127 s is not offered: calibrated post-ReLU ranges use the whole [0, 255] grid, and that
-variant agreed on top-1 for only 24% of the same inputs. The exact route is a supernet whose activation quantizers
-use the signed grid (a ReLU output then only uses codes 0..127): calibrate it with
+(default) raise; ``"rescale"``: INT8 with scale 2 s (covers the same range, drops the lowest bit, so the engine is
+close to but not exactly the trained subnet; docs/targets.md has the measured agreement). Keeping the scale and
+saturating at 127 s is not offered: calibrated post-ReLU ranges use the whole [0, 255] grid. The exact route is a
+supernet whose activation quantizers use the signed grid (a ReLU output then only uses codes 0..127): calibrate it with
 ``Supernet.calibrate(batches, signed_activations=True)`` (``eqnet train --signed-activations``) before training.
 
 With torch.ao's placement both inputs of every residual add are fake-quantized outputs of the previous ops (the
@@ -46,9 +45,9 @@ import os
 
 import numpy as np
 
-from eqnet_plugin.freeze import QParams, as_frozen
+from eqnet_plugin.ir import QParams, as_frozen
 
-from ._onnx import save_model_atomic
+from ._onnx import constant_tensors, save_model_atomic
 from .onnx_qdq import INT4_OPSET, MIN_QDQ_OPSET, Encoding, build_qdq_model
 
 __all__ = ["export_to_tensorrt", "check_tensorrt_onnx", "assert_tensorrt_onnx", "tensorrt_subnet_problems",
@@ -88,9 +87,8 @@ def tensorrt_subnet_problems(frozen, opset: int = 17, unsigned_activations: str 
     problems = []
     if opset < MIN_QDQ_OPSET:
         problems.append(f"opset: opset {opset} < {MIN_QDQ_OPSET}; TensorRT's Q/DQ import needs opset >= 13")
-    weights = {lay.weight_group for lay in frozen.layers}
     for g, qp in frozen.qparams.items():
-        kind = "weight" if g in weights else "activation"
+        kind = "weight" if frozen.is_weight(g) else "activation"
         asymmetric = bool((qp.zero_point != 0).any())
         if asymmetric:
             problems.append(f"zero-point: {kind} group {g!r} is asymmetric (zero point "
@@ -172,28 +170,18 @@ class _Graph:
 
         g = model.graph
         self.nodes = list(g.node)
-        self.inits = {t.name: t for t in g.initializer}
         self.producer = {o: n for n in self.nodes for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in self.nodes:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
+        self._tensor = constant_tensors(g)
         self._np = numpy_helper
 
-    def constant(self, name: str, depth: int = 0):
+    def constant(self, name: str):
         """(array, onnx data type) of a constant tensor, or None."""
-        if name in self.inits:
-            t = self.inits[name]
-            return self._np.to_array(t), t.data_type
-        node = self.producer.get(name)
-        if node is None or depth > 8:
-            return None
-        if node.op_type == "Constant":
-            attr = next((a for a in node.attribute if a.name == "value"), None)
-            return None if attr is None else (self._np.to_array(attr.t), attr.t.data_type)
-        if node.op_type == "Identity":
-            return self.constant(node.input[0], depth + 1)
-        return None
+        t = self._tensor(name)
+        return None if t is None else (self._np.to_array(t), t.data_type)
 
     def is_initializer(self, name: str) -> bool:
         """A weight-like constant: an initializer (possibly through Identity), not a computed tensor."""

@@ -22,6 +22,14 @@ from all such files, and the Pareto plot is drawn for the model given by --plot.
 
     python benchmarks/bench_search.py --widths 16,32,64      # the training issue's TinyResNet
     python benchmarks/bench_search.py --widths 4,8,16        # a small one, where quantization costs accuracy
+
+Fashion-MNIST (`--data fashion-mnist`, on the supernets bench_supernet.py saves with --save-supernets; see
+benchmarks/_search_fashion.py for the steps): results in benchmarks/results/bench_search_fashion_<model>.json,
+the Pareto plot in benchmarks/results/pareto_fashion_<model>.png, its own BENCHMARKS.md section.
+
+    python benchmarks/bench_search.py --data fashion-mnist --models tiny_resnet --jobs 2
+    python benchmarks/bench_search.py --data fashion-mnist --smoke           # 24 records, 10 generations, no output
+    python benchmarks/bench_search.py --data fashion-mnist --speed 4         # evaluation speed vs train.evaluate
 """
 from __future__ import annotations
 
@@ -408,6 +416,17 @@ def main() -> None:
     ap.add_argument("--float-epochs", type=int, default=15)
     ap.add_argument("--random", type=int, default=1000, help="random feasible subnets to measure")
     ap.add_argument("--plot", default="4,8,16", help="widths whose Pareto plot goes to pareto_digits.png")
+    ap.add_argument("--data", choices=("digits", "fashion-mnist"), default="digits")
+    fm = ap.add_argument_group("fashion-mnist")
+    fm.add_argument("--models", default="tiny_resnet,tiny_mobilenet_v2", help="comma-separated")
+    fm.add_argument("--seed", type=int, default=0, help="split seed of the bench_supernet supernet")
+    fm.add_argument("--jobs", type=int, default=2, help="worker processes measuring subnets (one thread each)")
+    fm.add_argument("--smoke", action="store_true", help="a few records and generations; writes no results")
+    fm.add_argument("--bn-batches", type=int, default=None,
+                    help="BN recalibration batches of 64 (default: the checkpoint's, i.e. bench_supernet's)")
+    fm.add_argument("--eval-batch", type=int, default=None, help="images per evaluation forward")
+    fm.add_argument("--speed", type=int, default=0, metavar="N",
+                    help="only time N subnets: train.evaluate vs this benchmark's measurement (writes nothing)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -415,16 +434,57 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
+    if args.data == "fashion-mnist":
+        main_fashion(args, log)
+        return
+
     widths = tuple(int(w) for w in args.widths.split(","))
     res = run_model(args, widths, log)
     log(f"done: {res['model']}")
     if args.no_write:
         print(report([res]))
         return
-    files = sorted(RESULTS.glob("bench_search_*.json"), key=lambda p: -json.loads(p.read_text())["widths"][0])
+    files = sorted((p for p in RESULTS.glob("bench_search_*.json") if not p.name.startswith("bench_search_fashion")),
+                   key=lambda p: -json.loads(p.read_text())["widths"][0])
     text = report([json.loads(p.read_text()) for p in files])
     print(text)
     update_section("bench_search", text)
+
+
+def main_fashion(args, log) -> None:
+    import warnings as _w
+
+    import _search_fashion as fs
+    _w.filterwarnings("ignore", module="torch.ao")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in fs.MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {fs.MODELS}")
+    missing = [m for m in models if not fs.checkpoint_path(m, args.seed).exists()]
+    if missing:
+        raise SystemExit(str(fs._missing(missing[0], args.seed)))
+    if args.speed:
+        for m in models:
+            fs.speed(m, args.seed, args.speed, args.jobs, log, args.bn_batches)
+        return
+    for m in models:
+        res = fs.run(m, args.seed, args.jobs, args.smoke, args.bn_batches, args.eval_batch or fs.EVAL_BATCH, log)
+        if args.smoke:                  # results and plot go to the git-ignored run folder only
+            out = fs.RUN_DIR / f"{m}_seed{args.seed}"
+            (out / "smoke_result.json").write_text(json.dumps(res, indent=1, default=float))
+            fs.plot(res, out / "smoke_pareto.png")
+            print(fs.report([res]))
+            continue
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / fs.results_name(m, args.seed)).write_text(json.dumps(res, indent=1, default=float))
+        fs.plot(res, RESULTS / fs.plot_name(m, args.seed))
+    if args.smoke:
+        return
+    files = sorted(RESULTS.glob("bench_search_fashion_*.json"),
+                   key=lambda p: (fs.MODELS.index(json.loads(p.read_text())["model"]), p.name))
+    text = fs.report([json.loads(p.read_text()) for p in files])
+    print(text)
+    update_section("bench_search_fashion", text)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import statistics
@@ -86,23 +87,40 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
     if cfg["data"] == "fashion-mnist":
         splits = fashion_mnist_splits(image_size=image_size, seed=seed, val_size=10000,
                                       limit_test=cfg.get("limit_test"))
-        train, _, test = make_loaders(splits, batch_size, seed=seed, eval_batch_size=1000)
+        train, val, test = make_loaders(splits, batch_size, seed=seed, eval_batch_size=1000)
     else:
-        train, _, test = digits_loaders(batch_size, image_size, seed=seed, split_seed=seed)
+        train, val, test = digits_loaders(batch_size, image_size, seed=seed, split_seed=seed)
     steps = cfg["epochs"] * len(train) if cfg["max_steps"] is None else min(cfg["max_steps"],
                                                                              cfg["epochs"] * len(train))
+    if cfg.get("eval_split", "test") == "val":
+        test = val                    # tuning: every accuracy on the validation split, the test split untouched
     torch.manual_seed(seed)
     model = build_model(model_name, stem_stride=cfg.get("stem_stride", 1))
+    cache = PARTIAL_DIR / "bench_supernet_float" / (
+        f"{cfg['data']}_{model_name}_seed{seed}_e{cfg['float_epochs']}_s{cfg.get('float_max_steps')}_lr{float_lr}"
+        f"_b{batch_size}_i{image_size}_stem{cfg.get('stem_stride', 1)}.pt")
     t = time.perf_counter()
-    train_float(model, train, cfg["float_epochs"], lr=float_lr, max_steps=cfg.get("float_max_steps"))
-    out = {"model": model_name, "seed": seed, "steps": steps, "float_seconds": time.perf_counter() - t,
-           "float_acc": accuracy(model, test), "test_images": len(test.dataset), "train_images": len(train.dataset)}
+    if cache.exists():                # the float start depends only on its own recipe: reuse it across variants
+        saved = torch.load(cache, weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        float_seconds = saved["seconds"]
+    else:
+        train_float(model, train, cfg["float_epochs"], lr=float_lr, max_steps=cfg.get("float_max_steps"))
+        float_seconds = time.perf_counter() - t
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "seconds": float_seconds}, cache.with_suffix(".tmp"))
+        os.replace(cache.with_suffix(".tmp"), cache)
+    out = {"model": model_name, "seed": seed, "steps": steps, "float_seconds": float_seconds,
+           "float_acc": accuracy(model, test), "test_images": len(test.dataset), "train_images": len(train.dataset),
+           "eval_split": cfg.get("eval_split", "test")}
     bn = bn_batches_from(train.dataset, cfg.get("bn_batches", 8), batch_size, seed=seed)
     base = _prepare(model, (bn[0][0],))
     t = time.perf_counter()
     base.calibrate(bn)
     out["calibration_seconds"] = time.perf_counter() - t
     configs = reference_configs(base)
+    if cfg.get("configs"):
+        configs = {k: v for k, v in configs.items() if k in cfg["configs"]}
     low = {k: v for k, v in configs.items() if k in ABLATION_CONFIGS}
 
     def fresh_loader_state():
@@ -118,22 +136,31 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
         opt = torch.optim.Adam(sn.model.parameters(), lr=lr)
         fresh_loader_state()
         h = train_supernet(sn, train, opt, cfg["epochs"], scheduler=cosine_scheduler(opt, steps),
-                           generator=torch.Generator().manual_seed(seed), max_steps=cfg["max_steps"],
+                           generator=torch.Generator().manual_seed(seed), max_steps=steps,
                            progress=False, **kw)
         return sn, h["seconds"]
 
     sn, out["supernet_seconds"] = supernet_run(wdr=WDRLoss())
     out["supernet"] = evaluate_configs(sn, configs, test, bn)
+    if cfg.get("save_dir"):           # the trained supernet, for bench_search (git-ignored runs/ folder)
+        dest = Path(cfg["save_dir"]) / f"{model_name}_seed{seed}.pt"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": sn.model.state_dict(), "bn_batches": cfg.get("bn_batches", 8),
+                    "batch_size": batch_size, "image_size": image_size, "stem_stride": cfg.get("stem_stride", 1),
+                    "test_images": len(test.dataset),
+                    "supernet_test": out["supernet"] if cfg.get("eval_split", "test") == "test" else None},
+                   dest.with_suffix(".tmp"))
+        os.replace(dest.with_suffix(".tmp"), dest)
     out["dedicated"], out["dedicated_seconds"] = {}, {}
     for name, c in configs.items():
         d = _copy(base)
         opt = torch.optim.Adam(d.model.parameters(), lr=lr)
         fresh_loader_state()
         h = lsq_qat(d, c, train, opt, cfg["epochs"],
-                    scheduler=cosine_scheduler(opt, steps), max_steps=cfg["max_steps"])
+                    scheduler=cosine_scheduler(opt, steps), max_steps=steps)
         out["dedicated_seconds"][name] = h["seconds"]
         out["dedicated"][name] = evaluate(d, c, test, bn)
-    for key, kw in (("no_wdr", dict(wdr=None)), ("no_gpg", dict(wdr=WDRLoss(), gpg=False)),
+    for key, kw in () if cfg.get("no_ablations") else (("no_wdr", dict(wdr=None)), ("no_gpg", dict(wdr=WDRLoss(), gpg=False)),
                     ("old_bn", dict(wdr=WDRLoss(on="latent"), old_bn=True))):
         sn, out[f"{key}_seconds"] = supernet_run(**kw)
         out[key] = evaluate_configs(sn, low, test, bn)
@@ -185,6 +212,9 @@ def summarize(runs: list[dict], budget: str, args, machine_line: str | None = No
         t_a = statistics.fmean(r["supernet_seconds"] for r in rs)
         t_b = statistics.fmean(sum(r["dedicated_seconds"].values()) for r in rs)
         summary.append((m, gaps, t_a, t_b))
+        if "no_wdr" not in rs[0]:
+            lines.append("")
+            continue
         lines += ["", "| ablation (supernet subnets) | " + " | ".join(k for k in rs[0]["no_wdr"]) + " | mean |",
                   "|---|" + "---|" * (len(rs[0]["no_wdr"]) + 1)]
         rows = [("EQ-Net (GPG + WDR, fixed BN fold)", "supernet"), ("without WDR", "no_wdr"),
@@ -201,7 +231,8 @@ def summarize(runs: list[dict], budget: str, args, machine_line: str | None = No
               "(target <= 2.0) | supernet wall time | sum of 12 dedicated runs | ratio (target <= 0.3) |",
               "|---|---|---|---|---|---|---|"]
     for m, gaps, t_a, t_b in summary:
-        worst = {p: max(v for k, v in gaps.items() if k.startswith(p)) for p in ("W4", "W8", "W3", "W2")}
+        worst = {p: max((v for k, v in gaps.items() if k.startswith(p)), default=float("nan"))
+                 for p in ("W4", "W8", "W3", "W2")}
         lines.append(f"| {m} | {max(worst['W4'], worst['W8']):+.2f} | {worst['W3']:+.2f} | {worst['W2']:+.2f} | "
                      f"{t_a:.0f} s | {t_b:.0f} s | {t_a / t_b:.2f}x |")
     return "\n".join(lines)
@@ -211,7 +242,10 @@ def _recipe(cfg: dict, args) -> dict:
     return {"data": cfg["data"], "float_epochs": cfg["float_epochs"], "epochs": cfg["epochs"],
             "max_steps": cfg["max_steps"], "float_max_steps": cfg.get("float_max_steps"),
             "stem_stride": cfg.get("stem_stride", 1),
-            "lr": args.lr, "float_lr": args.float_lr, "batch_size": args.batch_size, "image_size": args.image_size}
+            "lr": args.lr, "float_lr": args.float_lr, "batch_size": args.batch_size, "image_size": args.image_size,
+            **({"eval_split": "val"} if cfg.get("eval_split") == "val" else {}),
+            **({"configs": list(cfg["configs"])} if cfg.get("configs") else {}),
+            **({"no_ablations": True} if cfg.get("no_ablations") else {})}
 
 
 def _results_path(budget: str) -> Path:
@@ -220,7 +254,8 @@ def _results_path(budget: str) -> Path:
 
 
 def _partial_path(recipe: dict) -> Path:
-    return PARTIAL_DIR / f"bench_supernet_{recipe['data']}_partial.json"
+    tag = "" if len(recipe) == 10 else "_" + hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return PARTIAL_DIR / f"bench_supernet_{recipe['data']}{tag}_partial.json"
 
 
 def _load_partial(recipe: dict) -> dict:
@@ -250,6 +285,14 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="*", default=None)
     p.add_argument("--seeds", nargs="*", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="override the budget's QAT epochs")
+    p.add_argument("--steps", type=int, default=None, help="override the budget's QAT steps")
+    p.add_argument("--float-epochs", type=int, default=None, help="override the budget's float epochs")
+    p.add_argument("--eval-split", choices=("test", "val"), default="test",
+                   help="val: tune on the validation split (results go to runs/, never to BENCHMARKS.md)")
+    p.add_argument("--configs", nargs="*", default=None, help="only these reference configs, e.g. 'W4A4 sym/channel'")
+    p.add_argument("--no-ablations", action="store_true", help="skip the three ablation supernets")
+    p.add_argument("--save-supernets", action="store_true",
+                   help="keep each trained supernet in runs/bench_supernet/ (bench_search reads them)")
     p.add_argument("--lr", type=float, default=1e-3, help="QAT learning rate (paper: Adam 1e-3, cosine)")
     p.add_argument("--float-lr", type=float, default=3e-3, help="float pretraining learning rate")
     p.add_argument("--batch-size", type=int, default=64)
@@ -278,6 +321,12 @@ def main(argv=None) -> None:
     cfg["seeds"] = tuple(args.seeds if args.seeds is not None else cfg["seeds"])
     if args.epochs is not None:
         cfg["epochs"] = args.epochs
+    if args.steps is not None:
+        cfg["max_steps"] = args.steps
+    if args.float_epochs is not None:
+        cfg["float_epochs"] = args.float_epochs
+    cfg.update(eval_split=args.eval_split, configs=args.configs, no_ablations=args.no_ablations,
+               save_dir=str(PARTIAL_DIR / "bench_supernet") if args.save_supernets else None)
     recipe = _recipe(cfg, args)
     t0 = time.perf_counter()
     done = _load_partial(recipe) if args.resume else {}
@@ -312,7 +361,11 @@ def main(argv=None) -> None:
               + (f" ({args.jobs} processes in parallel, 1 thread each)" if args.jobs > 1 else "")
               + (f", {len(done)} of the runs reused from an interrupted invocation (--resume)" if done else "")
               + f"; machine load average (5 min) at the end: {load:.1f} on {os.cpu_count()} cores.")
-    write = args.write or args.budget in ("full", "fashion")
+    write = (args.write or args.budget in ("full", "fashion")) and args.eval_split == "test" and not args.configs
+    if args.eval_split == "val":      # tuning results: kept in runs/, never recorded as a benchmark
+        PARTIAL_DIR.mkdir(parents=True, exist_ok=True)
+        (PARTIAL_DIR / f"bench_supernet_tune_{args.lr}_{cfg['float_epochs']}_{cfg['max_steps']}.json").write_text(
+            json.dumps({"recipe": recipe, "runs": runs}, indent=1))
     if write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps({"budget": args.budget, "recipe": recipe, "machine": machine(),

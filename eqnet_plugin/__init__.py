@@ -17,16 +17,19 @@ from .fx import elastic_backend_config, elastic_qconfig_mapping, prepare_qat
 from .losses import WDRLoss, gpg_losses
 from .space import ElasticSpace, QuantChoice, SubnetConfig
 from .supernet import BatchNormStatsError, Supernet
-from .train import evaluate, evaluate_configs, load_checkpoint, sandwich_step, save_checkpoint, train_supernet
+from .train import (SandwichConfig, evaluate, evaluate_configs, load_checkpoint, sandwich_step, save_checkpoint,
+                    train_supernet)
 
 __all__ = ["ElasticSpace", "QuantChoice", "SubnetConfig", "ElasticFakeQuantize", "elastic_qconfig_mapping",
-           "elastic_backend_config", "prepare_qat", "Supernet", "WDRLoss", "gpg_losses", "sandwich_step",
-           "evaluate", "evaluate_configs", "train_supernet", "save_checkpoint", "load_checkpoint", "freeze",
-           "FrozenSubnet", "QParams", "search", "BatchNormStatsError", "adapters", "export_onnx", "export_to_tensorrt",
-           "export_qnn", "to_brevitas", "to_pytorch_quantization", "__version__"]
+           "elastic_backend_config", "prepare_qat", "Supernet", "SandwichConfig", "WDRLoss", "gpg_losses",
+           "sandwich_step", "evaluate", "evaluate_configs", "train_supernet", "save_checkpoint", "load_checkpoint",
+           "freeze", "FrozenSubnet", "QParams", "search", "BatchNormStatsError", "adapters", "export_onnx",
+           "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization", "register_target", "get_target", "Target",
+           "__version__"]
 
 _ADAPTER_EXPORTS = ("export_onnx", "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization",
-                    "export_brevitas_qcdq", "export_brevitas_qonnx", "check_tensorrt_onnx")
+                    "export_brevitas_qcdq", "export_brevitas_qonnx", "check_tensorrt_onnx", "register_target",
+                    "get_target", "Target")
 
 
 def __getattr__(name: str):

@@ -113,7 +113,9 @@ def _constraints(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import TARGETS
+    from .pipeline import target_names
+    from .search.profiles import PROFILES
+    TARGETS = target_names()
     parser = _Parser(prog="eqnet", description="EQ-Net elastic quantization: train one supernet, search subnets, "
                                                "export them to TensorRT / Brevitas / QNN / ONNX Runtime.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=_doc("search"))
     _checkpoint(p)
     _common(p, False)
-    p.add_argument("--profile", default="brevitas", choices=("brevitas", "tensorrt", "qnn"),
+    p.add_argument("--profile", default="brevitas", choices=tuple(PROFILES),
                    help="backend profile: only subnets the target runs (default: %(default)s)")
     _constraints(p)
     p.add_argument("--records", type=_AT_LEAST_2, default=200, help="measured subnets for the predictor (>= 2)")
@@ -199,10 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_POSITIVE, default=None, help="cap supernet steps")
     p.add_argument("--records", type=_AT_LEAST_2, default=None, help="override the budget's measured subnets")
     p.add_argument("--generations", type=_NONNEG, default=None, help="override the budget's GA generations")
-    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS,
+                   help="export targets (default: all registered)")
     p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     # The demo's models are tiny: on one thread it takes about 2.5 CPU-minutes, and it avoids the many-fold slowdown
-    # of oversubscribed OpenMP threads on a busy machine (measured here). --threads N overrides it.
+    # of oversubscribed OpenMP threads on a busy machine. --threads N overrides it.
     p.set_defaults(threads=1)
     return parser
 
@@ -555,17 +558,17 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .pipeline import (TARGET_SCHEMES, TARGETS, export_problems, export_subnet, freeze_subnet, onnx_agreement,
-                           parse_subnet, uniform_config)
+    from .pipeline import (export_problems, export_subnet, freeze_subnet, get_target, onnx_agreement, parse_subnet,
+                           target_names, uniform_config)
     _check_out(args.out)
     exp = _load(args)
     sn = exp.supernet
-    targets = TARGETS if args.target == "all" else (args.target,)
+    targets = target_names() if args.target == "all" else (args.target,)
     given = parse_subnet(args.subnet, sn) if args.subnet else None
     plan, refusals, frozen_of = [], [], {}
     for t in targets:                       # check every target before anything is written
         cfg = given if given is not None else \
-            uniform_config(sn, max(sn.space.weight_bits), max(sn.space.act_bits), TARGET_SCHEMES[t])
+            uniform_config(sn, max(sn.space.weight_bits), max(sn.space.act_bits), get_target(t).scheme)
         key = json.dumps(cfg.to_dict(), sort_keys=True)
         if key not in frozen_of:
             frozen_of[key] = freeze_subnet(exp, cfg)
@@ -587,7 +590,7 @@ def cmd_export(args) -> int:
                               encoding_version=args.encoding_version, frozen=frozen)
         for kind, path in files.items():
             check = "-"
-            if args.check and kind in ("onnx", "qcdq") and t != "qnn":
+            if args.check and kind in get_target(t).ort_checkable:
                 check = f"ORT top-1 agreement {onnx_agreement(path, frozen, exp.test_loader):.4f}"
             rows.append([t, kind, path, os.path.getsize(path), check])
     _print_table(rows, ["target", "file", "path", "bytes", "check"])

@@ -69,7 +69,7 @@ _PROFILE_LABEL = {"brevitas": "brevitas (the whole space)"}
 
 
 def run_demo(out_dir: str | os.PathLike = "runs/demo", *, budget: str | DemoBudget = "default",
-             spec: P.RunSpec | None = None, targets: tuple[str, ...] = P.TARGETS, device: str = "cpu",
+             spec: P.RunSpec | None = None, targets: tuple[str, ...] | None = None, device: str = "cpu",
              progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run the demo into `out_dir` and return the summary (also written to ``summary.json``).
 
@@ -77,7 +77,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, budget: str | DemoBudg
         out_dir: output folder (created; files of an earlier demo there are replaced).
         budget: a `BUDGETS` name or a `DemoBudget`.
         spec: model/data/space (default: tiny_resnet on digits).
-        targets: export targets.
+        targets: export targets (default: every registered target, `eqnet_plugin.adapters.target_names`).
         device: torch device.
         progress: tqdm bars.
         log: where stage headers go.
@@ -88,9 +88,10 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, budget: str | DemoBudg
         if budget not in BUDGETS:
             raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
         budget = BUDGETS[budget]
-    bad = [t for t in targets if t not in P.TARGETS]
+    targets = tuple(targets) if targets is not None else P.target_names()
+    bad = [t for t in targets if t not in P.target_names()]
     if bad:
-        raise ValueError(f"unknown targets {bad}; choose from {', '.join(P.TARGETS)}")
+        raise ValueError(f"unknown targets {bad}; choose from {', '.join(P.target_names())}")
     spec = spec or P.RunSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,14 +140,13 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, budget: str | DemoBudg
     summary["searches"] = {"brevitas": _search_summary(main, exp.supernet, out)}
     summary["predictor"] = main.predictor
 
-    t = stage(5, "targets", f"searches under the tensorrt and qnn profiles (BitOps <= "
+    profiles = [p for p in dict.fromkeys(P.get_target(t).profile for t in targets) if p != "brevitas"]
+    t = stage(5, "targets", f"searches under the {' and '.join(profiles) or 'no other'} profile(s) (BitOps <= "
                             f"{budget.target_bitops_fraction:.0%} of W8A8)")
     from .search import CQAP
     cqap = CQAP.load(main.files["predictor"])
-    chosen = {"onnx": main.result.best.config, "brevitas": main.result.best.config}
-    for prof in ("tensorrt", "qnn"):
-        if prof not in targets:
-            continue
+    chosen = {"brevitas": main.result.best.config}           # search profile -> its chosen subnet
+    for prof in profiles:
         res = P.search_experiment(exp, out / "search" / prof, profile=prof, predictor=cqap,
                                   bitops_fraction=budget.target_bitops_fraction, population=budget.population,
                                   generations=budget.generations, seed=spec.seed)
@@ -157,13 +157,13 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, budget: str | DemoBudg
     t = stage(6, "export", f"export to {', '.join(targets)}")
     exports: dict = {}
     for target in targets:
-        frozen = P.freeze_subnet(exp, chosen[target])
-        files = P.export_subnet(exp, chosen[target], target, out / "exports" / target, frozen=frozen)
-        entry: dict = {"files": {k: _rel(v, out) for k, v in files.items()},
-                       "search": P.TARGET_PROFILES[target]}
-        qdq = files.get("qcdq") if target == "brevitas" else files.get("onnx") if target != "qnn" else None
-        if qdq is not None:
-            entry["ort_top1_agreement"] = P.onnx_agreement(qdq, frozen, exp.test_loader)
+        tg = P.get_target(target)
+        frozen = P.freeze_subnet(exp, chosen[tg.profile])
+        files = P.export_subnet(exp, chosen[tg.profile], target, out / "exports" / target, frozen=frozen)
+        entry: dict = {"files": {k: _rel(v, out) for k, v in files.items()}, "search": tg.profile}
+        runnable = [files[k] for k in tg.ort_checkable if k in files]
+        if runnable:
+            entry["ort_top1_agreement"] = P.onnx_agreement(runnable[0], frozen, exp.test_loader)
         exports[target] = entry
     times["export"] = time.perf_counter() - t
     summary["exports"] = exports

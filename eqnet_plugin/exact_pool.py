@@ -5,8 +5,7 @@ quantized tensor is ``s * (sum of n codes) / n``, which sits exactly on a roundi
 of codes is an odd multiple of n/2 (about 1 pooled value in n for even n; 6% of TinyResNet's pooled features).
 A float32 mean lands a few ulps on either side of such a tie depending on the summation order, so torch (CPU or
 CUDA) and ONNX Runtime round it to different codes; at 4 bits one flipped pooled code moves the logits by many
-output LSBs. Measured before this module: 88-99% of TinyResNet/TinyMobileNetV2 W4A4 outputs within 1 LSB of ONNX
-Runtime; after: 100%.
+output LSBs (docs/design.md, section 7, has the measured effect on ONNX Runtime parity).
 
 Here the sum accumulates in float64. The inputs are fake-quantized float32 values (integer multiples of the
 smallest one's ulp, at most 2^8 times apart), so the float64 sum is exact in any order for any realistic n

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
+
+from .files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 __all__ = ["ElasticSpace", "QuantChoice", "SubnetConfig", "CONFIG_VERSION", "MIN_BITS", "MAX_BITS"]
 
@@ -217,27 +218,3 @@ class SubnetConfig:
         """The sets of symmetry and per-channel flags used (by `names`, default all groups)."""
         names = self.groups if names is None else names
         return ({self.groups[n].symmetric for n in names}, {self.groups[n].per_channel for n in names})
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same folder and a rename: no half-written file."""
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder, fsync and a rename: no half-written file,
-    and a previous file at `path` survives any error."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -135,6 +135,14 @@ class Supernet:
         ...     logits = gm(x)
     """
 
+    def __new__(cls, model=None, *args, **kwargs):
+        # A graph prepared by torchao's PT2E flow (eqnet_plugin.pt2e.ElasticQuantizer) gets the PT2E subclass.
+        if cls is Supernet and isinstance(model, nn.Module) and any(
+                type(m).__name__ == "ElasticPT2EFakeQuantize" for m in model.modules()):
+            from .pt2e import PT2ESupernet
+            cls = PT2ESupernet
+        return super().__new__(cls)
+
     def __init__(self, model: torch.fx.GraphModule, space: ElasticSpace | None = None, bn_fold: str = "fixed"
                  ) -> None:
         if not isinstance(model, torch.fx.GraphModule):
@@ -577,6 +585,73 @@ class Supernet:
                 self.recalibrate_bn(bn_batches)
             self.require_bn_stats(c, "to_reference")
             return convert_reference(self.model)
+
+    def freeze(self, cfg: SubnetConfig | None = None, bn_batches: Iterable | None = None):
+        """`eqnet_plugin.freeze.freeze(self, cfg, bn_batches)`: the export IR of one subnet (default: the active
+        one). Every exporter calls this when it is given a Supernet with ``cfg=``."""
+        from .freeze import freeze
+        return freeze(self, cfg, bn_batches)
+
+    @torch.no_grad()
+    def layer_io(self, example_inputs) -> dict[str, dict]:
+        """What every layer sees on one forward of `example_inputs`: the shapes the search cost model
+        (`eqnet_plugin.search.CostModel`) counts MACs from.
+
+        One eval-mode forward of `model` with fake quantization off (shapes do not depend on it), recorded with
+        forward hooks on the layers' modules. The model's training flag, the quantizers' fake-quant flags and the
+        BatchNorm statistics are left unchanged. A layer called several times (a shared module) reports its first
+        call. Subclasses whose layers are not modules (`eqnet_plugin.pt2e.PT2ESupernet`) override this.
+
+        Args:
+            example_inputs: an input tensor or a tuple of positional inputs (moved to the model's device).
+        Returns:
+            {layer name: {"input": the layer's input tensor, "output": its output tensor, "weight": its weight
+            tensor, "op": "conv" | "conv_transpose" | "linear" | "embedding" (None: a layer type without a MAC
+            rule), "has_bias": it has a bias or a BatchNorm (folded into a bias at deployment)}}, for the layers
+            the forward called, in `layers` order.
+        """
+        gm = self.model
+        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        hooks = []
+        for lay in self.layers:
+            def hook(m, args, out, name=lay.name):
+                if name not in seen:     # a module called twice (shared) counts its first call's shapes
+                    seen[name] = (args[0], out)
+            hooks.append(gm.get_submodule(lay.name).register_forward_hook(hook))
+        was_training = gm.training
+        fq_on = {g: bool(fq.fake_quant_enabled[0]) for g, fq in self.groups.items()}
+        try:
+            gm.eval()
+            for fq in self.groups.values():
+                fq.enable_fake_quant(False)
+            dev = _device_of(gm)
+            gm(*[t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs])
+        finally:
+            for h in hooks:
+                h.remove()
+            for g, fq in self.groups.items():
+                fq.enable_fake_quant(fq_on[g])
+            gm.train(was_training)
+        out: dict[str, dict] = {}
+        for lay in self.layers:
+            if lay.name not in seen:
+                continue
+            mod = gm.get_submodule(lay.name)
+            if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+                op = "conv_transpose"
+            elif isinstance(mod, nn.modules.conv._ConvNd):
+                op = "conv"
+            elif isinstance(mod, nn.Linear):
+                op = "linear"
+            elif isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+                op = "embedding"
+            else:
+                op = None
+            x, y = seen[lay.name]
+            out[lay.name] = {"input": x, "output": y, "weight": mod.weight, "op": op,
+                             "has_bias": getattr(mod, "bias", None) is not None or getattr(mod, "bn", None) is not None}
+        return out
 
     def __repr__(self) -> str:
         return (f"Supernet({len(self.layers)} layers, {len(self.weight_groups)} weight groups, "

@@ -11,6 +11,7 @@ symmetry and granularity per group; H learns from the labels, R from H, L from R
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -20,7 +21,7 @@ import random
 import re
 import time
 import zipfile
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from .losses import WDRLoss, gpg_term
 from .space import ElasticSpace, SubnetConfig, atomic_write_bytes
 from .supernet import Supernet
 
-__all__ = ["sample_sandwich", "sandwich_step", "qat_step", "evaluate", "evaluate_configs", "accuracy",
+__all__ = ["SandwichConfig", "sample_sandwich", "sandwich_step", "qat_step", "evaluate", "evaluate_configs", "accuracy",
            "bn_batches_from", "cosine_scheduler", "train_supernet", "train_float", "lsq_qat", "save_checkpoint",
            "load_checkpoint", "read_checkpoint", "CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
@@ -123,44 +124,101 @@ def _check_batch(inputs, targets, check_finite: bool) -> None:
                          "check_finite=False to skip this check)")
 
 
+@dataclasses.dataclass(frozen=True)
+class SandwichConfig:
+    """The training recipe of `sandwich_step` / `train_supernet` (and the shared knobs of `qat_step`), in one
+    object, as torchao does for its QAT configs. The defaults are the paper's recipe with the official trainer's
+    gradient clipping.
+
+    Attributes:
+        wdr: the Weight Distribution Regularization loss added every step (None: off). Default `WDRLoss()`.
+        lam, temperature: GPG distillation weight and temperature (paper: 0.5, 1.0).
+        gpg: False trains each subnet with the plain label loss (the ablation without GPG).
+        scheme: how symmetry / granularity are sampled (`sample_sandwich`; default per group, the paper's).
+        grad_clip: clip the global gradient norm to this value before the step (default: off).
+        grad_clip_value: clip every gradient element to [-v, v] (default 1.0, the official EQ-Net trainer's
+            ``clip_grad_value_(1.0)``; None: off).
+        criterion: the label loss ``criterion(logits, targets)`` (default: cross-entropy).
+        check_finite: refuse NaN/inf input batches before any forward and non-finite losses before the optimizer
+            step (two host syncs per step; False skips both).
+
+    Example:
+        >>> recipe = SandwichConfig(lam=0.7, wdr=None)
+        >>> losses = sandwich_step(sn, x, y, opt, recipe=recipe, generator=g)  # doctest: +SKIP
+
+    The loose keyword arguments (``wdr=``, ``lam=``, ...) of `sandwich_step`, `qat_step` and `train_supernet`
+    still work and override the recipe's fields.
+    """
+
+    wdr: WDRLoss | None = dataclasses.field(default_factory=WDRLoss)
+    lam: float = 0.5
+    temperature: float = 1.0
+    gpg: bool = True
+    scheme: str = "group"
+    grad_clip: float | None = None
+    grad_clip_value: float | None = 1.0
+    criterion: Callable | None = None
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if self.wdr is not None and not callable(self.wdr):
+            raise TypeError(f"SandwichConfig.wdr must be a WDRLoss (or None), got {type(self.wdr).__name__}")
+        if not 0.0 <= float(self.lam) <= 1.0:
+            raise ValueError(f"SandwichConfig.lam={self.lam!r} must lie in [0, 1]")
+        if float(self.temperature) <= 0:
+            raise ValueError(f"SandwichConfig.temperature={self.temperature!r} must be positive")
+        for name in ("grad_clip", "grad_clip_value"):
+            v = getattr(self, name)
+            if v is not None and not float(v) > 0:
+                raise ValueError(f"SandwichConfig.{name}={v!r} must be positive (None: off)")
+
+
+_RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(SandwichConfig))
+_STEP_DEFAULT = SandwichConfig(wdr=None)      # a bare sandwich_step / qat_step: no WDR (as before SandwichConfig)
+
+
+def _recipe(recipe: SandwichConfig | None, overrides: Mapping[str, object], default: SandwichConfig,
+            who: str, allowed: tuple[str, ...] = _RECIPE_FIELDS) -> SandwichConfig:
+    """`recipe` (or `default`) with the loose keyword arguments applied; unknown names raise TypeError."""
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise TypeError(f"{who}() got unexpected keyword argument(s) {unknown}; recipe knobs: {', '.join(allowed)}")
+    if recipe is not None and not isinstance(recipe, SandwichConfig):
+        raise TypeError(f"{who}(recipe=...) expects a SandwichConfig, got {type(recipe).__name__}")
+    base = recipe if recipe is not None else default
+    return dataclasses.replace(base, **overrides) if overrides else base
+
+
 def _track_bn(supernet: Supernet, on: bool) -> None:
     for m in supernet.bn_modules:
         m.track_running_stats = on
 
 
 def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
-                  *, generator: torch.Generator | None = None, model: nn.Module | None = None,
-                  wdr: WDRLoss | None = None, lam: float = 0.5, temperature: float = 1.0,
-                  grad_clip: float | None = None, grad_clip_value: float | None = 1.0, gpg: bool = True,
+                  *, recipe: SandwichConfig | None = None, generator: torch.Generator | None = None,
+                  model: nn.Module | None = None,
                   configs: tuple[SubnetConfig, SubnetConfig, SubnetConfig] | None = None,
-                  sync_grads: bool | None = None, check_ranks: bool = True, scheme: str = "group",
-                  criterion=None, check_finite: bool = True) -> dict[str, torch.Tensor]:
+                  sync_grads: bool | None = None, check_ranks: bool = True, **knobs) -> dict[str, torch.Tensor]:
     """One EQ-Net training step: sample H/R/L, forward and backward each, WDR, one optimizer step.
 
     Args:
         supernet: the Supernet view of the model being trained.
         inputs, targets: one batch (on the model's device), of the same batch size (checked before any forward).
         optimizer: optimizer over the model's parameters (including the quantizers' scales).
+        recipe: the `SandwichConfig` (WDR, GPG weight and temperature, sampling scheme, gradient clipping, label
+            loss, finite checks). Default: ``SandwichConfig(wdr=None)``, i.e. the paper's recipe without WDR; pass
+            ``SandwichConfig()`` for the full recipe.
         generator: CPU generator for sampling; under DDP it must be seeded identically on every rank
             (`distributed.shared_generator`).
         model: the module to run the forwards through, e.g. the `DistributedDataParallel` wrapper of
             `supernet.model` (default: `supernet.model`).
-        wdr: optional `WDRLoss` added to the loss (the paper's recipe uses `WDRLoss()`).
-        lam, temperature: GPG distillation weight and temperature (paper: 0.5, 1.0).
-        grad_clip: clip the global gradient norm to this value before the step (default: off).
-        grad_clip_value: clip every gradient element to [-v, v] (default 1.0, the official EQ-Net trainer's
-            ``clip_grad_value_(1.0)``; None: off).
-        gpg: False trains each subnet with plain cross-entropy (the ablation without GPG).
         configs: explicit (H, R, L) instead of sampling.
-        scheme: how symmetry/granularity are sampled, see `sample_sandwich` (default: per group, the paper's).
         sync_grads: average gradients over ranks (default: when `model` is DDP). DDP's own reducer is bypassed
             (forwards run under ``no_sync()``; see `eqnet_plugin.distributed` for why).
         check_ranks: under DDP, verify that all ranks trained the same parameters (one host sync per step).
-        criterion: the label loss, ``criterion(logits, targets)`` (default: cross-entropy). H learns from it; R and
-            L from ``lam * KL(teacher) + (1 - lam) * criterion``.
-        check_finite: refuse a batch with NaN/inf inputs before any forward (ValueError, nothing updated) and a
-            non-finite loss before the optimizer step (FloatingPointError; the parameters stay as they were). Two
-            host syncs per step; False skips both.
+        **knobs: any `SandwichConfig` field (``wdr=``, ``lam=``, ``temperature=``, ``gpg=``, ``scheme=``,
+            ``grad_clip=``, ``grad_clip_value=``, ``criterion=``, ``check_finite=``), overriding `recipe`.
+            H learns from the label loss; R and L from ``lam * KL(teacher) + (1 - lam) * criterion``.
     Returns:
         detached {"h", "r", "l", "wdr", "total"} scalar losses and "logits": the widest (H) subnet's detached
         logits, for training accuracy.
@@ -173,7 +231,9 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
     running statistics are updated by the H subnet only (R and L normalize with their batch statistics), so the
     model's own eval mode is right for the widest subnet (``bn_fold="running"`` supernets: by all three).
     """
-    _check_batch(inputs, targets, check_finite)
+    r = _recipe(recipe, knobs, _STEP_DEFAULT, "sandwich_step")
+    wdr, lam, temperature, gpg, criterion = r.wdr, r.lam, r.temperature, r.gpg, r.criterion
+    _check_batch(inputs, targets, r.check_finite)
     net = model if model is not None else supernet.model
     ddp = isinstance(net, DistributedDataParallel)
     sync = ddp if sync_grads is None else bool(sync_grads)
@@ -182,7 +242,7 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
                          "generator=eqnet_plugin.distributed.shared_generator(seed) to sandwich_step")
     supernet.require_calibrated("sandwich_step")
     if configs is None:
-        configs = sample_sandwich(supernet, generator, scheme)
+        configs = sample_sandwich(supernet, generator, r.scheme)
     for cfg in configs:
         supernet.validate(cfg)
     previous = supernet.current_config()
@@ -214,22 +274,28 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
         if h_only:
             _track_bn(supernet, True)
         _set_cells(supernet, previous)
-    _finish_step(supernet, net, optimizer, grad_clip, sync, check_ranks, grad_clip_value,
-                 losses if check_finite else None)
+    _finish_step(supernet, net, optimizer, r.grad_clip, sync, check_ranks, r.grad_clip_value,
+                 losses if r.check_finite else None)
     losses["total"] = losses["h"] + losses["r"] + losses["l"] + losses["wdr"]
     losses["logits"] = h_logits
     return losses
 
 
 def qat_step(supernet: Supernet, cfg: SubnetConfig, inputs: torch.Tensor, targets: torch.Tensor,
-             optimizer: torch.optim.Optimizer, *, model: nn.Module | None = None, wdr: WDRLoss | None = None,
-             grad_clip: float | None = None, grad_clip_value: float | None = 1.0, sync_grads: bool | None = None,
-             criterion=None, check_finite: bool = True) -> dict[str, torch.Tensor]:
+             optimizer: torch.optim.Optimizer, *, recipe: SandwichConfig | None = None, model: nn.Module | None = None,
+             sync_grads: bool | None = None, **knobs) -> dict[str, torch.Tensor]:
     """One conventional QAT step of a single subnet `cfg` (label loss [+ WDR]): the dedicated baseline, with the
     same gradient clipping and checks as `sandwich_step`.
 
+    `recipe` / `**knobs`: the `SandwichConfig` fields a single-subnet step uses (``wdr``, ``grad_clip``,
+    ``grad_clip_value``, ``criterion``, ``check_finite``); default ``SandwichConfig(wdr=None)``.
+
     Returns detached {"loss", "wdr", "total", "logits"}; the active subnet is restored afterwards.
     """
+    r = _recipe(recipe, knobs, _STEP_DEFAULT, "qat_step",
+                ("wdr", "grad_clip", "grad_clip_value", "criterion", "check_finite"))
+    wdr, grad_clip, grad_clip_value, criterion, check_finite = (r.wdr, r.grad_clip, r.grad_clip_value, r.criterion,
+                                                                r.check_finite)
     _check_batch(inputs, targets, check_finite)
     net = model if model is not None else supernet.model
     ddp = isinstance(net, DistributedDataParallel)
@@ -613,9 +679,8 @@ def train_supernet(supernet: Supernet, train_loader: DataLoader, optimizer: torc
                    checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int | None = None,
                    checkpoint_extra: Mapping | None = None, resume: bool = True,
                    generator: torch.Generator | None = None, model: nn.Module | None = None,
-                   wdr: WDRLoss | None = WDRLoss(), lam: float = 0.5, temperature: float = 1.0,
-                   grad_clip: float | None = None, gpg: bool = True, scheme: str = "group",
-                   max_steps: int | None = None, progress: bool = True) -> dict:
+                   recipe: SandwichConfig | None = None, max_steps: int | None = None, progress: bool = True,
+                   **knobs) -> dict:
     """Train a supernet with the sandwich rule for `epochs` epochs: progress bar, periodic evaluation,
     checkpoints and exact resume.
 
@@ -634,7 +699,8 @@ def train_supernet(supernet: Supernet, train_loader: DataLoader, optimizer: torc
             partial).
         generator: sampling generator (default: seeded with 0; under DDP use `distributed.shared_generator`).
         model: module to run the forwards through (the DDP wrapper under DDP).
-        wdr, lam, temperature, grad_clip, gpg, scheme: passed to `sandwich_step` (defaults: the paper's recipe).
+        recipe: the `SandwichConfig` of every step (default: ``SandwichConfig()``, the paper's recipe with WDR);
+            `**knobs` (``wdr=``, ``lam=``, ``gpg=``, ...) override its fields.
         max_steps: stop after this many steps in total (counting steps before a resume).
         progress: show a tqdm bar (rank 0 only).
     Returns:
@@ -643,6 +709,7 @@ def train_supernet(supernet: Supernet, train_loader: DataLoader, optimizer: torc
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs={epochs!r}: use a positive integer")
+    recipe = _recipe(recipe, knobs, SandwichConfig(), "train_supernet")
     device = _device_of(supernet.model)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     loader_gen = _loader_generator(train_loader)
@@ -697,9 +764,7 @@ def train_supernet(supernet: Supernet, train_loader: DataLoader, optimizer: torc
             stopped = False
             for i, batch in enumerate(batches, start=skip):
                 x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-                losses = sandwich_step(supernet, x, y, optimizer, generator=generator, model=model, wdr=wdr,
-                                       lam=lam, temperature=temperature, grad_clip=grad_clip, gpg=gpg,
-                                       scheme=scheme)
+                losses = sandwich_step(supernet, x, y, optimizer, recipe=recipe, generator=generator, model=model)
                 if scheduler is not None:
                     scheduler.step()
                 step += 1

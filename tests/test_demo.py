@@ -114,7 +114,10 @@ def test_demo_report_links_plot_and_files(demo):
     for link in links:
         assert (demo / link).is_file(), link
     summary = json.loads((demo / "summary.json").read_text())
-    assert set(summary["exports"]) == {"onnx", "tensorrt", "brevitas", "qnn"}
+    # every registered target (adapters/targets.py)
+    assert set(summary["exports"]) == {"onnx", "tensorrt", "pytorch-quantization", "brevitas", "qnn"}
+    assert summary["exports"]["pytorch-quantization"]["search"] == "tensorrt"
+    assert (demo / summary["exports"]["pytorch-quantization"]["files"]["model"]).is_file()
     assert summary["seconds"]["total"] > 0
 
 

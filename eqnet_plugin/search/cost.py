@@ -1,7 +1,9 @@
 """Cost model from the traced graph with real shapes.
 
-One forward pass with hooks on the prepared GraphModule's weighted layers records each layer's input and output
-shape. From them, per layer: MACs (per sample), parameter count, output channels and input size. For any subnet:
+One forward pass of the prepared GraphModule records each weighted layer's input and output shape
+(`Supernet.layer_io`: forward hooks on the layers' modules in the FX flow; on a PT2E graph, where layers are
+``aten.conv*d`` / ``aten.linear`` calls, an interpreter that records those calls). From them, per layer: MACs (per
+sample), parameter count, output channels and input size. For any subnet:
 
 * ``bitops = sum_l MACs_l * w_bits_l * a_bits_l`` where ``a_bits_l`` is the bit-width of the layer's input
   quantizer (32 when no quantizer feeds the layer: float input);
@@ -25,7 +27,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..space import SubnetConfig
 
@@ -75,17 +76,18 @@ class Costs:
         return asdict(self)
 
 
-def _layer_macs(mod: nn.Module, weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch: int) -> int:
-    """MACs per sample of one layer from its real input/output shapes."""
-    if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+def _layer_macs(op: str | None, kind: str, weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                batch: int) -> int:
+    """MACs per sample of one layer from its real input/output shapes (`op`: see `Supernet.layer_io`)."""
+    if op == "conv_transpose":
         # weight (Cin, Cout/groups, k...): every input element meets Cout/groups * prod(k) weights.
         return x.numel() // batch * (weight.numel() // weight.shape[0])
-    if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+    if op in ("conv", "linear"):
         # conv: Cout * H_out * W_out * (Cin/groups) * kh * kw; linear: out * in (per token).
         return y.numel() // batch * (weight.numel() // weight.shape[0])
-    if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+    if op == "embedding":
         return 0                                        # a lookup: no multiply-accumulates
-    raise TypeError(f"cost model: layer {type(mod).__name__} has no MAC rule; supported: Conv*d, ConvTranspose*d, "
+    raise TypeError(f"cost model: layer {kind} has no MAC rule; supported: Conv*d, ConvTranspose*d, "
                     "Linear, Embedding")
 
 
@@ -127,7 +129,8 @@ class CostModel:
     @classmethod
     @torch.no_grad()
     def from_supernet(cls, supernet, example_inputs) -> "CostModel":
-        """Record real shapes with one eval-mode forward of `supernet.model` on `example_inputs`.
+        """Record real shapes with one eval-mode forward of `supernet.model` on `example_inputs`
+        (`Supernet.layer_io`: module hooks in the FX flow, a graph interpreter on PT2E graphs).
 
         Args:
             supernet: a `Supernet`.
@@ -138,45 +141,21 @@ class CostModel:
         Raises:
             ValueError: a layer was not called during the forward pass (no shape recorded).
         """
-        gm = supernet.model
         inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         if not inputs or not isinstance(inputs[0], torch.Tensor):
             raise TypeError("example_inputs must be a tensor or a tuple of tensors, e.g. torch.randn(1, 3, 224, 224)")
         batch = max(int(inputs[0].shape[0]), 1) if inputs[0].dim() else 1
-        seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        hooks = []
-        for lay in supernet.layers:
-            mod = gm.get_submodule(lay.name)
-
-            def hook(m, args, out, name=lay.name):
-                if name not in seen:     # a module called twice (shared) counts its first call's shapes
-                    seen[name] = (args[0], out)
-            hooks.append(mod.register_forward_hook(hook))
-        was_training = gm.training
-        fq_on = {g: bool(fq.fake_quant_enabled[0]) for g, fq in supernet.groups.items()}
-        try:
-            gm.eval()
-            for fq in supernet.groups.values():
-                fq.enable_fake_quant(False)          # shapes do not depend on quantization; skip its cost
-            dev = next(iter(gm.parameters())).device
-            gm(*[t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs])
-        finally:
-            for h in hooks:
-                h.remove()
-            for g, fq in supernet.groups.items():
-                fq.enable_fake_quant(fq_on[g])
-            gm.train(was_training)
+        seen = supernet.layer_io(tuple(inputs))
         out = []
         for lay in supernet.layers:
             if lay.name not in seen:
                 raise ValueError(f"cost model: layer {lay.name!r} was not called by the forward pass on "
                                  "example_inputs; pass inputs that run the whole model")
-            mod = gm.get_submodule(lay.name)
-            x, y = seen[lay.name]
-            w = mod.weight
-            has_bias = getattr(mod, "bias", None) is not None or getattr(mod, "bn", None) is not None
-            out.append(LayerCost(lay.name, lay.kind, lay.weight, lay.input, _layer_macs(mod, w, x, y, batch),
-                                 int(w.numel()), int(w.shape[0]), has_bias, int(x.numel() // batch)))
+            io = seen[lay.name]
+            x, y, w = io["input"], io["output"], io["weight"]
+            out.append(LayerCost(lay.name, lay.kind, lay.weight, lay.input,
+                                 _layer_macs(io["op"], lay.kind, w, x, y, batch), int(w.numel()), int(w.shape[0]),
+                                 bool(io["has_bias"]), int(x.numel() // batch)))
         return cls(list(supernet.groups), out)
 
     # --- costs ----------------------------------------------------------------------------------------------

@@ -458,10 +458,9 @@ def refine_search(cqap, configs: Sequence[SubnetConfig], accuracies: Sequence[fl
     rounds as `best` and every measured candidate in `top` (by measured accuracy).
 
     The genetic search exploits the predictor's errors: its best-predicted subnets are the ones the predictor
-    overrates most. Measuring them and refitting corrects the predictor exactly there: on the digits TinyResNet(4, 8,
-    16), the best measured validation accuracy climbs from 91.4 (1 round of 10) to 93.6 (3 rounds), above the best
-    of 1000 measured random subnets (93.2); BENCHMARKS.md has the curve. Measure on held-out training data, never
-    the test set. Each distinct subnet is measured once.
+    overrates most. Measuring them and refitting corrects the predictor exactly there (BENCHMARKS.md, section
+    bench_search, has the measured curve of validation accuracy against rounds). Measure on held-out training data,
+    never the test set. Each distinct subnet is measured once.
 
     Args:
         cqap: a `CQAP` (refit from scratch each round; its settings are kept).

@@ -1,0 +1,719 @@
+"""The Fashion-MNIST mode of bench_search.py (`--data fashion-mnist`): search on the supernets of bench_supernet.
+
+Per model and split seed, on the supernet `bench_supernet.py --budget fashion --save-supernets` trained and saved in
+runs/bench_supernet/<model>_seed<seed>.pt (rebuilt here with the same recipe: 28x28 Fashion-MNIST, stride-2 stem,
+`prepare_qat_fx` with the elastic qconfig mapping, `Supernet`, then the saved state_dict with its calibrated and
+trained quantizer cells):
+
+  1. Records: 1000 + 200 subnets drawn the paper's way (`collect_records`, resumable JSON lines under
+     runs/bench_search_fashion/<model>_seed<seed>/), each measured on the validation split (10,000 images held out
+     of the 60,000 training images by the seed) after BN recalibration on the same fixed training batches
+     bench_supernet uses (`bn_batches_from(train, 16, 64, seed)`). Each record also keeps the accuracy on the even
+     and the odd validation images (their Kendall tau over the 200 held-out records is the noise ceiling) and the
+     mean probability of the true class (a lower-noise proxy of accuracy), also per half.
+  2. CQAP (the paper's MLP and the default gradient-boosted trees) fitted on the first 250 / 500 / 1000 records,
+     Kendall tau on the last 200.
+  3. Search under BitOps <= uniform W3A3 and W4A4 (default space) and <= uniform W4A8 (tensorrt profile, its own
+     lowest uniform budget): 3 rounds of (refit CQAP on records + measured, genetic search, measure its 10 best
+     predicted on validation), best measured on validation kept (`refine_search`'s rule). Picks at W2A2 / W5A5 /
+     W6A6 / W8A8 budgets complete the Pareto front. Only picks (and step 5's subnets) are measured on test.
+  4. Random search: the first 1000 subnets of the same sampling stream (record indices 0, 1, 2, ...) that meet the
+     W4A4 budget, best by validation accuracy, measured on test. Records meeting the budget are part of it
+     (same draw, same measurement).
+  5. The supernet's uniform subnets (W2A2 ... W8A8, three schemes) on test, the dedicated LSQ QAT runs of
+     bench_supernet (same model and seed, benchmarks/results/bench_supernet_fashion.json) and the searched front
+     in one Pareto plot (benchmarks/results/pareto_fashion_<model>.png).
+
+Evaluation (the bottleneck): `--jobs` worker processes (one thread each, each with its own copy of the supernet)
+measure subnets in parallel; each subnet's BN statistics are re-estimated once, then validation (and test, when
+asked) run in batches of `EVAL_BATCH` images. The accuracies equal `eqnet_plugin.train.evaluate` with the
+1000-image loaders of bench_supernet bit for bit (`--speed` checks this and times both).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import ROOT, machine  # noqa: E402
+
+MODELS = ("tiny_resnet", "tiny_mobilenet_v2")
+SUPERNET_DIR = ROOT / "runs" / "bench_supernet"
+RUN_DIR = ROOT / "runs" / "bench_search_fashion"
+RESULTS = ROOT / "benchmarks" / "results"
+SUPERNET_RESULTS = RESULTS / "bench_supernet_fashion.json"
+EVAL_BATCH = 250            # images per eval forward: the activations stay in cache (`--speed` times it vs 1000)
+RECORD_SEED = 0             # sampling seed of the records stream (record i: rng([RECORD_SEED, i]))
+FULL = {"train": 1000, "held": 200, "sizes": (250, 500, 1000), "random": 1000, "generations": 500, "rounds": 3,
+        "k": 10, "front_k": 5}
+SMOKE = {"train": 16, "held": 8, "sizes": (8, 16), "random": 12, "generations": 10, "rounds": 1, "k": 2, "front_k": 1}
+SCHEMES = {"sym/tensor": (True, False), "asym/tensor": (False, False), "sym/channel": (True, True)}
+UNIFORM_BITS = (2, 3, 4, 8)
+FRONT_BITS = (2, 5, 6, 8)   # extra budgets (uniform WbAb BitOps) for the searched front; W3A3 / W4A4 are the main ones
+
+
+def checkpoint_path(model: str, seed: int) -> Path:
+    return SUPERNET_DIR / f"{model}_seed{seed}.pt"
+
+
+def _missing(model: str, seed: int) -> SystemExit:
+    return SystemExit(
+        f"no saved supernet {checkpoint_path(model, seed)}: train it with\n"
+        f"    python benchmarks/bench_supernet.py --budget fashion --models {model} --seeds {seed} --save-supernets\n"
+        "(bench_supernet writes runs/bench_supernet/<model>_seed<seed>.pt; for a quick stand-in, --budget "
+        "fashion-small --save-supernets --no-ablations)")
+
+
+class Context:
+    """One process's supernet, data and BN batches, and the measurement of one subnet."""
+
+    def __init__(self, model: str, seed: int, bn_batches: int | None = None, eval_batch: int = EVAL_BATCH) -> None:
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+        import eqnet_plugin as eq
+        from eqnet_plugin.data import fashion_mnist_splits, make_loaders
+        from eqnet_plugin.models import build_model
+        from eqnet_plugin.train import bn_batches_from
+
+        path = checkpoint_path(model, seed)
+        if not path.exists():
+            raise _missing(model, seed)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.model_name, self.seed, self.eval_batch = model, seed, int(eval_batch)
+        self.saved_bn = int(saved.get("bn_batches", 16))     # bench_supernet's BN recalibration batches
+        self.n_bn = int(bn_batches or self.saved_bn)
+        self.reported = saved.get("supernet_test")      # bench_supernet's test accuracies of the uniform subnets
+        # bench_supernet's recipe (the checkpoint may name it; these are the fashion budget's values): data, loaders
+        # and BN batches (seeded), so every number is measured the same way
+        batch = int(saved.get("batch_size", 64))
+        splits = fashion_mnist_splits(image_size=int(saved.get("image_size", 28)), seed=seed, val_size=10000)
+        self.train, self.val, self.test = make_loaders(splits, batch, seed=seed, eval_batch_size=1000)
+        self.bn = bn_batches_from(self.train.dataset, self.n_bn, batch, seed=seed)
+        torch.manual_seed(seed)
+        float_model = build_model(model, stem_stride=int(saved.get("stem_stride", 2)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bc = eq.elastic_backend_config() if "mobilenet" in model else None
+            gm = prepare_qat_fx(float_model, eq.elastic_qconfig_mapping(), (self.bn[0][0],), backend_config=bc)
+        self.sn = eq.Supernet(gm)
+        self.sn.model.load_state_dict(saved["state_dict"])          # strict: the same architecture and cells
+        self.sn.mark_bn_trained()
+        if not self.sn.is_calibrated():
+            raise SystemExit(f"{path} holds uncalibrated quantizers; it was not saved by bench_supernet")
+        self.data = {"val": self.val.dataset.tensors, "test": self.test.dataset.tensors}
+        if saved.get("test_images") != len(self.data["test"][1]):
+            self.reported = None                          # measured on another test subset (e.g. limit_test)
+
+    @torch.no_grad()
+    def logits(self, split: str) -> torch.Tensor:
+        x = self.data[split][0]
+        b = self.eval_batch
+        return torch.cat([self.sn.model(x[i:i + b]) for i in range(0, len(x), b)])
+
+    @torch.no_grad()
+    def measure(self, cfg, splits=("val",)) -> dict:
+        """BN recalibrated once for `cfg`, then its metrics on each split: val -> accuracy (+ halves, true-class
+        probability), test -> test accuracy. Mode and cells are restored afterwards; the BN buffers keep `cfg`'s
+        statistics (the supernet remembers them for `cfg`, as after `Supernet.recalibrate_bn`)."""
+        sn = self.sn
+        t, w = time.process_time(), time.perf_counter()
+        out = {}
+        with sn.activate(cfg):
+            sn.recalibrate_bn(self.bn)
+            was = sn.model.training
+            sn.model.eval()
+            try:
+                for split in splits:
+                    y = self.data[split][1]
+                    logits = self.logits(split)                                         # (N, 10)
+                    ok = (logits.argmax(1) == y).double()
+                    if split == "test":
+                        out["test"] = float(ok.mean())
+                        continue
+                    prob = logits.softmax(1).gather(1, y[:, None])[:, 0].double()
+                    out.update(accuracy=float(ok.mean()), acc_even=float(ok[0::2].mean()),
+                               acc_odd=float(ok[1::2].mean()), true_prob=float(prob.mean()),
+                               prob_even=float(prob[0::2].mean()), prob_odd=float(prob[1::2].mean()))
+            finally:
+                sn.model.train(was)
+        out["cpu_seconds"] = time.process_time() - t
+        out["seconds"] = time.perf_counter() - w
+        return out
+
+
+_CTX: Context | None = None
+
+
+def _worker_init(model: str, seed: int, bn_batches: int | None, eval_batch: int) -> None:
+    global _CTX
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    _CTX = Context(model, seed, bn_batches, eval_batch)
+
+
+def _worker_measure(task: tuple[dict, tuple[str, ...]]) -> dict:
+    from eqnet_plugin.space import SubnetConfig
+    cfg, splits = task
+    return _CTX.measure(SubnetConfig.from_dict(cfg), splits)
+
+
+def _key(cfg) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+class Measurer:
+    """Measures subnets with `jobs` worker processes (or in this process when jobs == 1) and caches every result in
+    a JSON-lines file, so an interrupted run repeats no measurement."""
+
+    def __init__(self, ctx: Context, jobs: int, cache_path: Path) -> None:
+        self.ctx, self.jobs, self.path = ctx, int(jobs), cache_path
+        self.cache: dict[str, dict] = {}
+        self.pool = None
+        self.seconds = 0.0                               # wall time spent measuring
+        self.count = 0                                   # subnets measured by this run (not from the cache)
+        if cache_path.exists():
+            for line in cache_path.read_text().splitlines():
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError:
+                    continue                             # an interrupted last line
+                self.cache.setdefault(d["key"], {}).update(d["metrics"])
+
+    def _start(self):
+        if self.pool is None and self.jobs > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+            c = self.ctx
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                            initargs=(c.model_name, c.seed, c.n_bn, c.eval_batch))
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def _store(self, key: str, metrics: dict) -> None:
+        self.cache.setdefault(key, {}).update(metrics)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"key": key, "metrics": metrics}) + "\n")
+
+    def iter(self, cfgs, test: bool = False):
+        """Yield (cfg, metrics) in order; metrics hold `accuracy` etc. (and `test` when asked). Missing ones are
+        measured in parallel, ahead of the consumer."""
+        cfgs = list(cfgs)
+        todo, seen = [], set()
+        for c in cfgs:
+            k = _key(c)
+            have = self.cache.get(k, {})
+            splits = tuple(s for s, name in (("val", "accuracy"), ("test", "test")) if (s == "val" or test)
+                           and name not in have)
+            if splits and k not in seen:
+                seen.add(k)
+                todo.append((c, k, splits))
+        t = time.perf_counter()
+        pool = self._start() if len(todo) > 1 else None
+        results = (pool.map(_worker_measure, [(c.to_dict(), s) for c, _, s in todo]) if pool is not None
+                   else (self.ctx.measure(c, s) for c, _, s in todo))
+        pending = {k: None for _, k, _ in todo}
+        it = iter(results)
+        todo_iter = iter(todo)
+        try:
+            for c in cfgs:
+                k = _key(c)
+                while k in pending and pending[k] is None:
+                    _, kk, _ = next(todo_iter)
+                    m = next(it)
+                    self._store(kk, m)
+                    self.count += 1
+                    pending[kk] = m
+                yield c, self.cache[k]
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def many(self, cfgs, test: bool = False) -> list[dict]:
+        return [m for _, m in self.iter(cfgs, test)]
+
+    def one(self, cfg, test: bool = False) -> dict:
+        return self.many([cfg], test)[0]
+
+
+# --- the benchmark ---------------------------------------------------------------------------------------------
+def _uniform_configs(sn) -> dict:
+    return {f"W{b}A{b} {s}": sn.uniform(b, b, symmetric=sym, per_channel=pc)
+            for b in UNIFORM_BITS for s, (sym, pc) in SCHEMES.items()}
+
+
+def _dedicated(model: str, seed: int) -> tuple[dict, dict]:
+    """(dedicated test accuracies, the supernet's own uniform test accuracies) of bench_supernet, same model and
+    seed; empty when its results file has no such run."""
+    if not SUPERNET_RESULTS.exists():
+        return {}, {}
+    for r in json.loads(SUPERNET_RESULTS.read_text()).get("runs", []):
+        if r.get("model") == model and r.get("seed") == seed:
+            return dict(r.get("dedicated", {})), dict(r.get("supernet", {}))
+    return {}, {}
+
+
+def refine(cqap, records, measurer: Measurer, space, cons, cm, p: dict, seed: int = 0):
+    """`refine_search` with the k measurements of each round made in parallel: `rounds` times (fit `cqap` on the
+    records plus every subnet measured so far, `evolution_search`, measure its k best-predicted on validation);
+    the best measured (earlier rounds win ties) is the pick. Returns (last SearchResult, ranked measured
+    candidates)."""
+    from dataclasses import replace
+
+    from eqnet_plugin.search import evolution_search
+    xs, ys = [r.config for r in records], [r.accuracy for r in records]
+    measured: dict = {}
+    res = None
+    for r in range(p["rounds"]):
+        res = evolution_search(cqap.fit(xs, ys), space, cons, cost_model=cm, seed=seed + r,
+                               generations=p["generations"])
+        top = res.top[:p["k"]]
+        accs = [m["accuracy"] for m in measurer.many([c.config for c in top])]
+        ranked = sorted((replace(c, measured_accuracy=a) for c, a in zip(top, accs)),
+                        key=lambda c: -c.measured_accuracy)                   # measure_top's rule
+        for c in ranked:
+            if c.config not in measured:
+                measured[c.config] = c
+                xs.append(c.config)
+                ys.append(c.measured_accuracy)
+    ranked = sorted(measured.values(), key=lambda c: -c.measured_accuracy)
+    return res, ranked
+
+
+def _pick(label: str, cand, measurer: Measurer, cm, extra: dict | None = None) -> dict:
+    m = measurer.one(cand.config, test=True)
+    costs = cm(cand.config).to_dict()
+    return {"search": label, **costs, "predicted": cand.predicted_accuracy, "val": m["accuracy"],
+            "test": m["test"], "config": cand.config.to_dict(), **(extra or {})}
+
+
+def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, eval_batch: int, log) -> dict:
+    from bench_search import equal_budget, tau_ceiling
+
+    from eqnet_plugin.search import (
+        CQAP,
+        CostModel,
+        SearchSpace,
+        collect_records,
+        evolution_search,
+        kendall_tau,
+        refine_search,
+    )
+    from eqnet_plugin.search.records import load_records, sample_config, supernet_fingerprint
+
+    p = SMOKE if smoke else FULL
+    t_start = time.perf_counter()
+    ctx = Context(model, seed, bn_batches, eval_batch)
+    sn = ctx.sn
+    fp = supernet_fingerprint(sn)
+    run_dir = RUN_DIR / f"{model}_seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"{fp[:12]}_bn{ctx.n_bn}"               # a new supernet or BN recipe gets new files, never mixed
+    measurer = Measurer(ctx, jobs, run_dir / f"measured_{tag}.jsonl")
+    cm = CostModel.from_supernet(sn, ctx.data["val"][0][:1])
+    space = SearchSpace.from_supernet(sn)
+    log(f"{model} seed {seed}: supernet {checkpoint_path(model, seed)} (fingerprint {fp[:12]}), BN recalibration "
+        f"on {ctx.n_bn} x 64 training images, {jobs} worker process(es); setup {time.perf_counter() - t_start:.0f} s")
+    try:
+        # --- records ---------------------------------------------------------------------------------------
+        n = p["train"] + p["held"]
+        rec_path = run_dir / f"records_{tag}.jsonl"
+        have = len(load_records(rec_path)) if rec_path.exists() else 0
+        t = time.perf_counter()
+        stream = measurer.iter([sample_config(space, RECORD_SEED, i) for i in range(have, n)])
+
+        def from_stream(_sn, cfg, _loader, _bn):
+            c, m = next(stream)
+            assert c == cfg, "records stream out of order"
+            return {k: v for k, v in m.items() if k not in ("test",)}
+        recs = collect_records(sn, ctx.val, ctx.bn, n, rec_path, seed=RECORD_SEED, cost_model=cm,
+                               evaluate_fn=from_stream, fingerprint=fp,
+                               progress=lambda i, r: (i + 1) % 100 == 0 and log(f"records: {i + 1} of {n}"))
+        stream.close()
+        for r in recs:                                # records count as measurements (the random pool reuses them)
+            if "accuracy" not in measurer.cache.get(_key(r.config), {}):
+                measurer.cache.setdefault(_key(r.config), {}).update(accuracy=r.accuracy, **r.metrics)
+        rec_seconds = time.perf_counter() - t
+        new_recs = n - have
+        cpu = [r.metrics.get("cpu_seconds", float("nan")) for r in recs[have:]]
+        log(f"records: {new_recs} measured in {rec_seconds:.0f} s ({have} reused); cpu per subnet "
+            f"{np.nanmean(cpu) if cpu else float('nan'):.2f} s")
+
+        # --- CQAP ranking ----------------------------------------------------------------------------------
+        train_recs, held = recs[:p["train"]], recs[p["train"]:]
+        held_cfg = [r.config for r in held]
+        held_acc = [r.accuracy for r in held]
+        ceiling = kendall_tau([r.metrics["acc_even"] for r in held], [r.metrics["acc_odd"] for r in held])
+        prob_ceiling = kendall_tau([r.metrics["prob_even"] for r in held], [r.metrics["prob_odd"] for r in held])
+        taus = []
+        for regressor in ("mlp", "gbt"):
+            for k in p["sizes"]:
+                t = time.perf_counter()
+                cq = CQAP(space, seed=0, regressor=regressor).fit([r.config for r in train_recs[:k]],
+                                                                  [r.accuracy for r in train_recs[:k]])
+                fit_s = time.perf_counter() - t
+                taus.append({**cq.evaluate(held_cfg, held_acc), "records": k, "fit_seconds": fit_s,
+                             "regressor": regressor})
+                log(f"CQAP {regressor} n={k}: tau {taus[-1]['kendall_tau']:.3f} (noise ceiling: split-half tau "
+                    f"{ceiling:.3f}, full-split ~{tau_ceiling(ceiling):.2f}) fit {fit_s:.1f} s")
+        soft = CQAP(space, seed=0).fit([r.config for r in train_recs], [r.metrics["true_prob"] for r in train_recs])
+        soft_m = soft.evaluate(held_cfg, [r.metrics["true_prob"] for r in held])
+        soft_vs_acc = kendall_tau(soft.predict(held_cfg), held_acc)
+        log(f"true-prob CQAP: tau {soft_m['kendall_tau']:.3f} vs true-prob (ceiling {prob_ceiling:.3f}), "
+            f"{soft_vs_acc:.3f} vs top-1")
+
+        # --- searches --------------------------------------------------------------------------------------
+        t_search = time.perf_counter()
+        limits = {b: cm(sn.uniform(b, b)).bitops for b in sorted(set(UNIFORM_BITS + FRONT_BITS))}
+        main = {}
+        ga_seconds = []
+        t = time.perf_counter()
+        cq_all = CQAP(space, seed=0).fit([r.config for r in train_recs], [r.accuracy for r in train_recs])
+        fit_seconds = time.perf_counter() - t
+        for b in (3, 4):
+            cons = {"max_bitops": limits[b]}
+            t = time.perf_counter()
+            ga = evolution_search(cq_all, space, cons, cost_model=cm, seed=0, generations=p["generations"])
+            ga_seconds.append(time.perf_counter() - t)
+            _, ranked = refine(CQAP(space, seed=0), train_recs, measurer, space, cons, cm, p)
+            if smoke:                   # the parallel loop picks what refine_search picks (all measured: cached)
+                lib = refine_search(CQAP(space, seed=0), [r.config for r in train_recs],
+                                    [r.accuracy for r in train_recs], lambda c: measurer.one(c)["accuracy"], space,
+                                    cons, rounds=p["rounds"], k=p["k"], cost_model=cm, seed=0,
+                                    generations=p["generations"])
+                assert lib.best.config == ranked[0].config, "refine() disagrees with refine_search"
+            main[b] = {"ga": _pick(f"W{b}A{b} budget, GA (gbt CQAP-{len(train_recs)}), best predicted", ga.best,
+                                   measurer, cm,
+                                   {"seconds": ga_seconds[-1], "evaluations": ga.evaluations}),
+                       "refine": _pick(f"W{b}A{b} budget, refine ({p['rounds']} x {p['k']} measured)", ranked[0],
+                                       measurer, cm,
+                                       {"measured": len(ranked)}),
+                       "limit": limits[b]}
+            log(f"W{b}A{b} budget: GA pick val {main[b]['ga']['val']:.4f} test {main[b]['ga']['test']:.4f} "
+                f"({ga_seconds[-1]:.1f} s); refine pick val {main[b]['refine']['val']:.4f} test "
+                f"{main[b]['refine']['test']:.4f}")
+        trt_space = SearchSpace.from_supernet(sn, "tensorrt")
+        trt_limit = cm(sn.uniform(4, 8, per_channel=True)).bitops
+        _, trt_ranked = refine(CQAP(space, seed=0), train_recs, measurer, trt_space, {"max_bitops": trt_limit}, cm, p)
+        trt = _pick(f"tensorrt profile, refine ({p['rounds']} x {p['k']})", trt_ranked[0], measurer, cm,
+                    {"limit": trt_limit, "measured": len(trt_ranked)})
+        log(f"tensorrt, W4A8 budget: val {trt['val']:.4f} test {trt['test']:.4f}")
+        front = []
+        for b in FRONT_BITS:
+            res = evolution_search(cq_all, space, {"max_bitops": limits[b]}, cost_model=cm, seed=0,
+                                   generations=p["generations"])
+            top = res.top[:p["front_k"]]
+            accs = [m["accuracy"] for m in measurer.many([c.config for c in top])]
+            best = top[int(np.argmax(accs))]                               # first (best predicted) wins ties
+            front.append(_pick(f"W{b}A{b} budget, GA + best of {p['front_k']} measured", best, measurer, cm,
+                               {"limit": limits[b]}))
+        front += [dict(main[b]["refine"], limit=limits[b]) for b in (3, 4)]
+        front.sort(key=lambda f: f["limit"])
+        search_seconds = time.perf_counter() - t_search
+        log(f"searches done in {search_seconds:.0f} s")
+
+        # --- random search from the records stream ---------------------------------------------------------
+        t = time.perf_counter()
+        pool_cfgs, i = [], 0
+        while len(pool_cfgs) < p["random"] and i < 200 * p["random"]:
+            c = recs[i].config if i < len(recs) else sample_config(space, RECORD_SEED, i)
+            if cm(c).bitops <= limits[4]:
+                pool_cfgs.append(c)
+            i += 1
+        pool = np.array([m["accuracy"] for m in measurer.many(pool_cfgs)])
+        by_val = int(np.argmax(pool))
+        rnd_best = measurer.one(pool_cfgs[by_val], test=True)
+        rand_seconds = time.perf_counter() - t
+        rec_keys = {_key(r.config) for r in recs}
+        from_records = sum(1 for c in pool_cfgs if _key(c) in rec_keys)
+        log(f"random: {len(pool_cfgs)} feasible of the first {i} stream subnets ({from_records} of them records) "
+            f"in {rand_seconds:.0f} s; best val {pool[by_val]:.4f}, its test {rnd_best['test']:.4f}")
+        w3 = [j for j, c in enumerate(pool_cfgs) if cm(c).bitops <= limits[3]]
+        rnd3 = None
+        if w3:
+            j = max(w3, key=lambda j: (pool[j], -j))
+            rnd3 = {"n": len(w3), "val": float(pool[j]), "test": measurer.one(pool_cfgs[j], test=True)["test"]}
+        ref4 = main[4]["refine"]
+        random_res = {"n": len(pool_cfgs), "stream_draws": i, "from_records": from_records,
+                      "val_of_best_val": float(pool[by_val]), "test_of_best_val": rnd_best["test"],
+                      "median_val": float(np.median(pool)), "seconds": rand_seconds,
+                      "refine_val_rank": int((pool > ref4["val"]).sum()) + 1,
+                      "equal_budget": equal_budget(np.stack([pool, np.full_like(pool, np.nan)], 1),
+                                                   min(ref4["measured"], len(pool)), (ref4["val"], float("nan"))),
+                      "w3a3": rnd3}
+
+        # --- uniform subnets and the dedicated runs --------------------------------------------------------
+        t = time.perf_counter()
+        ucfg = _uniform_configs(sn)
+        um = measurer.many(list(ucfg.values()), test=True)
+        uniform = [{"subnet": k, "bitops": cm(c).bitops, "val": m["accuracy"], "test": m["test"]}
+                   for (k, c), m in zip(ucfg.items(), um)]
+        dedicated, sn_reported = _dedicated(model, seed)
+        # bench_supernet's own test accuracies of these subnets (should be equal: same supernet, BN batches and
+        # test images): from the checkpoint when it holds them, else from its results file when the READY marker
+        # says that file and the checkpoint come from the same finished run
+        if ctx.reported is not None and ctx.n_bn == ctx.saved_bn:
+            sn_reported = dict(ctx.reported)          # saved with the checkpoint: the same supernet for sure
+        elif not (SUPERNET_DIR / "READY").exists():
+            sn_reported = {}
+        consistency = {u["subnet"]: u["test"] - sn_reported[u["subnet"]] for u in uniform
+                       if u["subnet"] in sn_reported}
+        uniform_seconds = time.perf_counter() - t
+        total = time.perf_counter() - t_start
+        log(f"uniform subnets in {uniform_seconds:.0f} s; total {total:.0f} s ({measurer.count} subnets measured "
+            "by this run)")
+    finally:
+        measurer.close()
+
+    return {"model": model, "seed": seed, "fingerprint": fp, "machine": machine(), "jobs": jobs, "smoke": smoke,
+            "settings": p, "bn_batches": ctx.n_bn, "eval_batch": ctx.eval_batch, "n_records": len(recs),
+            "val_images": len(ctx.data["val"][1]), "test_images": len(ctx.data["test"][1]),
+            "records_measured_this_run": new_recs, "record_seconds_this_run": rec_seconds,
+            "record_cpu_seconds_mean": float(np.nanmean(cpu)) if cpu else None,
+            "taus": taus, "noise_ceiling_tau": ceiling, "noise_ceiling_full_tau": tau_ceiling(ceiling),
+            "true_prob_cqap": {**soft_m, "ceiling_tau": prob_ceiling, "tau_vs_top1": soft_vs_acc},
+            "limits": {f"W{b}A{b}": v for b, v in limits.items()}, "full_bitops": cm(sn.max_config()).bitops,
+            "main": {f"W{b}A{b}": v for b, v in main.items()}, "tensorrt": trt, "front": front,
+            "random": random_res, "uniform": uniform, "dedicated": dedicated,
+            "bench_supernet_consistency": consistency,
+            "seconds": {"records": rec_seconds, "search": search_seconds, "random": rand_seconds,
+                        "uniform": uniform_seconds, "total": total, "measuring": measurer.seconds,
+                        "ga": ga_seconds, "cqap_fit": fit_seconds},
+            "measured_this_run": measurer.count}
+
+
+# --- plot and report -------------------------------------------------------------------------------------------
+def plot(res: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7.0, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    f = sorted(res["front"], key=lambda x: x["bitops"])
+    ax.plot([x["bitops"] / 1e6 for x in f], [100 * x["test"] for x in f], "-o", c="tab:blue", ms=5,
+            label="searched (default space), test")
+    t = res["tensorrt"]
+    ax.scatter([t["bitops"] / 1e6], [100 * t["test"]], marker="*", s=140, c="tab:red", zorder=5,
+               label="searched (tensorrt profile), test")
+    for i, s in enumerate(SCHEMES):
+        u = [x for x in res["uniform"] if x["subnet"].endswith(s)]
+        ax.scatter([x["bitops"] / 1e6 for x in u], [100 * x["test"] for x in u], marker="s", s=28,
+                   facecolors="none", edgecolors=f"C{i + 2}", label=f"supernet uniform {s}")
+        d = [(x["bitops"], res["dedicated"][x["subnet"]]) for x in u if x["subnet"] in res["dedicated"]]
+        if d:
+            ax.scatter([b / 1e6 for b, _ in d], [100 * a for _, a in d], marker="x", s=40, c=f"C{i + 2}",
+                       label=f"dedicated LSQ QAT {s}")
+    r = res["random"]
+    ax.axvline(res["limits"]["W4A4"] / 1e6, ls=":", c="0.5", lw=1)
+    ax.axvline(res["limits"]["W3A3"] / 1e6, ls=":", c="0.5", lw=1)
+    ax.axhline(100 * r["test_of_best_val"], ls="--", c="0.6", lw=1,
+               label=f"best-by-val of {r['n']} random (W4A4 budget), test")
+    ax.set_xscale("log")
+    ax.set_xticks([v / 1e6 for v in res["limits"].values()],
+                  [f"{v / 1e6:.1f}\n{k}" for k, v in res["limits"].items()], fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("BitOps (millions, log scale; ticks at the uniform subnets' BitOps)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Fashion-MNIST, {res['model']} (seed {res['seed']}): test accuracy vs BitOps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def plot_name(model: str, seed: int) -> str:
+    return f"pareto_fashion_{model}{'' if seed == 0 else f'_seed{seed}'}.png"
+
+
+def results_name(model: str, seed: int) -> str:
+    return f"bench_search_fashion_{model}{'' if seed == 0 else f'_seed{seed}'}.json"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**NOT met**"
+
+
+def report(results: list[dict]) -> str:
+    r0 = results[0]
+    out = ["## Search on Fashion-MNIST (`benchmarks/bench_search.py --data fashion-mnist`)", "",
+           f"Machine: {r0['machine']}. Supernets: `bench_supernet.py --budget fashion --save-supernets` (28x28, "
+           f"stride-2 stem), one per model and split seed. Validation = {r0['val_images']} images held out of the "
+           f"60,000 training images (used for the records, the predictor and every choice); test = the official "
+           f"{r0['test_images']} t10k images, measured only for the chosen subnets. Every subnet is measured after "
+           f"BN recalibration on {r0['bn_batches']} fixed training batches of 64 (bench_supernet's). Accuracies in "
+           "%; one validation or test image is 0.01 points. Full space: 2..8 bits per group, both symmetries and "
+           "granularities (first/last layer 8-bit).", ""]
+    for r in results:
+        s = r["seconds"]
+        best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1] for reg in ("gbt", "mlp")}
+        tau = max(t["kendall_tau"] for t in best.values())
+        out += [f"### {r['model']}, seed {r['seed']}", "",
+                f"{r['n_records']} records ({r['records_measured_this_run']} measured by the run that wrote this, "
+                f"{s['records']:.0f} s with {r['jobs']} worker processes of one thread; "
+                f"{r['record_cpu_seconds_mean'] or float('nan'):.2f} CPU s per subnet).", "",
+                f"| CQAP regressor | training records | Kendall tau ({r['settings']['held']} held-out) | noise "
+                "ceiling: split-half tau | full-split ceiling (est.) | Pearson | RMSE (points) | fit (s) |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|",
+                *[f"| {t['regressor']} | {t['records']} | {t['kendall_tau']:.3f} | {r['noise_ceiling_tau']:.3f} | "
+                  f"{r['noise_ceiling_full_tau']:.2f} | {t['pearson']:.3f} | {100 * t['rmse']:.2f} | "
+                  f"{t['fit_seconds']:.1f} |" for t in r["taus"]],
+                "",
+                f"* Target tau >= 0.85 with <= 1000 records: {_met(tau >= 0.85)} (best {tau:.3f}; the two "
+                f"validation halves of the same held-out subnets agree at tau {r['noise_ceiling_tau']:.3f}, which "
+                f"bounds what a predictor can reach against the full-split measurement at about "
+                f"{r['noise_ceiling_full_tau']:.2f}).",
+                f"* gbt CQAP fitted to the mean true-class probability: tau {r['true_prob_cqap']['kendall_tau']:.3f} "
+                f"against that proxy (its split-half ceiling {r['true_prob_cqap']['ceiling_tau']:.3f}), "
+                f"{r['true_prob_cqap']['tau_vs_top1']:.3f} against top-1.",
+                "",
+                "Mixed precision vs the dedicated uniform LSQ QAT model of the same BitOps (bench_supernet, same "
+                "model and seed; best of its three schemes at that bit-width):", "",
+                "| budget (BitOps <=) | search | BitOps (M) | avg W / A bits | val | test | dedicated test "
+                "(sym/tensor, asym/tensor, sym/channel) | target |",
+                "|---|---|---:|---:|---:|---:|---|---|"]
+        for b in ("W3A3", "W4A4"):
+            d = [r["dedicated"].get(f"{b} {sch}") for sch in SCHEMES]
+            dbest = max((x for x in d if x is not None), default=None)
+            for key in ("ga", "refine"):
+                x = r["main"][b][key]
+                tgt = "n/a" if dbest is None else _met(x["test"] >= dbest)
+                out.append(f"| {b}: {r['limits'][b] / 1e6:.2f} M | {x['search']} | {x['bitops'] / 1e6:.2f} | "
+                           f"{x['avg_weight_bits']:.2f} / {x['avg_act_bits']:.2f} | {_pct(x['val'])} | "
+                           f"{_pct(x['test'])} | {', '.join(_pct(v) for v in d)} | {tgt} |")
+        t = r["tensorrt"]
+        d8 = r["dedicated"].get("W8A8 sym/channel")
+        out += [f"| W4A8 (tensorrt's lowest uniform): {t['limit'] / 1e6:.2f} M | {t['search']} | "
+                f"{t['bitops'] / 1e6:.2f} | {t['avg_weight_bits']:.2f} / {t['avg_act_bits']:.2f} | {_pct(t['val'])} | "
+                f"{_pct(t['test'])} | W8A8 sym/channel (2x the BitOps): {_pct(d8)} | "
+                f"{'n/a' if d8 is None else _met(t['test'] >= d8)} |", ""]
+        rr, ref = r["random"], r["main"]["W4A4"]["refine"]
+        out += [f"GA vs random at the W4A4 budget: random = the first {rr['n']} subnets of the records' sampling "
+                f"stream that meet it ({rr['stream_draws']} draws; {rr['from_records']} of them are records), best "
+                f"by validation: val {_pct(rr['val_of_best_val'])}, test {_pct(rr['test_of_best_val'])}. "
+                f"refine_search: val {_pct(ref['val'])} (rank {rr['refine_val_rank']} of {rr['n'] + 1}), test "
+                f"{_pct(ref['test'])}: {_met(ref['test'] >= rr['test_of_best_val'])} on test. With as many "
+                f"validation measurements ({rr['equal_budget']['m']}) random search's best has median val "
+                f"{_pct(rr['equal_budget']['median_val'])}; refine_search is at least as good in "
+                f"{100 * rr['equal_budget']['p_val']:.0f}% of 2000 draws."
+                + (f" At the W3A3 budget ({rr['w3a3']['n']} of the pool meet it): random best-by-val test "
+                   f"{_pct(rr['w3a3']['test'])} vs refine_search {_pct(r['main']['W3A3']['refine']['test'])}."
+                   if rr.get("w3a3") else ""), "",
+                "| supernet subnet | BitOps (M) | val | test | dedicated LSQ QAT test |", "|---|---:|---:|---:|---:|",
+                *[f"| uniform {u['subnet']} | {u['bitops'] / 1e6:.2f} | {_pct(u['val'])} | {_pct(u['test'])} | "
+                  f"{_pct(r['dedicated'].get(u['subnet']))} |" for u in r["uniform"]],
+                *[f"| searched, {f['search']} | {f['bitops'] / 1e6:.2f} | {_pct(f['val'])} | {_pct(f['test'])} | |"
+                  for f in r["front"]],
+                "",
+                f"* Time (2 cores, {r['jobs']} worker processes): records {s['records']:.0f} s, searches "
+                f"{s['search']:.0f} s (GA {', '.join(f'{g:.1f}' for g in s['ga'])} s each), random pool "
+                f"{s['random']:.0f} s, uniform subnets {s['uniform']:.0f} s; whole run {s['total']:.0f} s "
+                f"({r['measured_this_run']} subnets measured by it). Target <= 25 min for records + search: "
+                + (_met(s['total'] <= 1500) if r["records_measured_this_run"] == r["n_records"] else
+                   "not measured by this run (records reused)") + ".",
+                "" if not r["bench_supernet_consistency"] else
+                f"* Check: the supernet's uniform subnets measured here vs bench_supernet's own numbers for the "
+                f"same checkpoint: largest difference "
+                f"{100 * max(abs(v) for v in r['bench_supernet_consistency'].values()):.2f} points.",
+                "",
+                f"![Pareto plot, {r['model']}](benchmarks/results/{plot_name(r['model'], r['seed'])})", ""]
+    return "\n".join(out)
+
+
+def speed(model: str, seed: int, n: int, jobs: int, log, bn_batches: int | None = None) -> dict:
+    """Time `eqnet_plugin.train.evaluate` (bench_supernet's loader of 1000 images) against this benchmark's
+    measurement (batches of `EVAL_BATCH`) on the same `n` subnets in this process (one thread), checking that both
+    give identical accuracies; then how far fewer BN recalibration batches move the accuracy, and the wall time per
+    subnet of `jobs` worker processes. CPU seconds (process time) are reported next to wall seconds: on a shared
+    machine they are the fairer comparison."""
+    from eqnet_plugin.search import SearchSpace
+    from eqnet_plugin.search.records import sample_config
+    from eqnet_plugin.train import evaluate
+    ctx = Context(model, seed, bn_batches)
+    space = SearchSpace.from_supernet(ctx.sn)
+    cfgs = [sample_config(space, 12345, i) for i in range(n)]
+    times = {"train.evaluate": [], f"batch {ctx.eval_batch}": []}
+    accs, bn_delta = [], {}
+    for c in cfgs:
+        t, w = time.process_time(), time.perf_counter()
+        a = evaluate(ctx.sn, c, ctx.val, ctx.bn)
+        times["train.evaluate"].append((time.process_time() - t, time.perf_counter() - w))
+        m = ctx.measure(c)
+        times[f"batch {ctx.eval_batch}"].append((m["cpu_seconds"], m["seconds"]))
+        assert m["accuracy"] == a, (a, m["accuracy"])
+        accs.append(a)
+        full = ctx.bn                                   # fewer BN recalibration batches: how far do accuracies move?
+        for nb in sorted({max(1, ctx.n_bn // 2), max(1, ctx.n_bn // 4)}, reverse=True):
+            ctx.bn = full[:nb]
+            m = ctx.measure(c)
+            times.setdefault(f"batch {ctx.eval_batch}, {nb} BN batches", []).append((m["cpu_seconds"], m["seconds"]))
+            bn_delta.setdefault(nb, []).append(m["accuracy"] - a)
+        ctx.bn = full
+    for nb, d in bn_delta.items():
+        log(f"{model}: BN recalibration on {nb} instead of {ctx.n_bn} batches moves validation accuracy by "
+            f"{100 * np.mean(np.abs(d)):.2f} points on average (largest {100 * np.max(np.abs(d)):.2f}) over {n} "
+            "subnets")
+    base = np.mean([c for c, _ in times["train.evaluate"]])
+    out = {"model": model, "n": n}
+    for k, v in times.items():
+        cpu, wall = np.mean([c for c, _ in v]), np.mean([w for _, w in v])
+        out[k] = {"cpu": cpu, "wall": wall}
+        log(f"{model}: {k}: {cpu:.2f} CPU s ({wall:.2f} wall s) per subnet, {base / cpu:.2f}x train.evaluate's "
+            f"CPU time" + ("" if "BN batches" in k else f"; identical accuracy on all {n}"))
+    if jobs > 1:
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            ms = Measurer(ctx, jobs, Path(d) / "m.jsonl")
+            try:
+                ms.many([sample_config(space, 54321, i) for i in range(jobs)])      # start the workers first
+                t = time.perf_counter()
+                got = ms.many(cfgs)
+                wall = time.perf_counter() - t
+            finally:
+                ms.close()
+        assert [g["accuracy"] for g in got] == accs
+        out["workers"] = {"jobs": jobs, "wall": wall / n}
+        log(f"{jobs} worker processes: {wall / n:.2f} wall s per subnet, identical accuracy on all {n}; load average "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other processes share them)")
+    # projection for the full run: how many subnets it measures, at this CPU time per subnet, on `jobs` cores
+    from eqnet_plugin.search import CostModel
+    cm = CostModel.from_supernet(ctx.sn, ctx.data["val"][0][:1])
+    p = FULL
+    n_rec = p["train"] + p["held"]
+    lim = cm(ctx.sn.uniform(4, 4)).bitops
+    feasible, i = [], 0
+    while len(feasible) < p["random"]:
+        if cm(sample_config(space, RECORD_SEED, i)).bitops <= lim:
+            feasible.append(i)
+        i += 1
+    extra = sum(1 for j in feasible if j >= n_rec)
+    search = 3 * p["rounds"] * p["k"] + len(FRONT_BITS) * p["front_k"] + 8     # upper bound: + picks on test
+    uniform = 2 * len(UNIFORM_BITS) * len(SCHEMES)                                 # val and test
+    total = n_rec + extra + search + uniform
+    cpu = out[f"batch {ctx.eval_batch}"]["cpu"]
+    ref = out["train.evaluate"]["cpu"]
+    out["projection"] = {"records": n_rec, "random_extra": extra, "search": search, "uniform": uniform,
+                         "total": total, "cpu_per_subnet": cpu, "jobs": max(jobs, 1),
+                         "wall_seconds": total * cpu / max(jobs, 1), "wall_seconds_train_evaluate": total * ref}
+    log(f"{model}: a full run measures about {total} subnets ({n_rec} records, {extra} more for the random pool: "
+        f"{len(feasible)} of the first {i} stream subnets meet W4A4, {len(feasible) - extra} of them records; <= "
+        f"{search} for the searches, {uniform} for the uniform subnets): at {cpu:.2f} CPU s each on {max(jobs, 1)} "
+        f"idle cores ~{total * cpu / max(jobs, 1) / 60:.0f} min (train.evaluate on one thread: "
+        f"~{total * ref / 60:.0f} min)")
+    out["load_average"] = os.getloadavg()[0]
+    return out
