@@ -340,6 +340,9 @@ def _check_adds(g: _Graph) -> list[str]:
         inputs = [i for i in n.input if i and not g.is_initializer(i)]
         if len(inputs) < 2:
             continue                            # a bias add (one constant input) is not a residual add
+        srcs = [g.producer.get(i) for i in inputs]
+        if not any(src is not None and src.op_type == "DequantizeLinear" for src in srcs):
+            continue                            # an add of float tensors (e.g. a transformer's) runs in float
         for i in inputs:
             src = g.producer.get(i)
             if src is None or src.op_type != "DequantizeLinear":

@@ -757,12 +757,19 @@ def freeze_pt2e(supernet: PT2ESupernet, cfg: SubnetConfig | None = None, bn_batc
         if isinstance(m, ElasticFakeQuantize) and not m.is_weight and id(m) in ids:
             set_submodule(gm, name, points[ids[id(m)]])
     _dynamic_sizes_for_tracing(gm)
+    for node in list(gm.graph.nodes):
+        # torch.export's input-shape guard: not part of the IR, and its wrapped forward cannot be pickled
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     for name, m in list(gm.named_modules()):
         if isinstance(m, ElasticFakeQuantize):                # weight fake-quants no longer called
             set_submodule(gm, name, nn.Identity())
     gm.recompile()
     gm.delete_all_unused_submodules()
+    # a plain GraphModule (no torch.export tracer class to re-trace with on load): picklable like the FX flow's
+    gm.graph._tracer_cls, gm.graph._tracer_extras = None, {}
+    gm = torch.fx.GraphModule(gm, gm.graph)
     return FrozenSubnet(gm, cfg, qparams, layers).eval()
 
 
