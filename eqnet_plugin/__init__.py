@@ -24,8 +24,8 @@ __all__ = ["ElasticSpace", "QuantChoice", "SubnetConfig", "ElasticFakeQuantize",
            "elastic_backend_config", "prepare_qat", "Supernet", "SandwichConfig", "WDRLoss", "gpg_losses",
            "sandwich_step", "evaluate", "evaluate_configs", "train_supernet", "save_checkpoint", "load_checkpoint",
            "freeze", "FrozenSubnet", "QParams", "search", "BatchNormStatsError", "adapters", "export_onnx",
-           "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization", "register_target", "get_target", "Target",
-           "__version__"]
+           "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization", "register_target",
+           "get_target", "Target", "__version__"]
 
 _ADAPTER_EXPORTS = ("export_onnx", "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization",
                     "export_brevitas_qcdq", "export_brevitas_qonnx", "check_tensorrt_onnx", "register_target",

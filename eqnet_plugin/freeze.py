@@ -72,14 +72,7 @@ def freeze(supernet, cfg: SubnetConfig | None = None, bn_batches=None) -> Frozen
     from .supernet import Supernet
     if type(supernet).freeze is not Supernet.freeze:      # a Supernet with its own IR builder (the PT2E one)
         return supernet.freeze(cfg, bn_batches)
-    cfg = cfg if cfg is not None else supernet.current_config()
-    supernet.require_calibrated("freeze")
-    with supernet.activate(cfg):
-        if bn_batches is not None:
-            supernet.recalibrate_bn(bn_batches)
-        supernet.require_bn_stats(cfg, "freeze")
-        qparams = {g: QParams.from_fake_quant(fq) for g, fq in supernet.groups.items()}
-        gm = copy.deepcopy(supernet.model)
+    cfg, qparams, gm = snapshot(supernet, cfg, bn_batches)
     gm.eval()
     points = {g: QuantPoint(g, qp) for g, qp in qparams.items()}
     ids = {id(fq): g for g, fq in supernet.groups.items()}
@@ -109,3 +102,19 @@ def freeze(supernet, cfg: SubnetConfig | None = None, bn_batches=None) -> Frozen
     gm.recompile()
     frozen = FrozenSubnet(gm, cfg, qparams, layers)
     return frozen.eval()
+
+
+def snapshot(supernet, cfg: SubnetConfig | None, bn_batches=None) -> tuple[SubnetConfig, dict[str, QParams],
+                                                                         torch.fx.GraphModule]:
+    """What every freeze starts from: (the subnet, the QParams of every group, a deep copy of the model) taken
+    under ``activate(cfg)`` (default: the active subnet) after the checks, with the subnet's BatchNorm statistics
+    (re-estimated on `bn_batches` first when given). The supernet is left unchanged."""
+    cfg = cfg if cfg is not None else supernet.current_config()
+    supernet.require_calibrated("freeze")
+    with supernet.activate(cfg):
+        if bn_batches is not None:
+            supernet.recalibrate_bn(bn_batches)
+        supernet.require_bn_stats(cfg, "freeze")
+        qparams = {g: QParams.from_fake_quant(fq) for g, fq in supernet.groups.items()}
+        gm = copy.deepcopy(supernet.model)
+    return cfg, qparams, gm

@@ -39,7 +39,8 @@ from torch import nn
 
 from .exact_pool import exact_global_avg_pool
 from .fake_quant import ElasticFakeQuantize
-from .ir import FrozenLayer, FrozenSubnet, QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantPoint, \
+from .freeze import snapshot
+from .ir import FrozenLayer, FrozenSubnet, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantPoint, \
     set_submodule
 from .space import ElasticSpace, SubnetConfig
 from .supernet import Layer, Supernet
@@ -565,22 +566,8 @@ class PT2ESupernet(Supernet):
             if node.op == "call_module" and isinstance(modules.get(node.target), ElasticFakeQuantize) and \
                     any(u.op == "output" for u in node.users):
                 output_groups.add(name_of[id(modules[node.target])])
-        weight_order = [lay.weight for lay in layers]
-        weight_order += [g for g, fq in self.groups.items() if fq.is_weight and g not in weight_order]
-        act_order = [g for g, fq in self.groups.items() if not fq.is_weight]
-        self.groups = {g: self.groups[g] for g in weight_order + act_order}
-        self.layers = layers
-        self.weight_groups = [g for g in self.groups if self.groups[g].is_weight]
-        self.act_groups = [g for g in self.groups if not self.groups[g].is_weight]
-        fixed: set[str] = set()
-        if self.space.fixed_bits is not None and layers:
-            for lay in (layers[0], layers[-1]):
-                fixed.add(lay.weight)
-                if lay.input is not None:
-                    fixed.add(lay.input)
-            fixed |= output_groups
-        self.fixed_groups = frozenset(fixed)
-        self._check_space_covered()
+        self._set_groups(self.groups, layers, [g for g, fq in self.groups.items() if not fq.is_weight],
+                         output_groups)
 
     @torch.no_grad()
     def layer_io(self, example_inputs) -> dict[str, dict]:
@@ -708,14 +695,7 @@ def freeze_pt2e(supernet: PT2ESupernet, cfg: SubnetConfig | None = None, bn_batc
         ValueError: `cfg` does not fit the supernet.
         BatchNormStatsError: the subnet's BatchNorm statistics are not known (pass `bn_batches`).
     """
-    cfg = cfg if cfg is not None else supernet.current_config()
-    supernet.require_calibrated("freeze")
-    with supernet.activate(cfg):
-        if bn_batches is not None:
-            supernet.recalibrate_bn(bn_batches)
-        supernet.require_bn_stats(cfg, "freeze")
-        qparams = {g: QParams.from_fake_quant(fq) for g, fq in supernet.groups.items()}
-        gm = copy.deepcopy(supernet.model)
+    cfg, qparams, gm = snapshot(supernet, cfg, bn_batches)
     enable_train_eval(gm)
     gm.eval()
     points = {g: QuantPoint(g, qp) for g, qp in qparams.items()}

@@ -10,7 +10,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -201,14 +201,19 @@ class Supernet:
                 layers.append(Layer(node.target, type(mod).__name__, name_of[id(mod.weight_fake_quant)],
                                     self._input_group(node, modules, name_of)))
                 mod.weight_fake_quant.materialize(mod.weight.shape[0])
+        self._set_groups(by_name, layers, act_order, output_groups)
+
+    def _set_groups(self, quantizers: Mapping[str, ElasticFakeQuantize], layers: list[Layer], act_order: list[str],
+                    output_groups: set[str]) -> None:
+        """Set `groups` (weights in layer order, then weight quantizers of modules not called in the graph (rare),
+        then the activations in `act_order`), `layers`, the weight / activation group lists and the fixed groups
+        (first and last layer, graph outputs), and check that the space covers them."""
         weight_order = [lay.weight for lay in layers]
-        # Weight quantizers of modules not called in the graph (rare) still are groups.
-        weight_order += [name_of[id(m)] for n, m in fqs if m.is_weight and name_of[id(m)] not in weight_order]
-        self.groups: dict[str, ElasticFakeQuantize] = {g: by_name[g] for g in weight_order + act_order}
+        weight_order += [g for g, fq in quantizers.items() if fq.is_weight and g not in weight_order]
+        self.groups: dict[str, ElasticFakeQuantize] = {g: quantizers[g] for g in weight_order + act_order}
         self.layers: list[Layer] = layers
         self.weight_groups = [g for g in self.groups if self.groups[g].is_weight]
         self.act_groups = [g for g in self.groups if not self.groups[g].is_weight]
-
         fixed: set[str] = set()
         if self.space.fixed_bits is not None and layers:
             for lay in (layers[0], layers[-1]):

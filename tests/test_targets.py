@@ -63,7 +63,8 @@ def test_the_layering_check_sees_a_violation(tmp_path):
 
 
 def test_freeze_reads_no_private_attribute_of_the_quantizers():
-    src = "".join(Path(importlib.import_module(m).__file__).read_text() for m in ("eqnet_plugin.freeze", "eqnet_plugin.ir"))
+    src = "".join(Path(importlib.import_module(m).__file__).read_text()
+                  for m in ("eqnet_plugin.freeze", "eqnet_plugin.ir"))
     private = {n.attr for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Attribute)
                and n.attr.startswith("_") and not n.attr.startswith("__")
                and isinstance(n.value, ast.Name) and n.value.id in ("fq", "mod", "m", "supernet")}
