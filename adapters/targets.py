@@ -117,13 +117,17 @@ class Target:
         {kind: path}. All files appear together or none do (a failed export leaves `out_dir` as it was).
 
         Raises:
+            ImportError: a package the target needs is missing (the message names the install command).
             TargetError: the subnet breaks a rule of this target (`check`); nothing is written.
             TypeError: an option this target does not have.
         """
         opts = self._options(options)
+        missing = self.missing_packages()
+        if missing:
+            raise ImportError("; ".join(missing))
         frozen = as_frozen(model, cfg)
         example_inputs = as_example_inputs(example_inputs)
-        problems = self.check(frozen, **options)
+        problems = list(self.rules(frozen, opts)) if self.rules is not None else []
         if problems:
             raise TargetError(self.name, problems)
         out = Path(out_dir)

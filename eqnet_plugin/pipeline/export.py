@@ -85,9 +85,6 @@ def export_subnet(exp: Experiment, cfg: SubnetConfig, target: str, out_dir: str 
     t = get_target(target)
     frozen = frozen if frozen is not None else freeze_subnet(exp, cfg)
     opts = _target_options(t, dict(unsigned_activations=unsigned_activations, encoding_version=encoding_version))
-    missing = t.missing_packages()
-    if missing:
-        raise ImportError("; ".join(missing))
     files = t.export(frozen, exp.example_inputs, out_dir, **opts)
     config_path = Path(out_dir) / "subnet.json"
     cfg.to_json(config_path)
