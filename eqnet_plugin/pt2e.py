@@ -29,7 +29,6 @@ of a reused single-op module its own partition.
 from __future__ import annotations
 
 import copy
-import itertools
 import pydoc
 from dataclasses import replace as dc_replace
 from typing import Any, Iterable
@@ -582,18 +581,8 @@ class PT2ESupernet(Supernet):
         nodes = {n.name: n for n in gm.graph.nodes}
         by_node = {node_name: name for name, node_name in self._layer_nodes.items()}
         recorder = _LayerIORecorder(gm, by_node)
-        was_training = gm.training
-        fq_on = {g: bool(fq.fake_quant_enabled[0]) for g, fq in self.groups.items()}
-        try:
-            gm.eval()
-            for fq in self.groups.values():
-                fq.enable_fake_quant(False)
-            dev = next(itertools.chain(gm.parameters(), gm.buffers())).device
-            recorder.run(*[t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs])
-        finally:
-            for g, fq in self.groups.items():
-                fq.enable_fake_quant(fq_on[g])
-            gm.train(was_training)
+        with self._float_eval_forward() as run:
+            run(recorder.run, inputs)
         modules = dict(gm.named_modules(remove_duplicate=False))
         out: dict[str, dict] = {}
         for lay in self.layers:

@@ -5,6 +5,7 @@ holds references to its `ElasticFakeQuantize` modules and knows the graph around
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 import weakref
@@ -591,6 +592,24 @@ class Supernet:
             self.require_bn_stats(c, "to_reference")
             return convert_reference(self.model)
 
+    @contextlib.contextmanager
+    def _float_eval_forward(self):
+        """Eval mode with fake quantization off (shapes do not depend on it); yields ``run(fn, inputs)``, which
+        calls `fn` on the inputs moved to the model's device. Mode and fake-quant switches are restored."""
+        gm = self.model
+        was_training = gm.training
+        fq_on = {g: bool(fq.fake_quant_enabled[0]) for g, fq in self.groups.items()}
+        dev = next(itertools.chain(gm.parameters(), gm.buffers())).device
+        try:
+            gm.eval()
+            for fq in self.groups.values():
+                fq.enable_fake_quant(False)
+            yield lambda fn, inputs: fn(*[t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs])
+        finally:
+            for g, fq in self.groups.items():
+                fq.enable_fake_quant(fq_on[g])
+            gm.train(was_training)
+
     def freeze(self, cfg: SubnetConfig | None = None, bn_batches: Iterable | None = None):
         """`eqnet_plugin.freeze.freeze(self, cfg, bn_batches)`: the export IR of one subnet (default: the active
         one). Every exporter calls this when it is given a Supernet with ``cfg=``."""
@@ -624,20 +643,12 @@ class Supernet:
                 if name not in seen:     # a module called twice (shared) counts its first call's shapes
                     seen[name] = (args[0], out)
             hooks.append(gm.get_submodule(lay.name).register_forward_hook(hook))
-        was_training = gm.training
-        fq_on = {g: bool(fq.fake_quant_enabled[0]) for g, fq in self.groups.items()}
         try:
-            gm.eval()
-            for fq in self.groups.values():
-                fq.enable_fake_quant(False)
-            dev = _device_of(gm)
-            gm(*[t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs])
+            with self._float_eval_forward() as run:
+                run(gm, inputs)
         finally:
             for h in hooks:
                 h.remove()
-            for g, fq in self.groups.items():
-                fq.enable_fake_quant(fq_on[g])
-            gm.train(was_training)
         out: dict[str, dict] = {}
         for lay in self.layers:
             if lay.name not in seen:
