@@ -151,6 +151,8 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
                     "supernet_test": out["supernet"] if cfg.get("eval_split", "test") == "test" else None},
                    dest.with_suffix(".tmp"))
         os.replace(dest.with_suffix(".tmp"), dest)
+    if cfg.get("supernet_only"):      # for bench_search: the saved supernet is all that was asked for
+        return out
     out["dedicated"], out["dedicated_seconds"] = {}, {}
     for name, c in configs.items():
         d = _copy(base)
@@ -245,7 +247,8 @@ def _recipe(cfg: dict, args) -> dict:
             "lr": args.lr, "float_lr": args.float_lr, "batch_size": args.batch_size, "image_size": args.image_size,
             **({"eval_split": "val"} if cfg.get("eval_split") == "val" else {}),
             **({"configs": list(cfg["configs"])} if cfg.get("configs") else {}),
-            **({"no_ablations": True} if cfg.get("no_ablations") else {})}
+            **({"no_ablations": True} if cfg.get("no_ablations") else {}),
+            **({"supernet_only": True} if cfg.get("supernet_only") else {})}
 
 
 def _results_path(budget: str) -> Path:
@@ -291,6 +294,9 @@ def main(argv=None) -> None:
                    help="val: tune on the validation split (results go to runs/, never to BENCHMARKS.md)")
     p.add_argument("--configs", nargs="*", default=None, help="only these reference configs, e.g. 'W4A4 sym/channel'")
     p.add_argument("--no-ablations", action="store_true", help="skip the three ablation supernets")
+    p.add_argument("--supernet-only", action="store_true",
+                   help="train, evaluate and save (with --save-supernets) the supernets only: no dedicated runs, no "
+                        "ablations, nothing recorded")
     p.add_argument("--save-supernets", action="store_true",
                    help="keep each trained supernet in runs/bench_supernet/ (bench_search reads them)")
     p.add_argument("--lr", type=float, default=1e-3, help="QAT learning rate (paper: Adam 1e-3, cosine)")
@@ -326,6 +332,7 @@ def main(argv=None) -> None:
     if args.float_epochs is not None:
         cfg["float_epochs"] = args.float_epochs
     cfg.update(eval_split=args.eval_split, configs=args.configs, no_ablations=args.no_ablations,
+               supernet_only=args.supernet_only,
                save_dir=str(PARTIAL_DIR / "bench_supernet") if args.save_supernets else None)
     recipe = _recipe(cfg, args)
     t0 = time.perf_counter()
@@ -354,6 +361,8 @@ def main(argv=None) -> None:
     else:
         for job in jobs:
             finished(_run_job(job))
+    if args.supernet_only:
+        return
     order = {(m, s): i for i, (m, s) in enumerate((m, s) for m in cfg["models"] for s in cfg["seeds"])}
     runs.sort(key=lambda r: order[(r["model"], r["seed"])])
     load = os.getloadavg()[1] if hasattr(os, "getloadavg") else float("nan")

@@ -139,6 +139,8 @@ class SandwichConfig:
         grad_clip_value: clip every gradient element to [-v, v] (default 1.0, the official EQ-Net trainer's
             ``clip_grad_value_(1.0)``; None: off).
         criterion: the label loss ``criterion(logits, targets)`` (default: cross-entropy).
+        subnet_weights: the weights of the H, R and L subnets' losses in the summed gradient (default 1, 1, 1: the
+            paper's). Lowering L's weight lets the widest subnet's gradient count for more in the shared weights.
         check_finite: refuse NaN/inf input batches before any forward and non-finite losses before the optimizer
             step (two host syncs per step; False skips both).
 
@@ -159,8 +161,14 @@ class SandwichConfig:
     grad_clip_value: float | None = 1.0
     criterion: Callable | None = None
     check_finite: bool = True
+    subnet_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
+        w = tuple(float(v) for v in self.subnet_weights)
+        if len(w) != 3 or not all(v >= 0 for v in w) or w[0] <= 0:
+            raise ValueError(f"SandwichConfig.subnet_weights={self.subnet_weights!r} must be three non-negative "
+                             "weights (H, R, L) with H's positive, e.g. (1.0, 1.0, 0.5)")
+        object.__setattr__(self, "subnet_weights", w)
         if self.wdr is not None and not callable(self.wdr):
             raise TypeError(f"SandwichConfig.wdr must be a WDRLoss (or None), got {type(self.wdr).__name__}")
         if not 0.0 <= float(self.lam) <= 1.0:
@@ -217,7 +225,8 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
             (forwards run under ``no_sync()``; see `eqnet_plugin.distributed` for why).
         check_ranks: under DDP, verify that all ranks trained the same parameters (one host sync per step).
         **knobs: any `SandwichConfig` field (``wdr=``, ``lam=``, ``temperature=``, ``gpg=``, ``scheme=``,
-            ``grad_clip=``, ``grad_clip_value=``, ``criterion=``, ``check_finite=``), overriding `recipe`.
+            ``grad_clip=``, ``grad_clip_value=``, ``criterion=``, ``check_finite=``, ``subnet_weights=``),
+            overriding `recipe`.
             H learns from the label loss; R and L from ``lam * KL(teacher) + (1 - lam) * criterion``.
     Returns:
         detached {"h", "r", "l", "wdr", "total"} scalar losses and "logits": the widest (H) subnet's detached
@@ -259,7 +268,8 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
                     _track_bn(supernet, name == "h")
                 logits = net(inputs)                                   # (B, K)
                 loss = gpg_term(logits, teacher if gpg else None, targets, lam, temperature, criterion)
-                loss.backward()                                        # frees this subnet's graph
+                w = r.subnet_weights[len(losses)]
+                (loss if w == 1.0 else loss * w).backward()            # frees this subnet's graph
                 losses[name] = loss.detach()
                 teacher = logits.detach()
                 if h_logits is None:
@@ -276,7 +286,8 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
         _set_cells(supernet, previous)
     _finish_step(supernet, net, optimizer, r.grad_clip, sync, check_ranks, r.grad_clip_value,
                  losses if r.check_finite else None)
-    losses["total"] = losses["h"] + losses["r"] + losses["l"] + losses["wdr"]
+    wh, wr, wl = r.subnet_weights                       # "total" is the loss the step descended
+    losses["total"] = wh * losses["h"] + wr * losses["r"] + wl * losses["l"] + losses["wdr"]
     losses["logits"] = h_logits
     return losses
 

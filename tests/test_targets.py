@@ -204,9 +204,31 @@ def test_sandwich_config_is_the_same_step_as_the_keywords(x):
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
+def test_subnet_weights_scale_each_subnets_gradient(x):
+    """Weights (1, 0, 0) leave only the widest subnet's gradient: the step equals a plain QAT step of H."""
+    from eqnet_plugin.train import qat_step
+    y = torch.tensor([0, 1, 2, 3])
+    params = []
+    for weights in ((1.0, 0.0, 0.0), (1.0, 1.0, 1.0), None):
+        sn = tiny_supernet()
+        cfgs = (sn.max_config(), sn.uniform(4, 4, symmetric=False), sn.min_config())
+        opt = torch.optim.SGD(sn.model.parameters(), lr=0.1)
+        if weights is None:
+            qat_step(sn, cfgs[0], x, y, opt)
+        else:
+            sandwich_step(sn, x, y, opt, configs=cfgs, subnet_weights=weights)
+        params.append([p.detach().clone() for p in sn.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(params[0], params[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(params[1], params[2]))
+
+
 def test_sandwich_config_validates():
     with pytest.raises(ValueError, match="lam"):
         SandwichConfig(lam=1.5)
+    with pytest.raises(ValueError, match="subnet_weights"):
+        SandwichConfig(subnet_weights=(0.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="subnet_weights"):
+        SandwichConfig(subnet_weights=(1.0, 1.0))
     with pytest.raises(ValueError, match="grad_clip_value"):
         SandwichConfig(grad_clip_value=0)
     assert SandwichConfig().wdr is not SandwichConfig().wdr             # no module shared between recipes

@@ -1,0 +1,178 @@
+"""Supernet recipe variants on the Fashion-MNIST *validation* split: which part of the sandwich step costs the widest
+subnet its accuracy, and what trades it back (issue: "EQ-Net's promise on real data").
+
+One run = bench_supernet's supernet of one model and split seed (the same cached float start, calibration, batches,
+Adam + cosine, 500 steps, GPG + WDR) with one change, evaluated on 4 reference subnets on the 10,000 validation
+images (the test split is never read). Results are appended to benchmarks/results/tune_supernet.jsonl; `--table`
+prints them, `--table --write` records them in BENCHMARKS.md.
+
+    python benchmarks/tune_supernet.py --name paper                                  # the recorded recipe
+    python benchmarks/tune_supernet.py --name L0.3 --subnet-weights 1 1 0.3          # down-weight the L subnet
+    python benchmarks/tune_supernet.py --name H-only --subnet-weights 1 0 0          # widest subnet's gradient only
+    python benchmarks/tune_supernet.py --name no-clip --grad-clip-value none
+    python benchmarks/tune_supernet.py --name H-bn --h-only bn       # BN affine trained by H only (R, L: zero grad)
+    python benchmarks/tune_supernet.py --name H-w --h-only weights   # conv / linear weights trained by H only
+    python benchmarks/tune_supernet.py --name pcgrad --pcgrad        # R+L gradient projected off H's when opposed
+    python benchmarks/tune_supernet.py --name dedicated-W8 --dedicated "W8A8 sym/channel"   # the baseline
+    python benchmarks/tune_supernet.py --table
+
+The float start comes from bench_supernet's cache (runs/bench_supernet_float/); run bench_supernet once for the
+model and seed first (e.g. `bench_supernet.py --budget fashion --models M --seeds S --supernet-only`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_supernet as B  # noqa: E402
+from _report import update_section  # noqa: E402
+
+import eqnet_plugin.train as T  # noqa: E402
+from eqnet_plugin.data import fashion_mnist_splits, make_loaders  # noqa: E402
+from eqnet_plugin.losses import WDRLoss  # noqa: E402
+from eqnet_plugin.models import build_model  # noqa: E402
+
+OUT = B.RESULTS_DIR / "tune_supernet.jsonl"         # small; committed with the BENCHMARKS.md section
+CONFIGS = ("W8A8 sym/channel", "W4A4 sym/channel", "W3A3 sym/channel", "W2A2 sym/tensor")
+
+
+def _param_kind(name: str) -> str:
+    if ".bn." in name:
+        return "bn"
+    if "post_process" in name or "fake_quant" in name:
+        return "quantizer"
+    return "weights"
+
+
+def _h_only(sn, kind: str) -> None:
+    """Parameters of `kind` get gradient from the H subnet only (zeroed in R's and L's backward passes)."""
+    state = {"h": True}
+    orig = T.gpg_term
+
+    def gpg_term(logits, teacher, *a, **k):          # called once per subnet, before its backward; H has no teacher
+        state["h"] = teacher is None
+        return orig(logits, teacher, *a, **k)
+    T.gpg_term = gpg_term
+    for name, p in sn.model.named_parameters():
+        if _param_kind(name) == kind:
+            p.register_hook(lambda g: g if state["h"] else torch.zeros_like(g))
+
+
+def _pcgrad(sn) -> None:
+    """Per tensor: the R + L (+ WDR) gradient loses its component along H's gradient when the two are opposed."""
+    snap: dict = {}
+    orig_g, orig_f = T.gpg_term, T._finish_step
+
+    def gpg_term(logits, teacher, *a, **k):
+        if teacher is None:
+            snap.clear()
+        elif not snap:                                # H's backward is done: keep its gradient
+            snap.update({p: p.grad.detach().clone() for p in sn.model.parameters() if p.grad is not None})
+        return orig_g(logits, teacher, *a, **k)
+
+    def finish(supernet, net, optimizer, *a, **k):
+        for p, gh in snap.items():
+            if p.grad is not None:
+                rest = p.grad - gh
+                d = (rest * gh).sum()
+                if d < 0:
+                    p.grad.copy_(gh + rest - d / (gh * gh).sum().clamp_min(1e-30) * gh)
+        return orig_f(supernet, net, optimizer, *a, **k)
+    T.gpg_term, T._finish_step = gpg_term, finish
+
+
+def run(args) -> dict:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    seed = args.seed
+    splits = fashion_mnist_splits(image_size=28, seed=seed, val_size=10000)
+    train, val, _ = make_loaders(splits, 64, seed=seed, eval_batch_size=1000)
+    model = build_model(args.model, stem_stride=2)
+    cache = B.PARTIAL_DIR / "bench_supernet_float" / (
+        f"fashion-mnist_{args.model}_seed{seed}_e{args.float_epochs}_sNone_lr0.003_b64_i28_stem2.pt")
+    if not cache.exists():
+        raise SystemExit(f"no cached float start {cache}: run `python benchmarks/bench_supernet.py --budget fashion "
+                         f"--models {args.model} --seeds {seed} --supernet-only` first")
+    model.load_state_dict(torch.load(cache, weights_only=True)["state_dict"])
+    bn = T.bn_batches_from(train.dataset, 16, 64, seed=seed)
+    sn = B._prepare(model, (bn[0][0],))
+    sn.calibrate(bn)
+    configs = {k: v for k, v in B.reference_configs(sn).items() if k in CONFIGS}
+    opt = torch.optim.Adam(sn.model.parameters(), lr=args.lr)
+    train.generator.manual_seed(seed)
+    sched = T.cosine_scheduler(opt, args.steps)
+    t = time.perf_counter()
+    if args.dedicated:
+        T.lsq_qat(sn, configs[args.dedicated], train, opt, 1, scheduler=sched, max_steps=args.steps)
+        res = {args.dedicated: T.evaluate(sn, configs[args.dedicated], val, bn)}
+    else:
+        if args.h_only:
+            _h_only(sn, args.h_only)
+        if args.pcgrad:
+            _pcgrad(sn)
+        clip = None if args.grad_clip_value.lower() == "none" else float(args.grad_clip_value)
+        T.train_supernet(sn, train, opt, 1, scheduler=sched, generator=torch.Generator().manual_seed(seed),
+                         max_steps=args.steps, progress=False, wdr=WDRLoss(), scheme=args.scheme,
+                         subnet_weights=tuple(args.subnet_weights), grad_clip_value=clip)
+        res = T.evaluate_configs(sn, configs, val, bn)
+    out = {"name": args.name, "model": args.model, "seed": seed, "steps": args.steps, "lr": args.lr,
+           "argv": sys.argv[1:], "seconds": round(time.perf_counter() - t, 1),
+           "val": {k: round(100 * v, 2) for k, v in res.items()}}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    with open(OUT, "a") as f:
+        f.write(json.dumps(out) + "\n")
+    return out
+
+
+def table() -> str:
+    rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
+    lines = []
+    for model in sorted({r["model"] for r in rows}, key=lambda m: m != "tiny_mobilenet_v2"):
+        lines += [f"**{model}** (validation accuracy, %)", "", "| variant | " + " | ".join(CONFIGS) + " |",
+                  "|---|" + "---|" * len(CONFIGS)]
+        order = {"paper": 0, "dedicated": 2}          # the recipe first, the dedicated baseline last
+        for r in sorted(rows, key=lambda r: order.get(r["name"].split()[0], 1)):
+            if r["model"] == model:
+                lines.append(f"| {r['name']} | " + " | ".join(f"{r['val'][c]:.2f}" if c in r["val"] else "-"
+                                                            for c in CONFIGS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--name", default="run")
+    p.add_argument("--model", default="tiny_mobilenet_v2", choices=("tiny_resnet", "tiny_mobilenet_v2"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--float-epochs", type=int, default=2)
+    p.add_argument("--subnet-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("H", "R", "L"))
+    p.add_argument("--scheme", default="group", choices=("group", "subnet"))
+    p.add_argument("--grad-clip-value", default="1.0", help="a number, or none")
+    p.add_argument("--h-only", choices=("bn", "weights", "quantizer"), default=None,
+                   help="parameters of this kind learn from the H subnet only")
+    p.add_argument("--pcgrad", action="store_true")
+    p.add_argument("--dedicated", choices=CONFIGS, default=None, help="a dedicated LSQ QAT run instead")
+    p.add_argument("--table", action="store_true", help="print the recorded runs as markdown tables")
+    p.add_argument("--write", action="store_true", help="with --table: also write them to BENCHMARKS.md")
+    args = p.parse_args(argv)
+    if args.table:
+        text = table()
+        print(text)
+        if args.write:
+            update_section("tune_supernet", "## tune_supernet: where the widest subnet loses accuracy (validation "
+                           "split)\n\n" + __doc__.split("\n\n")[1].strip() + "\n\n" + text)
+        return
+    print(json.dumps(run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
