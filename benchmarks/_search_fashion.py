@@ -67,7 +67,8 @@ def checkpoint_path(model: str, seed: int) -> Path:
 def _missing(model: str, seed: int) -> SystemExit:
     return SystemExit(
         f"no saved supernet {checkpoint_path(model, seed)}: train it with\n"
-        f"    python benchmarks/bench_supernet.py --budget fashion --models {model} --seeds {seed} --save-supernets\n"
+        f"    python benchmarks/bench_supernet.py --budget fashion --models {model} --seeds {seed} --save-supernets "
+        "--supernet-only\n"
         "(bench_supernet writes runs/bench_supernet/<model>_seed<seed>.pt; for a quick stand-in, --budget "
         "fashion-small --save-supernets --no-ablations)")
 
@@ -555,8 +556,10 @@ def _met(ok: bool) -> str:
 def report(results: list[dict]) -> str:
     r0 = results[0]
     out = ["## Search on Fashion-MNIST (`benchmarks/bench_search.py --data fashion-mnist`)", "",
-           f"Machine: {r0['machine']}. Supernets: `bench_supernet.py --budget fashion --save-supernets` (28x28, "
-           f"stride-2 stem), one per model and split seed. Validation = {r0['val_images']} images held out of the "
+           f"Machine: {r0['machine']}. Supernets: `bench_supernet.py --budget fashion --save-supernets "
+           f"[--supernet-only]` (28x28, stride-2 stem, the recorded recipe), one per model and split seed; the "
+           f"dedicated runs compared against are those recorded in bench_supernet_fashion. "
+           f"Validation = {r0['val_images']} images held out of the "
            f"60,000 training images (used for the records, the predictor and every choice); test = the official "
            f"{r0['test_images']} t10k images, measured only for the chosen subnets. Every subnet is measured after "
            f"BN recalibration on {r0['bn_batches']} fixed training batches of 64 (bench_supernet's). Accuracies in "
