@@ -262,14 +262,13 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
     try:
         with net.no_sync() if ddp else contextlib.nullcontext():
             teacher = None
-            for name, cfg in zip(("h", "r", "l"), configs):
+            for name, cfg, weight in zip(("h", "r", "l"), configs, r.subnet_weights):
                 _set_cells(supernet, cfg)
                 if h_only:
                     _track_bn(supernet, name == "h")
                 logits = net(inputs)                                   # (B, K)
                 loss = gpg_term(logits, teacher if gpg else None, targets, lam, temperature, criterion)
-                w = r.subnet_weights[len(losses)]
-                (loss if w == 1.0 else loss * w).backward()            # frees this subnet's graph
+                (loss if weight == 1.0 else loss * weight).backward()  # frees this subnet's graph
                 losses[name] = loss.detach()
                 teacher = logits.detach()
                 if h_logits is None:
