@@ -82,6 +82,14 @@ def _copy(sn: Supernet) -> Supernet:
     return Supernet(copy.deepcopy(sn.model), sn.space)
 
 
+def float_cache_path(model_name: str, seed: int, cfg: dict, float_lr: float, batch_size: int, image_size: int
+                     ) -> Path:
+    """Where the float start of one (model, seed, float recipe) is cached (git-ignored runs/)."""
+    return PARTIAL_DIR / "bench_supernet_float" / (
+        f"{cfg['data']}_{model_name}_seed{seed}_e{cfg['float_epochs']}_s{cfg.get('float_max_steps')}_lr{float_lr}"
+        f"_b{batch_size}_i{image_size}_stem{cfg.get('stem_stride', 1)}.pt")
+
+
 def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int, image_size: int,
               float_lr: float = 3e-3) -> dict:
     if cfg["data"] == "fashion-mnist":
@@ -96,9 +104,7 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
         test = val                    # tuning: every accuracy on the validation split, the test split untouched
     torch.manual_seed(seed)
     model = build_model(model_name, stem_stride=cfg.get("stem_stride", 1))
-    cache = PARTIAL_DIR / "bench_supernet_float" / (
-        f"{cfg['data']}_{model_name}_seed{seed}_e{cfg['float_epochs']}_s{cfg.get('float_max_steps')}_lr{float_lr}"
-        f"_b{batch_size}_i{image_size}_stem{cfg.get('stem_stride', 1)}.pt")
+    cache = float_cache_path(model_name, seed, cfg, float_lr, batch_size, image_size)
     t = time.perf_counter()
     if cache.exists():                # the float start depends only on its own recipe: reuse it across variants
         saved = torch.load(cache, weights_only=True)

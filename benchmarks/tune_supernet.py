@@ -95,8 +95,8 @@ def run(args) -> dict:
     splits = fashion_mnist_splits(image_size=28, seed=seed, val_size=10000)
     train, val, _ = make_loaders(splits, 64, seed=seed, eval_batch_size=1000)
     model = build_model(args.model, stem_stride=2)
-    cache = B.PARTIAL_DIR / "bench_supernet_float" / (
-        f"fashion-mnist_{args.model}_seed{seed}_e{args.float_epochs}_sNone_lr0.003_b64_i28_stem2.pt")
+    budget = dict(B.BUDGETS["fashion"], float_epochs=args.float_epochs)      # bench_supernet's recorded float recipe
+    cache = B.float_cache_path(args.model, seed, budget, 3e-3, 64, 28)
     if not cache.exists():
         raise SystemExit(f"no cached float start {cache}: run `python benchmarks/bench_supernet.py --budget fashion "
                          f"--models {args.model} --seeds {seed} --supernet-only` first")
