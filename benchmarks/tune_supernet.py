@@ -22,6 +22,7 @@ model and seed first (e.g. `bench_supernet.py --budget fashion --models M --seed
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -101,11 +102,16 @@ def run(args) -> dict:
         raise SystemExit(f"no cached float start {cache}: run `python benchmarks/bench_supernet.py --budget fashion "
                          f"--models {args.model} --seeds {seed} --supernet-only` first")
     model.load_state_dict(torch.load(cache, weights_only=True)["state_dict"])
+    float_start = hashlib.sha256(cache.read_bytes()).hexdigest()[:8]     # rows compare only on the same start
     bn = T.bn_batches_from(train.dataset, 16, 64, seed=seed)
     sn = B._prepare(model, (bn[0][0],))
     sn.calibrate(bn)
     configs = {k: v for k, v in B.reference_configs(sn).items() if k in CONFIGS}
-    opt = torch.optim.Adam(sn.model.parameters(), lr=args.lr)
+    groups: dict[str, list] = {"weights": [], "bn": [], "quantizer": []}
+    for name, prm in sn.model.named_parameters():
+        groups[_param_kind(name)].append(prm)
+    mult = {"weights": args.weight_lr_mult, "bn": args.weight_lr_mult, "quantizer": args.quantizer_lr_mult}
+    opt = torch.optim.Adam([{"params": v, "lr": args.lr * mult[k]} for k, v in groups.items() if v], lr=args.lr)
     train.generator.manual_seed(seed)
     sched = T.cosine_scheduler(opt, args.steps)
     t = time.perf_counter()
@@ -123,6 +129,7 @@ def run(args) -> dict:
                          subnet_weights=tuple(args.subnet_weights), grad_clip_value=clip)
         res = T.evaluate_configs(sn, configs, val, bn)
     out = {"name": args.name, "model": args.model, "seed": seed, "steps": args.steps, "lr": args.lr,
+           "float_start": float_start,
            "argv": sys.argv[1:], "seconds": round(time.perf_counter() - t, 1),
            "val": {k: round(100 * v, 2) for k, v in res.items()}}
     OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -132,16 +139,35 @@ def run(args) -> dict:
 
 
 def table() -> str:
+    """Markdown tables, one per (model, float start): runs compare only on the same cached float start (a float
+    model trained on another machine differs in its last bits). The dedicated single-config runs of a start merge
+    into one row, and the supernet rows get their gap to it."""
     rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
     lines = []
-    for model in sorted({r["model"] for r in rows}, key=lambda m: m != "tiny_mobilenet_v2"):
-        lines += [f"**{model}** (validation accuracy, %)", "", "| variant | " + " | ".join(CONFIGS) + " |",
-                  "|---|" + "---|" * len(CONFIGS)]
-        order = {"paper": 0, "dedicated": 2}          # the recipe first, the dedicated baseline last
-        for r in sorted(rows, key=lambda r: order.get(r["name"].split()[0], 1)):
-            if r["model"] == model:
-                lines.append(f"| {r['name']} | " + " | ".join(f"{r['val'][c]:.2f}" if c in r["val"] else "-"
-                                                            for c in CONFIGS) + " |")
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r.get("float_start") or "-"), []).append(r)
+    for (model, start), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "tiny_mobilenet_v2", kv[0][1] != "-")):
+        where = "an earlier machine's float start" if start == "-" else f"float start `{start}`"
+        lines += [f"**{model}**, seed {rs[0]['seed']}, {where} (validation accuracy, %; gap = dedicated - variant)",
+                  "", "| variant | " + " | ".join(CONFIGS) + " |", "|---|" + "---|" * len(CONFIGS)]
+        dedicated: dict = {}
+        for r in rs:
+            if r["name"].startswith("dedicated"):
+                dedicated.update(r["val"])
+        order = {"paper": 0}                            # the recipe first
+        for r in sorted((r for r in rs if not r["name"].startswith("dedicated") or len(r["val"]) > 1),
+                        key=lambda r: order.get(r["name"].split()[0], 1)):
+            cells = []
+            for c in CONFIGS:
+                v = r["val"].get(c)
+                gap = f" ({dedicated[c] - v:+.2f})" if v is not None and c in dedicated and not \
+                    r["name"].startswith("dedicated") else ""
+                cells.append("-" if v is None else f"{v:.2f}{gap}")
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        if any(len(r["val"]) == 1 for r in rs if r["name"].startswith("dedicated")):
+            lines.append("| dedicated LSQ QAT, one run per config | " + " | ".join(
+                f"{dedicated[c]:.2f}" if c in dedicated else "-" for c in CONFIGS) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -154,6 +180,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--float-epochs", type=int, default=2)
+    p.add_argument("--weight-lr-mult", type=float, default=1.0, help="lr multiplier of weights and BN affine")
+    p.add_argument("--quantizer-lr-mult", type=float, default=1.0, help="lr multiplier of the quantizer cells")
     p.add_argument("--subnet-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("H", "R", "L"))
     p.add_argument("--scheme", default="group", choices=("group", "subnet"))
     p.add_argument("--grad-clip-value", default="1.0", help="a number, or none")
