@@ -10,10 +10,9 @@ Here the fold uses a *fixed* per-channel statistic, ``fold_var`` (a buffer, set 
 when the `Supernet` is built, i.e. the float model's statistics; never changed by training or BN
 re-estimation). The weight fake-quant therefore always sees ``W = w * gamma / sqrt(fold_var + eps)``, the same
 tensor in every subnet, in training and in evaluation. BatchNorm keeps its per-subnet running statistics for the
-output affine. In eval mode a layer computes, in one convolution (the ratio and BN's shift folded into the small
-weight and bias tensors rather than applied to the activations),
+output affine. In eval mode a layer computes
 
-    y = conv(x, Q(W) * r) + b',    r = sqrt(fold_var + eps) / sqrt(running_var + eps),
+    y = conv(x, Q(W)) * r + b',    r = sqrt(fold_var + eps) / sqrt(running_var + eps),
                                    b' = beta + (bias - running_mean) * gamma / sqrt(running_var + eps),
 
 `fold_to_export` gives (integer codes of Q(W), per-channel scales ``s * r``, zero points, b'): the trained
@@ -80,15 +79,6 @@ class FixedFoldConvBnMixin:
         bias_shape = [1] * len(self.weight.shape)
         bias_shape[1] = -1
         scaled_weight = self.weight_fake_quant(self.weight * scale_factor.reshape(weight_shape))
-        if not self.bn.training and self.bn.running_var is not None:
-            # Eval: BN's affine on the running statistics folded into the (small) quantized weight and the bias,
-            # conv(x, Q(W) * r) + b', the export form of `fold_to_export`; one pass over the activations
-            # instead of three (conv, / scale_factor, batch_norm).
-            std = _fold_std(self.bn, self.bn.running_var)
-            ratio = _fold_std(self.bn, self.fold_var) / std
-            b0 = self.bias if self.bias is not None else torch.zeros_like(self.bn.running_mean)
-            bias = (b0 - self.bn.running_mean) * (self.bn.weight / std) + self.bn.bias
-            return self._conv_forward(input, scaled_weight * ratio.reshape(weight_shape), bias.to(input.dtype))
         if self.bias is not None:
             zero_bias = torch.zeros_like(self.bias, dtype=input.dtype)
         else:
