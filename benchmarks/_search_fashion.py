@@ -553,6 +553,32 @@ def _met(ok: bool) -> str:
     return "**met**" if ok else "**NOT met**"
 
 
+def _best_dedicated(r: dict, bits: str):
+    d = [r["dedicated"].get(f"{bits} {sch}") for sch in SCHEMES]
+    return max((x for x in d if x is not None), default=None)
+
+
+def summary(results: list[dict]) -> list[str]:
+    """One row per (model, seed): the targets side by side (details in each run's own section below)."""
+    out = ["| model, seed | CQAP tau, 1000 records (gbt / MLP; ceiling) | W3A3: searched / dedicated test | "
+           "W4A4: searched / dedicated test | GA - random (W4A4 test) | whole run (2 worker processes) |",
+           "|---|---|---|---|---|---|"]
+    for r in results:
+        best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1]["kendall_tau"] for reg in ("gbt", "mlp")}
+        cells = []
+        for b in ("W3A3", "W4A4"):
+            x, d = r["main"][b]["refine"]["test"], _best_dedicated(r, b)
+            cells.append(f"{_pct(x)} / {_pct(d)}" + ("" if d is None else f" ({100 * (x - d):+.2f})"))
+        rnd = r["main"]["W4A4"]["refine"]["test"] - r["random"]["test_of_best_val"]
+        s = r["seconds"]
+        whole = (f"{s['total'] / 60:.0f} min" if r["records_measured_this_run"] == r["n_records"] else
+                 f"~{(r['record_cpu_seconds_all'] / r['jobs'] + s['search']) / 60:.0f} min (records + search, est.: records reused)"
+                 if "record_cpu_seconds_all" in r else "n/a")
+        out.append(f"| {r['model']}, {r['seed']} | {best['gbt']:.3f} / {best['mlp']:.3f}; "
+                   f"{r['noise_ceiling_full_tau']:.2f} | {cells[0]} | {cells[1]} | {100 * rnd:+.2f} | {whole} |")
+    return out
+
+
 def report(results: list[dict]) -> str:
     r0 = results[0]
     out = ["## Search on Fashion-MNIST (`benchmarks/bench_search.py --data fashion-mnist`)", "",
@@ -564,7 +590,7 @@ def report(results: list[dict]) -> str:
            f"{r0['test_images']} t10k images, measured only for the chosen subnets. Every subnet is measured after "
            f"BN recalibration on {r0['bn_batches']} fixed training batches of 64 (bench_supernet's). Accuracies in "
            "%; one validation or test image is 0.01 points. Full space: 2..8 bits per group, both symmetries and "
-           "granularities (first/last layer 8-bit).", ""]
+           "granularities (first/last layer 8-bit).", "", *summary(results), ""]
     for r in results:
         s = r["seconds"]
         best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1] for reg in ("gbt", "mlp")}
