@@ -30,6 +30,7 @@ the Pareto plot in benchmarks/results/pareto_fashion_<model>.png, its own BENCHM
     python benchmarks/bench_search.py --data fashion-mnist --models tiny_resnet --jobs 2
     python benchmarks/bench_search.py --data fashion-mnist --smoke           # 24 records, 10 generations, no output
     python benchmarks/bench_search.py --data fashion-mnist --speed 4         # evaluation speed vs train.evaluate
+    python benchmarks/bench_search.py --data fashion-mnist --report-only     # rebuild the section (+ notes file)
 """
 from __future__ import annotations
 
@@ -425,6 +426,8 @@ def main() -> None:
     fm.add_argument("--bn-batches", type=int, default=None,
                     help="BN recalibration batches of 64 (default: the checkpoint's, i.e. bench_supernet's)")
     fm.add_argument("--eval-batch", type=int, default=None, help="images per evaluation forward")
+    fm.add_argument("--report-only", action="store_true",
+                    help="only rebuild the BENCHMARKS.md section from benchmarks/results (no measurement)")
     fm.add_argument("--speed", type=int, default=0, metavar="N",
                     help="only time N subnets: train.evaluate vs this benchmark's measurement (writes nothing)")
     args = ap.parse_args()
@@ -456,6 +459,8 @@ def main_fashion(args, log) -> None:
 
     import _search_fashion as fs
     _w.filterwarnings("ignore", module="torch.ao")
+    if args.report_only:
+        return write_fashion_section(fs)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in fs.MODELS]
     if unknown:
@@ -480,9 +485,18 @@ def main_fashion(args, log) -> None:
         fs.plot(res, RESULTS / fs.plot_name(m, args.seed))
     if args.smoke:
         return
+    write_fashion_section(fs)
+
+
+def write_fashion_section(fs) -> None:
+    """The BENCHMARKS.md section from every benchmarks/results/bench_search_fashion_*.json, then the hand-written
+    reading of them (benchmarks/results/bench_search_fashion_notes.md, kept across rebuilds)."""
     files = sorted(RESULTS.glob("bench_search_fashion_*.json"),
                    key=lambda p: (fs.MODELS.index(json.loads(p.read_text())["model"]), p.name))
     text = fs.report([json.loads(p.read_text()) for p in files])
+    notes = RESULTS / "bench_search_fashion_notes.md"
+    if notes.exists():
+        text += "\n" + notes.read_text()
     print(text)
     update_section("bench_search_fashion", text)
 
