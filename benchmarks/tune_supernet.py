@@ -13,6 +13,8 @@ prints them, `--table --write` records them in BENCHMARKS.md.
     python benchmarks/tune_supernet.py --name H-bn --h-only bn       # BN affine trained by H only (R, L: zero grad)
     python benchmarks/tune_supernet.py --name H-w --h-only weights   # conv / linear weights trained by H only
     python benchmarks/tune_supernet.py --name pcgrad --pcgrad        # R+L gradient projected off H's when opposed
+    python benchmarks/tune_supernet.py --name "quantizer lr x3" --quantizer-lr-mult 3      # per-group learning rates
+    python benchmarks/tune_supernet.py --name "steps 600" --steps 600
     python benchmarks/tune_supernet.py --name dedicated-W8 --dedicated "W8A8 sym/channel"   # the baseline
     python benchmarks/tune_supernet.py --table
 
@@ -196,8 +198,10 @@ def main(argv=None) -> None:
         text = table()
         print(text)
         if args.write:
+            notes = OUT.with_name("tune_supernet_notes.md")      # the hand-written reading, kept across rebuilds
             update_section("tune_supernet", "## tune_supernet: where the widest subnet loses accuracy (validation "
-                           "split)\n\n" + __doc__.split("\n\n")[1].strip() + "\n\n" + text)
+                           "split)\n\n" + __doc__.split("\n\n")[1].strip() + "\n\n" + text
+                           + ("\n" + notes.read_text() if notes.exists() else ""))
         return
     print(json.dumps(run(args)), flush=True)
 
