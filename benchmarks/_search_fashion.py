@@ -571,11 +571,14 @@ def summary(results: list[dict]) -> list[str]:
             cells.append(f"{_pct(x)} / {_pct(d)}" + ("" if d is None else f" ({100 * (x - d):+.2f})"))
         rnd = r["main"]["W4A4"]["refine"]["test"] - r["random"]["test_of_best_val"]
         s = r["seconds"]
-        whole = (f"{(s['records'] + s['search']) / 60:.1f} min" if r["records_measured_this_run"] == r["n_records"] else
-                 f"~{(r['record_cpu_seconds_all'] / r['jobs'] + s['search']) / 60:.0f} min (est.: records reused)"
-                 if "record_cpu_seconds_all" in r else "n/a")
+        if r["records_measured_this_run"] == r["n_records"]:
+            took = f"{(s['records'] + s['search']) / 60:.1f} min"
+        elif "record_cpu_seconds_all" in r:
+            took = f"~{(r['record_cpu_seconds_all'] / r['jobs'] + s['search']) / 60:.0f} min (est.: records reused)"
+        else:
+            took = "n/a"
         out.append(f"| {r['model']}, {r['seed']} | {best['gbt']:.3f} / {best['mlp']:.3f}; "
-                   f"{r['noise_ceiling_full_tau']:.2f} | {cells[0]} | {cells[1]} | {100 * rnd:+.2f} | {whole} |")
+                   f"{r['noise_ceiling_full_tau']:.2f} | {cells[0]} | {cells[1]} | {100 * rnd:+.2f} | {took} |")
     return out
 
 
@@ -624,7 +627,7 @@ def report(results: list[dict]) -> str:
                 "|---|---|---:|---:|---:|---:|---|---|"]
         for b in ("W3A3", "W4A4"):
             d = [r["dedicated"].get(f"{b} {sch}") for sch in SCHEMES]
-            dbest = max((x for x in d if x is not None), default=None)
+            dbest = _best_dedicated(r, b)
             for key in ("ga", "refine"):
                 x = r["main"][b][key]
                 tgt = "n/a" if dbest is None else _met(x["test"] >= dbest)

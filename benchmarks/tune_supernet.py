@@ -149,7 +149,8 @@ def table() -> str:
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["model"], r.get("float_start") or "-"), []).append(r)
-    for (model, start), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "tiny_mobilenet_v2", kv[0][1] != "-")):
+    for (model, start), rs in sorted(groups.items(),
+                                     key=lambda kv: (kv[0][0] != "tiny_mobilenet_v2", kv[0][1] != "-")):
         where = "an earlier machine's float start" if start == "-" else f"float start `{start}`"
         lines += [f"**{model}**, seed {rs[0]['seed']}, {where} (validation accuracy, %; gap = dedicated - variant)",
                   "", "| variant | " + " | ".join(CONFIGS) + " |", "|---|" + "---|" * len(CONFIGS)]
