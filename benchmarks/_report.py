@@ -21,8 +21,16 @@ def machine() -> str:
             f"torch {torch.__version__}, threads {torch.get_num_threads()}, {dev}")
 
 
+NOTES_DIR = ROOT / "benchmarks" / "results"
+
+
 def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``. The hand-written
+    reading of the numbers, ``benchmarks/results/<name>_notes.md`` when it exists, follows the generated text, so
+    rebuilding a section keeps it."""
+    notes = NOTES_DIR / f"{name}_notes.md"
+    if notes.exists():
+        markdown = markdown.rstrip() + "\n\n" + notes.read_text()
     text = path.read_text() if path.exists() else HEADER
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{markdown.rstrip()}\n{end}"

@@ -489,14 +489,11 @@ def main_fashion(args, log) -> None:
 
 
 def write_fashion_section(fs) -> None:
-    """The BENCHMARKS.md section from every benchmarks/results/bench_search_fashion_*.json, then the hand-written
-    reading of them (benchmarks/results/bench_search_fashion_notes.md, kept across rebuilds)."""
+    """The BENCHMARKS.md section from every benchmarks/results/bench_search_fashion_*.json (`update_section` adds
+    the hand-written reading, bench_search_fashion_notes.md)."""
     files = sorted(RESULTS.glob("bench_search_fashion_*.json"),
                    key=lambda p: (fs.MODELS.index(json.loads(p.read_text())["model"]), p.name))
     text = fs.report([json.loads(p.read_text()) for p in files])
-    notes = RESULTS / "bench_search_fashion_notes.md"
-    if notes.exists():
-        text += "\n" + notes.read_text()
     print(text)
     update_section("bench_search_fashion", text)
 

@@ -199,10 +199,8 @@ def main(argv=None) -> None:
         text = table()
         print(text)
         if args.write:
-            notes = OUT.with_name("tune_supernet_notes.md")      # the hand-written reading, kept across rebuilds
             update_section("tune_supernet", "## tune_supernet: where the widest subnet loses accuracy (validation "
-                           "split)\n\n" + __doc__.split("\n\n")[1].strip() + "\n\n" + text
-                           + ("\n" + notes.read_text() if notes.exists() else ""))
+                           "split)\n\n" + __doc__.split("\n\n")[1].strip() + "\n\n" + text)
         return
     print(json.dumps(run(args)), flush=True)
 
