@@ -2,8 +2,9 @@
 subnet its accuracy, and what trades it back (issue: "EQ-Net's promise on real data").
 
 One run = bench_supernet's supernet of one model and split seed (the same cached float start, calibration, batches,
-Adam + cosine, 500 steps, GPG + WDR) with one change, evaluated on 4 reference subnets on the 10,000 validation
-images (the test split is never read). Results are appended to benchmarks/results/tune_supernet.jsonl; `--table`
+Adam + cosine, GPG + WDR; 500 steps unless `--steps` says otherwise: the budget bench_supernet_fashion had when
+these runs began) with one change, evaluated on 4 reference subnets on the 10,000 validation images (the test split
+is never read). Results are appended to benchmarks/results/tune_supernet.jsonl; `--table`
 prints them, `--table --write` records them in BENCHMARKS.md.
 
     python benchmarks/tune_supernet.py --name paper                                  # the recorded recipe
@@ -12,7 +13,9 @@ prints them, `--table --write` records them in BENCHMARKS.md.
     python benchmarks/tune_supernet.py --name no-clip --grad-clip-value none
     python benchmarks/tune_supernet.py --name H-bn --h-only bn       # BN affine trained by H only (R, L: zero grad)
     python benchmarks/tune_supernet.py --name H-w --h-only weights   # conv / linear weights trained by H only
+    python benchmarks/tune_supernet.py --name H-dw --h-only depthwise  # depthwise conv weights trained by H only
     python benchmarks/tune_supernet.py --name pcgrad --pcgrad        # R+L gradient projected off H's when opposed
+    python benchmarks/tune_supernet.py --name balance --balance      # R's and L's gradients scaled to H's norm
     python benchmarks/tune_supernet.py --name "quantizer lr x3" --quantizer-lr-mult 3      # per-group learning rates
     python benchmarks/tune_supernet.py --name "steps 600" --steps 600
     python benchmarks/tune_supernet.py --name dedicated-W8 --dedicated "W8A8 sym/channel"   # the baseline
@@ -63,8 +66,12 @@ def _h_only(sn, kind: str) -> None:
         state["h"] = teacher is None
         return orig(logits, teacher, *a, **k)
     T.gpg_term = gpg_term
+    depthwise = {f"{n}.weight" for n, m in sn.model.named_modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
     for name, p in sn.model.named_parameters():
-        if _param_kind(name) == kind:
+        is_dw = name in depthwise
+        if (kind == "depthwise" and is_dw) or (kind == "pointwise" and _param_kind(name) == "weights" and not is_dw) \
+                or _param_kind(name) == kind:
             p.register_hook(lambda g: g if state["h"] else torch.zeros_like(g))
 
 
@@ -87,6 +94,44 @@ def _pcgrad(sn) -> None:
                 d = (rest * gh).sum()
                 if d < 0:
                     p.grad.copy_(gh + rest - d / (gh * gh).sum().clamp_min(1e-30) * gh)
+        return orig_f(supernet, net, optimizer, *a, **k)
+    T.gpg_term, T._finish_step = gpg_term, finish
+
+
+def _balance(sn, norms: list) -> None:
+    """Per step: R's and L's gradients are rescaled to the global norm of H's (each subnet's loss gets an equal say
+    in the summed gradient, whatever its magnitude); the ratios |g_R| / |g_H| and |g_L| / |g_H| are kept in
+    `norms`."""
+    state: dict = {"base": None, "h": None, "ratios": []}
+    orig_g, orig_f = T.gpg_term, T._finish_step
+    params = [p for p in sn.model.parameters()]
+
+    def grads():
+        return {p: p.grad.detach().clone() for p in params if p.grad is not None}
+
+    def rescale():                                     # the last backward's gradient: current minus the snapshot
+        base = state["base"]
+        diff = {p: p.grad - base.get(p, 0) for p in params if p.grad is not None}
+        n = torch.sqrt(sum((d * d).sum() for d in diff.values()))
+        r = float(n / state["h"].clamp_min(1e-30))
+        state["ratios"].append(r)
+        for p, d in diff.items():
+            p.grad.copy_(base.get(p, 0) + d / max(r, 1e-30))
+        state["base"] = grads()
+
+    def gpg_term(logits, teacher, *a, **k):
+        if teacher is None:                            # H's turn: a new step
+            state.update(base=None, h=None, ratios=[])
+        elif state["h"] is None:                       # H's backward is done
+            state["base"] = grads()
+            state["h"] = torch.sqrt(sum((g * g).sum() for g in state["base"].values()))
+        else:                                          # R's backward is done
+            rescale()
+        return orig_g(logits, teacher, *a, **k)
+
+    def finish(supernet, net, optimizer, *a, **k):
+        rescale()                                      # L's (WDR's gradient rides along with L's)
+        norms.append(state["ratios"])
         return orig_f(supernet, net, optimizer, *a, **k)
     T.gpg_term, T._finish_step = gpg_term, finish
 
@@ -116,20 +161,28 @@ def run(args) -> dict:
     opt = torch.optim.Adam([{"params": v, "lr": args.lr * mult[k]} for k, v in groups.items() if v], lr=args.lr)
     train.generator.manual_seed(seed)
     sched = T.cosine_scheduler(opt, args.steps)
+    epochs = -(-args.steps // len(train))                 # enough epochs for the step budget (782 steps each)
     t = time.perf_counter()
     if args.dedicated:
-        T.lsq_qat(sn, configs[args.dedicated], train, opt, 1, scheduler=sched, max_steps=args.steps)
+        T.lsq_qat(sn, configs[args.dedicated], train, opt, epochs, scheduler=sched, max_steps=args.steps)
         res = {args.dedicated: T.evaluate(sn, configs[args.dedicated], val, bn)}
     else:
         if args.h_only:
             _h_only(sn, args.h_only)
         if args.pcgrad:
             _pcgrad(sn)
+        norms: list = []
+        if args.balance:
+            _balance(sn, norms)
         clip = None if args.grad_clip_value.lower() == "none" else float(args.grad_clip_value)
-        T.train_supernet(sn, train, opt, 1, scheduler=sched, generator=torch.Generator().manual_seed(seed),
+        T.train_supernet(sn, train, opt, epochs, scheduler=sched, generator=torch.Generator().manual_seed(seed),
                          max_steps=args.steps, progress=False, wdr=WDRLoss(), scheme=args.scheme,
                          subnet_weights=tuple(args.subnet_weights), grad_clip_value=clip)
         res = T.evaluate_configs(sn, configs, val, bn)
+        if norms:
+            print("gradient norm ratios R/H, L/H (mean of first / last 100 steps):",
+                  [round(sum(r[i] for r in part) / len(part), 2) for part in (norms[:100], norms[-100:])
+                   for i in range(2)], flush=True)
     out = {"name": args.name, "model": args.model, "seed": seed, "steps": args.steps, "lr": args.lr,
            "float_start": float_start,
            "argv": sys.argv[1:], "seconds": round(time.perf_counter() - t, 1),
@@ -154,23 +207,26 @@ def table() -> str:
         where = "an earlier machine's float start" if start == "-" else f"float start `{start}`"
         lines += [f"**{model}**, seed {rs[0]['seed']}, {where} (validation accuracy, %; gap = dedicated - variant)",
                   "", "| variant | " + " | ".join(CONFIGS) + " |", "|---|" + "---|" * len(CONFIGS)]
-        dedicated: dict = {}
+        dedicated: dict = {}                          # steps -> {config: accuracy}
         for r in rs:
             if r["name"].startswith("dedicated"):
-                dedicated.update(r["val"])
+                dedicated.setdefault(r["steps"], {}).update(r["val"])
         order = {"paper": 0}                            # the recipe first
-        for r in sorted((r for r in rs if not r["name"].startswith("dedicated") or len(r["val"]) > 1),
+        for r in sorted((r for r in rs if not r["name"].startswith("dedicated")),
                         key=lambda r: order.get(r["name"].split()[0], 1)):
+            # gap to the dedicated runs of the same length, else to the recipe's (500 steps: the time-ratio
+            # comparison of a longer supernet budget)
+            ded = dedicated.get(r["steps"], dedicated.get(500, {}))
             cells = []
             for c in CONFIGS:
                 v = r["val"].get(c)
-                gap = f" ({dedicated[c] - v:+.2f})" if v is not None and c in dedicated and not \
-                    r["name"].startswith("dedicated") else ""
+                gap = f" ({ded[c] - v:+.2f})" if v is not None and c in ded else ""
                 cells.append("-" if v is None else f"{v:.2f}{gap}")
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-        if any(len(r["val"]) == 1 for r in rs if r["name"].startswith("dedicated")):
-            lines.append("| dedicated LSQ QAT, one run per config | " + " | ".join(
-                f"{dedicated[c]:.2f}" if c in dedicated else "-" for c in CONFIGS) + " |")
+        for steps, ded in sorted(dedicated.items()):
+            label = "" if steps == 500 else f", {steps} steps"
+            lines.append(f"| dedicated LSQ QAT, one run per config{label} | " + " | ".join(
+                f"{ded[c]:.2f}" if c in ded else "-" for c in CONFIGS) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -188,9 +244,10 @@ def main(argv=None) -> None:
     p.add_argument("--subnet-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("H", "R", "L"))
     p.add_argument("--scheme", default="group", choices=("group", "subnet"))
     p.add_argument("--grad-clip-value", default="1.0", help="a number, or none")
-    p.add_argument("--h-only", choices=("bn", "weights", "quantizer"), default=None,
+    p.add_argument("--h-only", choices=("bn", "weights", "quantizer", "depthwise", "pointwise"), default=None,
                    help="parameters of this kind learn from the H subnet only")
     p.add_argument("--pcgrad", action="store_true")
+    p.add_argument("--balance", action="store_true", help="rescale R's and L's gradients to H's norm every step")
     p.add_argument("--dedicated", choices=CONFIGS, default=None, help="a dedicated LSQ QAT run instead")
     p.add_argument("--table", action="store_true", help="print the recorded runs as markdown tables")
     p.add_argument("--write", action="store_true", help="with --table: also write them to BENCHMARKS.md")
