@@ -49,6 +49,15 @@ OUT = B.RESULTS_DIR / "tune_supernet.jsonl"         # small; committed with the 
 CONFIGS = ("W8A8 sym/channel", "W4A4 sym/channel", "W3A3 sym/channel", "W2A2 sym/tensor")
 
 
+def start_id(state_dict) -> str:
+    """Short hash of a float start's tensors (not of its file, which also holds the training time)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
 def _param_kind(name: str) -> str:
     if ".bn." in name:
         return "bn"
@@ -148,8 +157,9 @@ def run(args) -> dict:
     if not cache.exists():
         raise SystemExit(f"no cached float start {cache}: run `python benchmarks/bench_supernet.py --budget fashion "
                          f"--models {args.model} --seeds {seed} --supernet-only` first")
-    model.load_state_dict(torch.load(cache, weights_only=True)["state_dict"])
-    float_start = hashlib.sha256(cache.read_bytes()).hexdigest()[:8]     # rows compare only on the same start
+    state = torch.load(cache, weights_only=True)["state_dict"]
+    model.load_state_dict(state)
+    float_start = start_id(state)                       # rows compare only on the same start
     bn = T.bn_batches_from(train.dataset, 16, 64, seed=seed)
     sn = B._prepare(model, (bn[0][0],))
     sn.calibrate(bn)
