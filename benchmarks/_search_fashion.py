@@ -91,6 +91,9 @@ class Context:
         self.model_name, self.seed, self.eval_batch = model, seed, int(eval_batch)
         self.saved_bn = int(saved.get("bn_batches", 16))     # bench_supernet's BN recalibration batches
         self.n_bn = int(bn_batches or self.saved_bn)
+        # QAT steps the supernet was trained for; checkpoints saved before bench_supernet stored it all came from
+        # its 500-step budget
+        self.steps = int(saved.get("steps", 500))
         self.reported = saved.get("supernet_test")      # bench_supernet's test accuracies of the uniform subnets
         # bench_supernet's recipe (the checkpoint may name it; these are the fashion budget's values): data, loaders
         # and BN batches (seeded), so every number is measured the same way
@@ -476,7 +479,8 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
     finally:
         measurer.close()
 
-    return {"model": model, "seed": seed, "fingerprint": fp, "machine": machine(), "jobs": jobs, "smoke": smoke,
+    return {"model": model, "seed": seed, "fingerprint": fp, "supernet_steps": ctx.steps, "machine": machine(),
+            "jobs": jobs, "smoke": smoke,
             "settings": p, "bn_batches": ctx.n_bn, "eval_batch": ctx.eval_batch, "n_records": len(recs),
             "val_images": len(ctx.data["val"][1]), "test_images": len(ctx.data["test"][1]),
             "records_measured_this_run": new_recs, "record_seconds_this_run": rec_seconds,
@@ -601,7 +605,8 @@ def report(results: list[dict]) -> str:
         best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1] for reg in ("gbt", "mlp")}
         tau = max(t["kendall_tau"] for t in best.values())
         out += [f"### {r['model']}, seed {r['seed']}", "",
-                f"Supernet fingerprint {r['fingerprint'][:12]}. "
+                f"Supernet fingerprint {r['fingerprint'][:12]}, trained for {r['supernet_steps']} QAT steps "
+                "(as were its dedicated runs). "
                 f"{r['n_records']} records ({r['records_measured_this_run']} measured by the run that wrote this, "
                 f"{s['records']:.0f} s with {r['jobs']} worker processes of one thread; "
                 f"{r['record_cpu_seconds_mean'] or float('nan'):.2f} CPU s per subnet).", "",
