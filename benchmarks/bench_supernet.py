@@ -57,7 +57,7 @@ BUDGETS = {
                           float_epochs=1, epochs=1, max_steps=3, float_max_steps=5, stem_stride=2, bn_batches=2,
                           limit_test=500),
     "fashion": dict(data="fashion-mnist", models=("tiny_resnet", "tiny_mobilenet_v2"), seeds=(0, 1),
-                    float_epochs=2, epochs=1, max_steps=500, float_max_steps=None, stem_stride=2, bn_batches=16,
+                    float_epochs=2, epochs=2, max_steps=1500, float_max_steps=None, stem_stride=2, bn_batches=16,
                     limit_test=None),
 }
 ABLATION_CONFIGS = ("W2A2 sym/tensor", "W2A2 asym/tensor", "W2A2 sym/channel", "W3A3 sym/tensor", "W3A3 sym/channel",
@@ -153,7 +153,7 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
         dest.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": sn.model.state_dict(), "bn_batches": cfg.get("bn_batches", 8),
                     "batch_size": batch_size, "image_size": image_size, "stem_stride": cfg.get("stem_stride", 1),
-                    "test_images": len(test.dataset),
+                    "test_images": len(test.dataset), "steps": steps,
                     "supernet_test": out["supernet"] if cfg.get("eval_split", "test") == "test" else None},
                    dest.with_suffix(".tmp"))
         os.replace(dest.with_suffix(".tmp"), dest)
