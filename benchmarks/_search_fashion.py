@@ -541,12 +541,24 @@ def plot(res: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_name(model: str, seed: int) -> str:
-    return f"pareto_fashion_{model}{'' if seed == 0 else f'_seed{seed}'}.png"
+FIRST_STEPS = 500          # bench_supernet_fashion's first budget: its runs keep the shorter file names
 
 
-def results_name(model: str, seed: int) -> str:
-    return f"bench_search_fashion_{model}{'' if seed == 0 else f'_seed{seed}'}.json"
+def _suffix(seed: int, steps: int) -> str:
+    return ("" if seed == 0 else f"_seed{seed}") + ("" if steps == FIRST_STEPS else f"_s{steps}")
+
+
+def plot_name(model: str, seed: int, steps: int = FIRST_STEPS) -> str:
+    return f"pareto_fashion_{model}{_suffix(seed, steps)}.png"
+
+
+def results_name(model: str, seed: int, steps: int = FIRST_STEPS) -> str:
+    return f"bench_search_fashion_{model}{_suffix(seed, steps)}.json"
+
+
+def _steps_note(r: dict) -> str:
+    """", N steps" for a result whose supernet was trained for other than the first budget's steps."""
+    return "" if r["supernet_steps"] == FIRST_STEPS else f", {r['supernet_steps']} steps"
 
 
 def _pct(x) -> str:
@@ -581,7 +593,7 @@ def summary(results: list[dict]) -> list[str]:
             took = f"~{(r['record_cpu_seconds_all'] / r['jobs'] + s['search']) / 60:.0f} min (est.: records reused)"
         else:
             took = "n/a"
-        out.append(f"| {r['model']}, {r['seed']} | {best['gbt']:.3f} / {best['mlp']:.3f}; "
+        out.append(f"| {r['model']}, {r['seed']}{_steps_note(r)} | {best['gbt']:.3f} / {best['mlp']:.3f}; "
                    f"{r['noise_ceiling_full_tau']:.2f} | {cells[0]} | {cells[1]} | {100 * rnd:+.2f} | {took} |")
     return out
 
@@ -604,7 +616,7 @@ def report(results: list[dict]) -> str:
         s = r["seconds"]
         best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1] for reg in ("gbt", "mlp")}
         tau = max(t["kendall_tau"] for t in best.values())
-        out += [f"### {r['model']}, seed {r['seed']}", "",
+        out += [f"### {r['model']}, seed {r['seed']}{_steps_note(r)}", "",
                 f"Supernet fingerprint {r['fingerprint'][:12]}, trained for {r['supernet_steps']} QAT steps "
                 "(as were its dedicated runs). "
                 f"{r['n_records']} records ({r['records_measured_this_run']} measured by the run that wrote this, "
@@ -682,7 +694,8 @@ def report(results: list[dict]) -> str:
                 f"same checkpoint: largest difference "
                 f"{100 * max(abs(v) for v in r['bench_supernet_consistency'].values()):.2f} points.",
                 "",
-                f"![Pareto plot, {r['model']}](benchmarks/results/{plot_name(r['model'], r['seed'])})", ""]
+                f"![Pareto plot, {r['model']}]"
+                f"(benchmarks/results/{plot_name(r['model'], r['seed'], r['supernet_steps'])})", ""]
     return "\n".join(out)
 
 
