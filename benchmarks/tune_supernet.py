@@ -113,7 +113,7 @@ def _balance(sn, norms: list) -> None:
     `norms`."""
     state: dict = {"base": None, "h": None, "ratios": []}
     orig_g, orig_f = T.gpg_term, T._finish_step
-    params = [p for p in sn.model.parameters()]
+    params = list(sn.model.parameters())
 
     def grads():
         return {p: p.grad.detach().clone() for p in params if p.grad is not None}
@@ -255,7 +255,8 @@ def main(argv=None) -> None:
     p.add_argument("--scheme", default="group", choices=("group", "subnet"))
     p.add_argument("--grad-clip-value", default="1.0", help="a number, or none")
     p.add_argument("--h-only", choices=("bn", "weights", "quantizer", "depthwise", "pointwise"), default=None,
-                   help="parameters of this kind learn from the H subnet only")
+                   help="parameters of this kind learn from the H subnet only (depthwise: the depthwise convs' "
+                   "weights; pointwise: every other conv / linear weight)")
     p.add_argument("--pcgrad", action="store_true")
     p.add_argument("--balance", action="store_true", help="rescale R's and L's gradients to H's norm every step")
     p.add_argument("--dedicated", choices=CONFIGS, default=None, help="a dedicated LSQ QAT run instead")
