@@ -52,6 +52,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 SUPERNET_RESULTS = RESULTS / "bench_supernet_fashion.json"
 EVAL_BATCH = 250            # images per eval forward: the activations stay in cache (`--speed` times it vs 1000)
 RECORD_SEED = 0             # sampling seed of the records stream (record i: rng([RECORD_SEED, i]))
+FIRST_STEPS = 500           # bench_supernet_fashion's first QAT budget: its runs keep the shorter file names, and
+                            # checkpoints saved before bench_supernet recorded their steps all came from it
 FULL = {"train": 1000, "held": 200, "sizes": (250, 500, 1000), "random": 1000, "generations": 500, "rounds": 3,
         "k": 10, "front_k": 5}
 SMOKE = {"train": 16, "held": 8, "sizes": (8, 16), "random": 12, "generations": 10, "rounds": 1, "k": 2, "front_k": 1}
@@ -91,9 +93,7 @@ class Context:
         self.model_name, self.seed, self.eval_batch = model, seed, int(eval_batch)
         self.saved_bn = int(saved.get("bn_batches", 16))     # bench_supernet's BN recalibration batches
         self.n_bn = int(bn_batches or self.saved_bn)
-        # QAT steps the supernet was trained for; checkpoints saved before bench_supernet stored it all came from
-        # its 500-step budget
-        self.steps = int(saved.get("steps", 500))
+        self.steps = int(saved.get("steps", FIRST_STEPS))      # QAT steps the supernet was trained for
         self.reported = saved.get("supernet_test")      # bench_supernet's test accuracies of the uniform subnets
         # bench_supernet's recipe (the checkpoint may name it; these are the fashion budget's values): data, loaders
         # and BN batches (seeded), so every number is measured the same way
@@ -539,9 +539,6 @@ def plot(res: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
-
-
-FIRST_STEPS = 500          # bench_supernet_fashion's first budget: its runs keep the shorter file names
 
 
 def _suffix(seed: int, steps: int) -> str:

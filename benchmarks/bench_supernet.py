@@ -315,7 +315,6 @@ def main(argv=None) -> None:
     p.add_argument("--from-results", action="store_true",
                    help="only rebuild the BENCHMARKS.md section from benchmarks/results (no training)")
     p.add_argument("--write", action="store_true", help="record in BENCHMARKS.md (default for --budget full)")
-    p.add_argument("--notes", default="", help="markdown appended to the BENCHMARKS.md section")
     args = p.parse_args(argv)
     if args.image_size is None:
         args.image_size = 28 if BUDGETS[args.budget]["data"] == "fashion-mnist" else 16
@@ -397,7 +396,7 @@ def _report_section(runs: list[dict], budget: str, args, footer: str, write: boo
         key = "bench_supernet_fashion" if fashion else "bench_supernet"
         title = "Fashion-MNIST" if fashion else "digits"
         update_section(key, f"## {key}: one supernet vs dedicated QAT ({title})\n\n"
-                       + __doc__.split("\n\n")[1].strip() + "\n\n" + text + ("\n" + args.notes if args.notes else ""))
+                       + __doc__.split("\n\n")[1].strip() + "\n\n" + text)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from eqnet_plugin.losses import WDRLoss  # noqa: E402
 from eqnet_plugin.models import build_model  # noqa: E402
 
 OUT = B.RESULTS_DIR / "tune_supernet.jsonl"         # small; committed with the BENCHMARKS.md section
+STEPS = 500                 # default budget: bench_supernet_fashion's when these runs began
 CONFIGS = ("W8A8 sym/channel", "W4A4 sym/channel", "W3A3 sym/channel", "W2A2 sym/tensor")
 
 
@@ -224,9 +225,9 @@ def table() -> str:
         order = {"paper": 0}                            # the recipe first
         for r in sorted((r for r in rs if not r["name"].startswith("dedicated")),
                         key=lambda r: order.get(r["name"].split()[0], 1)):
-            # gap to the dedicated runs of the same length, else to the recipe's (500 steps: the time-ratio
+            # gap to the dedicated runs of the same length, else to the default budget's (the time-ratio
             # comparison of a longer supernet budget)
-            ded = dedicated.get(r["steps"], dedicated.get(500, {}))
+            ded = dedicated.get(r["steps"], dedicated.get(STEPS, {}))
             cells = []
             for c in CONFIGS:
                 v = r["val"].get(c)
@@ -234,7 +235,7 @@ def table() -> str:
                 cells.append("-" if v is None else f"{v:.2f}{gap}")
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         for steps, ded in sorted(dedicated.items()):
-            label = "" if steps == 500 else f", {steps} steps"
+            label = "" if steps == STEPS else f", {steps} steps"
             lines.append(f"| dedicated LSQ QAT, one run per config{label} | " + " | ".join(
                 f"{ded[c]:.2f}" if c in ded else "-" for c in CONFIGS) + " |")
         lines.append("")
@@ -246,7 +247,7 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="run")
     p.add_argument("--model", default="tiny_mobilenet_v2", choices=("tiny_resnet", "tiny_mobilenet_v2"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--float-epochs", type=int, default=2)
     p.add_argument("--weight-lr-mult", type=float, default=1.0, help="lr multiplier of weights and BN affine")
