@@ -21,8 +21,9 @@ trained quantizer cells):
      W4A4 budget, best by validation accuracy, measured on test. Records meeting the budget are part of it
      (same draw, same measurement).
   5. The supernet's uniform subnets (W2A2 ... W8A8, three schemes) on test, the dedicated LSQ QAT runs of
-     bench_supernet (same model and seed, benchmarks/results/bench_supernet_fashion.json) and the searched front
-     in one Pareto plot (benchmarks/results/pareto_fashion_<model>.png).
+     bench_supernet (same model, seed, QAT steps and float epochs, benchmarks/results/bench_supernet_fashion.json)
+     and the searched front in one Pareto plot (benchmarks/results/pareto_fashion_<model>[_seedS][_sN][_fE].png:
+     split seed, and the supernet's budget where it is not the first one, 500 steps from a 2-epoch float start).
 
 Evaluation (the bottleneck): `--jobs` worker processes (one thread each, each with its own copy of the supernet)
 measure subnets in parallel; each subnet's BN statistics are re-estimated once, then validation (and test, when
@@ -54,6 +55,8 @@ EVAL_BATCH = 250            # images per eval forward: the activations stay in c
 RECORD_SEED = 0             # sampling seed of the records stream (record i: rng([RECORD_SEED, i]))
 FIRST_STEPS = 500           # bench_supernet_fashion's first QAT budget: its runs keep the shorter file names, and
                             # checkpoints saved before bench_supernet recorded their steps all came from it
+FIRST_FLOAT_EPOCHS = 2      # its float start's epochs until the third run (8 since); checkpoints saved before
+                            # bench_supernet recorded them all came from 2-epoch starts
 FULL = {"train": 1000, "held": 200, "sizes": (250, 500, 1000), "random": 1000, "generations": 500, "rounds": 3,
         "k": 10, "front_k": 5}
 SMOKE = {"train": 16, "held": 8, "sizes": (8, 16), "random": 12, "generations": 10, "rounds": 1, "k": 2, "front_k": 1}
@@ -94,6 +97,7 @@ class Context:
         self.saved_bn = int(saved.get("bn_batches", 16))     # bench_supernet's BN recalibration batches
         self.n_bn = int(bn_batches or self.saved_bn)
         self.steps = int(saved.get("steps", FIRST_STEPS))      # QAT steps the supernet was trained for
+        self.float_epochs = int(saved.get("float_epochs", FIRST_FLOAT_EPOCHS))   # ... from a float start this long
         self.reported = saved.get("supernet_test")      # bench_supernet's test accuracies of the uniform subnets
         # bench_supernet's recipe (the checkpoint may name it; these are the fashion budget's values): data, loaders
         # and BN batches (seeded), so every number is measured the same way
@@ -256,13 +260,15 @@ def _uniform_configs(sn) -> dict:
             for b in UNIFORM_BITS for s, (sym, pc) in SCHEMES.items()}
 
 
-def _dedicated(model: str, seed: int) -> tuple[dict, dict]:
-    """(dedicated test accuracies, the supernet's own uniform test accuracies) of bench_supernet, same model and
-    seed; empty when its results file has no such run."""
+def _dedicated(model: str, seed: int, steps: int, float_epochs: int) -> tuple[dict, dict]:
+    """(dedicated test accuracies, the supernet's own uniform test accuracies) of bench_supernet, same model, seed
+    and budget (QAT steps, float epochs) as the searched supernet; empty when its results file has no such run."""
     if not SUPERNET_RESULTS.exists():
         return {}, {}
     for r in json.loads(SUPERNET_RESULTS.read_text()).get("runs", []):
-        if r.get("model") == model and r.get("seed") == seed:
+        recipe = r.get("recipe", {})
+        if (r.get("model") == model and r.get("seed") == seed and r.get("steps") == steps
+                and recipe.get("float_epochs", FIRST_FLOAT_EPOCHS) == float_epochs):
             return dict(r.get("dedicated", {})), dict(r.get("supernet", {}))
     return {}, {}
 
@@ -462,7 +468,7 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
         um = measurer.many(list(ucfg.values()), test=True)
         uniform = [{"subnet": k, "bitops": cm(c).bitops, "val": m["accuracy"], "test": m["test"]}
                    for (k, c), m in zip(ucfg.items(), um)]
-        dedicated, sn_reported = _dedicated(model, seed)
+        dedicated, sn_reported = _dedicated(model, seed, ctx.steps, ctx.float_epochs)
         # bench_supernet's own test accuracies of these subnets (should be equal: same supernet, BN batches and
         # test images): from the checkpoint when it holds them, else from its results file when the READY marker
         # says that file and the checkpoint come from the same finished run
@@ -479,7 +485,8 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
     finally:
         measurer.close()
 
-    return {"model": model, "seed": seed, "fingerprint": fp, "supernet_steps": ctx.steps, "machine": machine(),
+    return {"model": model, "seed": seed, "fingerprint": fp, "supernet_steps": ctx.steps,
+            "supernet_float_epochs": ctx.float_epochs, "machine": machine(),
             "jobs": jobs, "smoke": smoke,
             "settings": p, "bn_batches": ctx.n_bn, "eval_batch": ctx.eval_batch, "n_records": len(recs),
             "val_images": len(ctx.data["val"][1]), "test_images": len(ctx.data["test"][1]),
@@ -541,21 +548,29 @@ def plot(res: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _suffix(seed: int, steps: int) -> str:
-    return ("" if seed == 0 else f"_seed{seed}") + ("" if steps == FIRST_STEPS else f"_s{steps}")
+def _float_epochs(r: dict) -> int:
+    return r.get("supernet_float_epochs", FIRST_FLOAT_EPOCHS)      # results written before the field: 2
 
 
-def plot_name(model: str, seed: int, steps: int = FIRST_STEPS) -> str:
-    return f"pareto_fashion_{model}{_suffix(seed, steps)}.png"
+def _suffix(r: dict) -> str:
+    """File-name suffix of a result: its split seed, and its supernet's budget where it is not the first one."""
+    return (("" if r["seed"] == 0 else f"_seed{r['seed']}")
+            + ("" if r["supernet_steps"] == FIRST_STEPS else f"_s{r['supernet_steps']}")
+            + ("" if _float_epochs(r) == FIRST_FLOAT_EPOCHS else f"_f{_float_epochs(r)}"))
 
 
-def results_name(model: str, seed: int, steps: int = FIRST_STEPS) -> str:
-    return f"bench_search_fashion_{model}{_suffix(seed, steps)}.json"
+def plot_name(r: dict) -> str:
+    return f"pareto_fashion_{r['model']}{_suffix(r)}.png"
+
+
+def results_name(r: dict) -> str:
+    return f"bench_search_fashion_{r['model']}{_suffix(r)}.json"
 
 
 def _steps_note(r: dict) -> str:
-    """", N steps" for a result whose supernet was trained for other than the first budget's steps."""
-    return "" if r["supernet_steps"] == FIRST_STEPS else f", {r['supernet_steps']} steps"
+    """", N steps[, F float epochs]" for a result whose supernet had other than the first budget."""
+    return (("" if r["supernet_steps"] == FIRST_STEPS else f", {r['supernet_steps']} steps")
+            + ("" if _float_epochs(r) == FIRST_FLOAT_EPOCHS else f", {_float_epochs(r)} float epochs"))
 
 
 def _pct(x) -> str:
@@ -615,7 +630,7 @@ def report(results: list[dict]) -> str:
         tau = max(t["kendall_tau"] for t in best.values())
         out += [f"### {r['model']}, seed {r['seed']}{_steps_note(r)}", "",
                 f"Supernet fingerprint {r['fingerprint'][:12]}, trained for {r['supernet_steps']} QAT steps "
-                "(as were its dedicated runs). "
+                f"from a {_float_epochs(r)}-epoch float start (as were its dedicated runs). "
                 f"{r['n_records']} records ({r['records_measured_this_run']} measured by the run that wrote this, "
                 f"{s['records']:.0f} s with {r['jobs']} worker processes of one thread; "
                 f"{r['record_cpu_seconds_mean'] or float('nan'):.2f} CPU s per subnet).", "",
@@ -692,7 +707,7 @@ def report(results: list[dict]) -> str:
                 f"{100 * max(abs(v) for v in r['bench_supernet_consistency'].values()):.2f} points.",
                 "",
                 f"![Pareto plot, {r['model']}]"
-                f"(benchmarks/results/{plot_name(r['model'], r['seed'], r['supernet_steps'])})", ""]
+                f"(benchmarks/results/{plot_name(r)})", ""]
     return "\n".join(out)
 
 

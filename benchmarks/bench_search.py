@@ -481,9 +481,8 @@ def main_fashion(args, log) -> None:
             print(fs.report([res]))
             continue
         RESULTS.mkdir(parents=True, exist_ok=True)
-        steps = res["supernet_steps"]
-        (RESULTS / fs.results_name(m, args.seed, steps)).write_text(json.dumps(res, indent=1, default=float))
-        fs.plot(res, RESULTS / fs.plot_name(m, args.seed, steps))
+        (RESULTS / fs.results_name(res)).write_text(json.dumps(res, indent=1, default=float))
+        fs.plot(res, RESULTS / fs.plot_name(res))
     if args.smoke:
         return
     write_fashion_section(fs)

@@ -195,7 +195,7 @@ def run(args) -> dict:
                   [round(sum(r[i] for r in part) / len(part), 2) for part in (norms[:100], norms[-100:])
                    for i in range(2)], flush=True)
     out = {"name": args.name, "model": args.model, "seed": seed, "steps": args.steps, "lr": args.lr,
-           "float_start": float_start,
+           "float_start": float_start, "float_epochs": args.float_epochs,
            "argv": sys.argv[1:], "seconds": round(time.perf_counter() - t, 1),
            "val": {k: round(100 * v, 2) for k, v in res.items()}}
     OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +216,7 @@ def table() -> str:
     for (model, start), rs in sorted(groups.items(),
                                      key=lambda kv: (kv[0][0] != "tiny_mobilenet_v2", kv[0][1] != "-")):
         where = "an earlier machine's float start" if start == "-" else f"float start `{start}`"
+        where += f" ({rs[0].get('float_epochs', 2)} float epochs)"      # rows before the field: all 2 epochs
         lines += [f"**{model}**, seed {rs[0]['seed']}, {where} (validation accuracy, %; gap = dedicated - variant)",
                   "", "| variant | " + " | ".join(CONFIGS) + " |", "|---|" + "---|" * len(CONFIGS)]
         dedicated: dict = {}                          # steps -> {config: accuracy}
@@ -249,7 +250,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--float-epochs", type=int, default=2)
+    p.add_argument("--float-epochs", type=int, default=2,
+                   help="the float start's epochs (bench_supernet_fashion's budget trains 8 since its third run)")
     p.add_argument("--weight-lr-mult", type=float, default=1.0, help="lr multiplier of weights and BN affine")
     p.add_argument("--quantizer-lr-mult", type=float, default=1.0, help="lr multiplier of the quantizer cells")
     p.add_argument("--subnet-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("H", "R", "L"))
