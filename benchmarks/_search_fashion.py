@@ -630,7 +630,7 @@ def report(results: list[dict]) -> str:
         tau = max(t["kendall_tau"] for t in best.values())
         out += [f"### {r['model']}, seed {r['seed']}{_steps_note(r)}", "",
                 f"Supernet fingerprint {r['fingerprint'][:12]}, trained for {r['supernet_steps']} QAT steps "
-                f"from a {_float_epochs(r)}-epoch float start (as were its dedicated runs). "
+                f"from a float start of {_float_epochs(r)} epochs (as were its dedicated runs). "
                 f"{r['n_records']} records ({r['records_measured_this_run']} measured by the run that wrote this, "
                 f"{s['records']:.0f} s with {r['jobs']} worker processes of one thread; "
                 f"{r['record_cpu_seconds_mean'] or float('nan'):.2f} CPU s per subnet).", "",
