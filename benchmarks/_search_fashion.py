@@ -552,11 +552,19 @@ def _float_epochs(r: dict) -> int:
     return r.get("supernet_float_epochs", FIRST_FLOAT_EPOCHS)      # results written before the field: 2
 
 
+def _budget_parts(r: dict) -> list[tuple[str, str]]:
+    """(file-name part, label part) for each part of a result's supernet budget that differs from the first one."""
+    parts = []
+    if r["supernet_steps"] != FIRST_STEPS:
+        parts.append((f"_s{r['supernet_steps']}", f", {r['supernet_steps']} steps"))
+    if _float_epochs(r) != FIRST_FLOAT_EPOCHS:
+        parts.append((f"_f{_float_epochs(r)}", f", {_float_epochs(r)} float epochs"))
+    return parts
+
+
 def _suffix(r: dict) -> str:
     """File-name suffix of a result: its split seed, and its supernet's budget where it is not the first one."""
-    return (("" if r["seed"] == 0 else f"_seed{r['seed']}")
-            + ("" if r["supernet_steps"] == FIRST_STEPS else f"_s{r['supernet_steps']}")
-            + ("" if _float_epochs(r) == FIRST_FLOAT_EPOCHS else f"_f{_float_epochs(r)}"))
+    return ("" if r["seed"] == 0 else f"_seed{r['seed']}") + "".join(f for f, _ in _budget_parts(r))
 
 
 def plot_name(r: dict) -> str:
@@ -569,8 +577,7 @@ def results_name(r: dict) -> str:
 
 def _steps_note(r: dict) -> str:
     """", N steps[, F float epochs]" for a result whose supernet had other than the first budget."""
-    return (("" if r["supernet_steps"] == FIRST_STEPS else f", {r['supernet_steps']} steps")
-            + ("" if _float_epochs(r) == FIRST_FLOAT_EPOCHS else f", {_float_epochs(r)} float epochs"))
+    return "".join(label for _, label in _budget_parts(r))
 
 
 def _pct(x) -> str:

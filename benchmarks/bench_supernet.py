@@ -132,8 +132,8 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
     def fresh_loader_state():
         train.generator.manual_seed(seed)            # every run sees the same batches in the same order
 
-    # CPU seconds of this process next to the wall times: one thread per process, so a slow spell on a shared
-    # machine (another job, a throttled host) inflates the wall time of whichever run it meets far more
+    # CPU seconds of this process next to the wall times (one thread per process): another job competing for the
+    # cores inflates wall time only; a slower host (throttling, shared caches) inflates both
     cpu_seconds: dict[str, float] = {}
     out["cpu_seconds"] = cpu_seconds
 
@@ -249,7 +249,8 @@ def summarize(runs: list[dict], budget: str, args, machine_line: str | None = No
                          + f" | {100 * statistics.fmean(accs):.2f} |")
         lines.append("")
     lines += ["| model | worst gap W4A4/W8A8 (target <= 0.3) | worst gap W3A3 (target <= 1.0) | worst gap W2A2 "
-              "(target <= 2.0) | supernet wall time | sum of 12 dedicated runs | ratio (target <= 0.3) | CPU-time ratio |",
+              "(target <= 2.0) | supernet wall time | sum of 12 dedicated runs | ratio (target <= 0.3) "
+              "| CPU-time ratio |",
               "|---|---|---|---|---|---|---|---|"]
     for m, gaps, t_a, t_b, cpu in summary:
         worst = {p: max((v for k, v in gaps.items() if k.startswith(p)), default=float("nan"))

@@ -47,6 +47,7 @@ from eqnet_plugin.models import build_model  # noqa: E402
 
 OUT = B.RESULTS_DIR / "tune_supernet.jsonl"         # small; committed with the BENCHMARKS.md section
 STEPS = 500                 # default budget: bench_supernet_fashion's when these runs began
+FLOAT_EPOCHS = 2            # ... and its float start's epochs then (rows recorded before the field have these)
 CONFIGS = ("W8A8 sym/channel", "W4A4 sym/channel", "W3A3 sym/channel", "W2A2 sym/tensor")
 
 
@@ -216,7 +217,7 @@ def table() -> str:
     for (model, start), rs in sorted(groups.items(),
                                      key=lambda kv: (kv[0][0] != "tiny_mobilenet_v2", kv[0][1] != "-")):
         where = "an earlier machine's float start" if start == "-" else f"float start `{start}`"
-        where += f" ({rs[0].get('float_epochs', 2)} float epochs)"      # rows before the field: all 2 epochs
+        where += f" ({rs[0].get('float_epochs', FLOAT_EPOCHS)} float epochs)"
         lines += [f"**{model}**, seed {rs[0]['seed']}, {where} (validation accuracy, %; gap = dedicated - variant)",
                   "", "| variant | " + " | ".join(CONFIGS) + " |", "|---|" + "---|" * len(CONFIGS)]
         dedicated: dict = {}                          # steps -> {config: accuracy}
@@ -250,7 +251,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--float-epochs", type=int, default=2,
+    p.add_argument("--float-epochs", type=int, default=FLOAT_EPOCHS,
                    help="the float start's epochs (bench_supernet_fashion's budget trains 8 since its third run)")
     p.add_argument("--weight-lr-mult", type=float, default=1.0, help="lr multiplier of weights and BN affine")
     p.add_argument("--quantizer-lr-mult", type=float, default=1.0, help="lr multiplier of the quantizer cells")
