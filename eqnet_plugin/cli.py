@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", default=None, help="a fitted CQAP file (cqap.pt): skip measuring records")
     p.add_argument("--population", type=_AT_LEAST_2, default=100)
     p.add_argument("--generations", type=_NONNEG, default=500)
-    p.add_argument("--cqap-epochs", type=_POSITIVE, default=300, help="MLP predictor only (CQAP regressor 'mlp')")
+    p.add_argument("--cqap-epochs", type=_POSITIVE, default=300,
+                   help="training epochs of the CQAP's MLP (part of the default ensemble)")
     p.add_argument("--measure-top", type=_NONNEG, default=10,
                    help="measure this many best-predicted subnets on the validation split and keep the best "
                         "measured (0: keep the best predicted; default: %(default)s)")

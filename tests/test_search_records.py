@@ -9,8 +9,8 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 import eqnet_plugin as eq
 from eqnet_plugin.models import TinyResNet
-from eqnet_plugin.search import (CQAP, CostModel, SearchSpace, collect_records, kendall_tau, load_records, pearson,
-                                 sample_config)
+from eqnet_plugin.search import (CQAP, GBT_SHAPES, CostModel, SearchSpace, collect_records, kendall_tau, load_records,
+                                 pearson, sample_config)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,7 +149,7 @@ def _synthetic(sp, n, seed):
     return [sp.decode(b, c) for b, c in zip(bits, cond)], acc
 
 
-@pytest.mark.parametrize("regressor", ["gbt", "mlp"])
+@pytest.mark.parametrize("regressor", ["ensemble", "gbt", "mlp"])
 def test_cqap_learns_synthetic_target_and_round_trips(sn, tmp_path, regressor):
     sp = SearchSpace.from_supernet(sn)
     tr_cfg, tr_acc = _synthetic(sp, 400, 0)
@@ -170,6 +170,22 @@ def test_cqap_learns_synthetic_target_and_round_trips(sn, tmp_path, regressor):
     bits = np.stack([sp.encode(c)[0] for c in te_cfg[:5]])
     cond = np.array([sp.encode(c)[1] for c in te_cfg[:5]])
     assert np.array_equal(loaded.predict_arrays(sp.group_names, bits, sp.flags(cond)), cqap.predict(te_cfg[:5]))
+
+
+def test_cqap_ensemble_is_the_mean_of_its_members(sn):
+    """The default regressor averages the MLP and one tree model per GBT_SHAPES entry, each fitted on its own."""
+    sp = SearchSpace.from_supernet(sn)
+    tr_cfg, tr_acc = _synthetic(sp, 120, 0)
+    te_cfg, _ = _synthetic(sp, 30, 1)
+    kw = dict(epochs=5, batch_size=64)
+    ens = CQAP(sp, hidden=(16,), seed=3).fit(tr_cfg, tr_acc, **kw)
+    assert ens.regressor == "ensemble" and "4 tree shapes" in repr(ens)
+    members = [CQAP(sp, hidden=(16,), seed=3, regressor="gbt", gbt_params=p).fit(tr_cfg, tr_acc)
+               for p in GBT_SHAPES]
+    members.append(CQAP(sp, hidden=(16,), seed=3, regressor="mlp").fit(tr_cfg, tr_acc, **kw))
+    want = np.mean([m.predict(te_cfg) for m in members], axis=0)
+    np.testing.assert_allclose(ens.predict(te_cfg), want, rtol=0, atol=1e-12)
+    assert len({m.predict(te_cfg[:10]).round(6).tobytes() for m in members}) == len(members)   # members differ
 
 
 def test_cqap_errors(sn, tmp_path):
@@ -213,3 +229,9 @@ def test_cqap_reads_version_1_files(sn, tmp_path):
     torch.save(state, tmp_path / "v1.pt")
     old = CQAP.load(tmp_path / "v1.pt")
     assert old.regressor == "mlp" and np.array_equal(old.predict(cfgs), mlp.predict(cfgs))
+    gbt = CQAP(sp, regressor="gbt").fit(cfgs, acc)                    # version 2 wrote "gbt" files the same way
+    gbt.save(tmp_path / "gbt.pt")
+    state = torch.load(tmp_path / "gbt.pt", weights_only=True)
+    state["version"] = 2
+    torch.save(state, tmp_path / "gbt_v2.pt")
+    assert np.array_equal(CQAP.load(tmp_path / "gbt_v2.pt").predict(cfgs), gbt.predict(cfgs))

@@ -12,11 +12,11 @@ from .encoding import Condition, SearchSpace
 from .evolution import (Candidate, Constraints, SearchResult, evolution_search, measure_top, random_search,
                         refine_search, sample_feasible)
 from .pareto import pareto_front, plot_pareto
-from .predictor import CQAP, kendall_tau, pearson
+from .predictor import CQAP, GBT_SHAPES, kendall_tau, pearson
 from .profiles import PROFILES, BackendProfile, get_profile
 from .records import Record, collect_records, load_records, sample_config
 
 __all__ = ["CostModel", "Costs", "LayerCost", "cost_of", "Condition", "SearchSpace", "Constraints", "Candidate",
            "SearchResult", "evolution_search", "measure_top", "random_search", "refine_search", "sample_feasible",
-           "pareto_front", "plot_pareto", "CQAP", "kendall_tau", "pearson", "BackendProfile", "PROFILES",
+           "pareto_front", "plot_pareto", "CQAP", "GBT_SHAPES", "kendall_tau", "pearson", "BackendProfile", "PROFILES",
            "get_profile", "Record", "collect_records", "load_records", "sample_config"]

@@ -4,9 +4,15 @@ Input encoding (one row per subnet): three condition bits (weight per-channel, w
 symmetric), then for every searchable group (weights and activations; fixed groups carry no information) a one-hot
 vector over that group's bit choices in the supernet's space.
 
-Two regressors read that encoding:
+Three regressors read that encoding:
 
-* ``"gbt"`` (default): gradient-boosted regression trees (scikit-learn's `HistGradientBoostingRegressor`, 500
+* ``"ensemble"`` (default): the mean prediction of the MLP below and of four tree models that differ only in
+  shape (``GBT_SHAPES``: unlimited depth with 31 leaves, i.e. ``"gbt"``, and depth 1, 2 and 3). Which shape ranks
+  best differs between supernets (depth 1, an additive model, on TinyResNet; depth 3 on TinyMobileNetV2), and
+  cross-validation on 1000 records cannot tell them apart reliably. Averaged, they rank held-out subnets better
+  than the ``"gbt"`` trees alone in 20 of 21 comparisons of BENCHMARKS.md's bench_cqap section (Fashion-MNIST
+  records of seven supernets, 250 / 500 / 1000 training records: Kendall tau -0.012 to +0.033, mean +0.011).
+* ``"gbt"``: gradient-boosted regression trees (scikit-learn's `HistGradientBoostingRegressor`, 500
   rounds, learning rate 0.05, seeded) on the same information with each group's bit-width as one ordinal column.
   On both digits supernets of BENCHMARKS.md it ranks held-out subnets better than the MLP at every record count
   (Kendall tau with 1000 records: 0.743 vs 0.653 and 0.537 vs 0.410): a subnet's accuracy collapses when one
@@ -15,8 +21,9 @@ Two regressors read that encoding:
 * ``"mlp"``: the paper's MLP (ReLU hidden layers, one output) trained with MSE on standardized accuracies; Adam
   with cosine learning-rate decay, seeded `torch.Generator` for initialization and shuffling.
 
-Both fits are deterministic on CPU. A saved ``"gbt"`` predictor stores its training encoding and targets and refits
-on load (no pickle, so loading a file cannot run code); the refit is deterministic, so predictions are identical.
+Every fit is deterministic on CPU. A saved predictor stores the trees' training encoding and targets and refits them
+on load (no pickle, so loading a file cannot run code; the refit is deterministic, so predictions are identical),
+and the MLP's weights.
 """
 from __future__ import annotations
 
@@ -32,12 +39,18 @@ from torch import nn
 from ..space import MAX_BITS, SubnetConfig, atomic_write_bytes
 from .encoding import SearchSpace
 
-__all__ = ["CQAP", "kendall_tau", "pearson", "PREDICTOR_VERSION", "REGRESSORS"]
+__all__ = ["CQAP", "kendall_tau", "pearson", "PREDICTOR_VERSION", "REGRESSORS", "GBT_SHAPES"]
 
-PREDICTOR_VERSION = 2
-_READABLE_VERSIONS = (1, 2)        # version 1: MLP-only files of earlier releases
-REGRESSORS = ("gbt", "mlp")
+PREDICTOR_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)     # version 1: MLP-only files; version 2: "gbt" or "mlp" (no ensemble)
+REGRESSORS = ("ensemble", "gbt", "mlp")
 GBT_DEFAULTS = {"max_iter": 500, "learning_rate": 0.05}
+GBT_SHAPES = (                     # the ensemble's trees: same data, different depth (rounds scaled to match)
+    GBT_DEFAULTS,
+    {"max_iter": 2000, "learning_rate": 0.05, "max_depth": 1},
+    {"max_iter": 1000, "learning_rate": 0.05, "max_depth": 2},
+    {"max_iter": 700, "learning_rate": 0.05, "max_depth": 3},
+)
 _TAU_CHUNK = 512          # rows per block in the O(n^2) Kendall computation
 
 
@@ -89,10 +102,12 @@ class CQAP:
     Args:
         space: the supernet's (unrestricted) `SearchSpace`: fixes the encoding. Subnets of a profile-restricted
             space of the same supernet can be scored too.
-        hidden: hidden layer widths of the MLP (``regressor="mlp"``).
+        hidden: hidden layer widths of the MLP (``regressor="mlp"`` or ``"ensemble"``).
         seed: seed of the MLP's initialization and shuffling generator, and of the trees' random state.
-        regressor: ``"gbt"`` (gradient-boosted trees, default) or ``"mlp"`` (the paper's); see the module docstring.
-        gbt_params: keyword arguments of `HistGradientBoostingRegressor` (default ``GBT_DEFAULTS``).
+        regressor: ``"ensemble"`` (trees of four shapes and the MLP, averaged; default), ``"gbt"`` (gradient-boosted
+            trees) or ``"mlp"`` (the paper's); see the module docstring.
+        gbt_params: keyword arguments of `HistGradientBoostingRegressor` for ``regressor="gbt"`` (default
+            ``GBT_DEFAULTS``); the ensemble's trees are ``GBT_SHAPES``.
 
     Example:
         >>> cqap = CQAP(SearchSpace.from_supernet(sn)).fit(configs, accs)     # doctest: +SKIP
@@ -100,7 +115,7 @@ class CQAP:
     """
 
     def __init__(self, space: SearchSpace, hidden: Sequence[int] = (400, 400, 400), seed: int = 0,
-                 regressor: str = "gbt", gbt_params: Mapping | None = None) -> None:
+                 regressor: str = "ensemble", gbt_params: Mapping | None = None) -> None:
         if not isinstance(space, SearchSpace):
             raise TypeError(f"CQAP needs a SearchSpace (SearchSpace.from_supernet(sn)), got {type(space).__name__}")
         if regressor not in REGRESSORS:
@@ -110,7 +125,7 @@ class CQAP:
         self.seed = int(seed)
         self.regressor = regressor
         self.gbt_params = {**GBT_DEFAULTS, **dict(gbt_params or {})}
-        self._gbt = None
+        self._gbts: list = []
         self._train_xy: tuple[np.ndarray, np.ndarray] | None = None
         # Column of the one-hot for (group, bits); -1 where the group is fixed or the bits are not a choice.
         col = np.full((len(space.group_names), MAX_BITS + 1), -1, dtype=np.int64)                  # (G, 9)
@@ -158,22 +173,29 @@ class CQAP:
         enc = [self.space.encode(c) for c in configs]
         return np.stack([b for b, _ in enc]), self.space.flags(np.array([c for _, c in enc]))
 
-    def _features(self, bits: np.ndarray, flags: np.ndarray) -> np.ndarray:
-        """The regressor's input: the one-hot encoding (MLP), or for the trees the same information with each
+    def _features(self, bits: np.ndarray, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The regressors' inputs: the one-hot encoding (MLP), and for the trees the same information with each
         searchable group's bit-width as one ordinal column ((N, 3 + searchable groups) condition bits, then bits):
         a tree reaches "bits <= k" in one split instead of k one-hot splits (Kendall tau 0.763 vs 0.736 on the
         digits TinyResNet(4, 8, 16) records)."""
         x = self.encode_arrays(bits, flags)                      # validates the bits against the space
-        if self.regressor == "mlp":
-            return x
-        return np.concatenate([x[:, :3], np.asarray(bits, dtype=np.float32)[:, self.space.searchable]], axis=1)
+        return x, np.concatenate([x[:, :3], np.asarray(bits, dtype=np.float32)[:, self.space.searchable]], axis=1)
+
+    @property
+    def _uses_trees(self) -> bool:
+        return self.regressor in ("gbt", "ensemble")
+
+    @property
+    def _uses_mlp(self) -> bool:
+        return self.regressor in ("mlp", "ensemble")
 
     # --- fit / predict --------------------------------------------------------------------------------------
     def fit(self, configs: Sequence[SubnetConfig], accuracies: Sequence[float], *, epochs: int = 100,
             lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256) -> "CQAP":
         """Train on measured (subnet, accuracy) pairs from scratch (re-initialized from `seed`).
 
-        `epochs`, `lr`, `weight_decay` and `batch_size` apply to the MLP; the trees use `gbt_params`.
+        `epochs`, `lr`, `weight_decay` and `batch_size` apply to the MLP; the trees use `gbt_params` or
+        ``GBT_SHAPES``.
 
         Returns:
             self.
@@ -185,9 +207,17 @@ class CQAP:
             raise ValueError(f"fit needs >= 2 configs and as many accuracies; got {len(configs)} and {len(y)}")
         if not np.isfinite(y).all():
             raise ValueError("fit: accuracies contain NaN or inf")
-        if self.regressor == "gbt":
-            return self._fit_gbt(self._features(*self._arrays(configs)), y)
-        x = torch.from_numpy(self.encode(configs))
+        x_mlp, x_tree = self._features(*self._arrays(configs))
+        if self._uses_trees:
+            self._fit_gbt(x_tree, y)
+        if self._uses_mlp:
+            self._fit_mlp(x_mlp, y, epochs, lr, weight_decay, batch_size)
+        self.fitted = True
+        return self
+
+    def _fit_mlp(self, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, weight_decay: float,
+                 batch_size: int) -> None:
+        x = torch.from_numpy(x)
         self.y_mean, self.y_std = float(y.mean()), float(y.std()) or 1.0
         t = torch.from_numpy(((y - self.y_mean) / self.y_std).astype(np.float32))[:, None]   # (N, 1)
         gen = torch.Generator().manual_seed(self.seed)
@@ -206,28 +236,26 @@ class CQAP:
                 opt.step()
                 sched.step()
         self.model.eval()
-        self.fitted = True
-        return self
 
-    def _fit_gbt(self, x: np.ndarray, y: np.ndarray) -> "CQAP":
+    def _fit_gbt(self, x: np.ndarray, y: np.ndarray) -> None:
         from sklearn.ensemble import HistGradientBoostingRegressor
-        params = {"early_stopping": False, **self.gbt_params, "random_state": self.seed}
-        self._gbt = HistGradientBoostingRegressor(**params).fit(x, y)
+        shapes = GBT_SHAPES if self.regressor == "ensemble" else (self.gbt_params,)
+        self._gbts = [HistGradientBoostingRegressor(**{"early_stopping": False, **params, "random_state": self.seed})
+                      .fit(x, y) for params in shapes]
         self._train_xy = (x, y)
-        self.fitted = True
-        return self
 
     def _require_fitted(self) -> None:
         if not self.fitted:
             raise RuntimeError("this CQAP is not fitted; call fit(configs, accuracies) or CQAP.load(path)")
 
     @torch.no_grad()
-    def _predict_x(self, x: np.ndarray) -> np.ndarray:
+    def _predict_x(self, x: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         self._require_fitted()
-        if self.regressor == "gbt":
-            return np.asarray(self._gbt.predict(x), dtype=np.float64)
-        out = self.model(torch.from_numpy(x))[:, 0].double().numpy()
-        return out * self.y_std + self.y_mean
+        x_mlp, x_tree = x
+        preds = [np.asarray(g.predict(x_tree), dtype=np.float64) for g in self._gbts] if self._uses_trees else []
+        if self._uses_mlp:
+            preds.append(self.model(torch.from_numpy(x_mlp))[:, 0].double().numpy() * self.y_std + self.y_mean)
+        return np.mean(preds, axis=0)
 
     def predict(self, configs: Sequence[SubnetConfig]) -> np.ndarray:
         """Predicted accuracies (N,) of SubnetConfigs. Not clipped: they rank subnets, and a regressor fitted on a
@@ -249,16 +277,16 @@ class CQAP:
 
     # --- persistence ----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temp file + rename): version, encoding space, regressor, and the MLP's weights and
-        target scaling or the trees' training encoding and targets (refit on load)."""
+        """Write atomically (temp file + rename): version, encoding space, regressor, the MLP's weights and target
+        scaling, and the trees' training encoding and targets (refit on load)."""
         self._require_fitted()
         state = {"version": PREDICTOR_VERSION, "space": self.space.to_dict(), "hidden": list(self.hidden),
                  "seed": self.seed, "regressor": self.regressor, "y_mean": self.y_mean, "y_std": self.y_std}
-        if self.regressor == "gbt":
+        if self._uses_trees:
             x, y = self._train_xy
             state.update(gbt_params=dict(self.gbt_params), train_x=torch.from_numpy(x.astype(np.uint8)),
                          train_y=torch.from_numpy(y))
-        else:
+        if self._uses_mlp:
             state["state_dict"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -286,14 +314,17 @@ class CQAP:
             regressor = state.get("regressor", "mlp")
             obj = cls(SearchSpace.from_dict(state["space"]), state["hidden"], state["seed"], regressor,
                       state.get("gbt_params"))
-            if regressor == "gbt":
+            if regressor not in REGRESSORS:
+                raise ValueError(f"unknown regressor {regressor!r}")
+            if obj._uses_trees:
                 x, y = state["train_x"].numpy().astype(np.float32), state["train_y"].numpy()
                 width = 3 + int(obj.space.searchable.sum())
                 if x.ndim != 2 or x.shape != (len(y), width):
                     raise TypeError(f"training features of shape {tuple(x.shape)} do not fit {width} columns")
-                return obj._fit_gbt(x, y)
-            obj.model.load_state_dict(state["state_dict"])
-            obj.y_mean, obj.y_std = float(state["y_mean"]), float(state["y_std"])
+                obj._fit_gbt(x, y)
+            if obj._uses_mlp:
+                obj.model.load_state_dict(state["state_dict"])
+                obj.y_mean, obj.y_std = float(state["y_mean"]), float(state["y_std"])
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"{path!r}: corrupt CQAP file ({type(e).__name__}: {e}); refit and save it") from None
         obj.model.eval()
@@ -301,5 +332,6 @@ class CQAP:
         return obj
 
     def __repr__(self) -> str:
-        detail = f"hidden={self.hidden}" if self.regressor == "mlp" else f"{self.gbt_params}"
+        detail = {"mlp": f"hidden={self.hidden}", "gbt": f"{self.gbt_params}",
+                  "ensemble": f"{len(GBT_SHAPES)} tree shapes + MLP hidden={self.hidden}"}[self.regressor]
         return f"CQAP({self.regressor}, {self.n_features} features, {detail}, fitted={self.fitted})"
