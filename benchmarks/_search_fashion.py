@@ -366,7 +366,7 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
         ceiling = kendall_tau([r.metrics["acc_even"] for r in held], [r.metrics["acc_odd"] for r in held])
         prob_ceiling = kendall_tau([r.metrics["prob_even"] for r in held], [r.metrics["prob_odd"] for r in held])
         taus = []
-        for regressor in ("mlp", "gbt"):
+        for regressor in ("mlp", "gbt", "ensemble"):        # the ensemble (default) drives the searches
             for k in p["sizes"]:
                 t = time.perf_counter()
                 cq = CQAP(space, seed=0, regressor=regressor).fit([r.config for r in train_recs[:k]],
@@ -402,7 +402,7 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
                                     cons, rounds=p["rounds"], k=p["k"], cost_model=cm, seed=0,
                                     generations=p["generations"])
                 assert lib.best.config == ranked[0].config, "refine() disagrees with refine_search"
-            main[b] = {"ga": _pick(f"W{b}A{b} budget, GA (gbt CQAP-{len(train_recs)}), best predicted", ga.best,
+            main[b] = {"ga": _pick(f"W{b}A{b} budget, GA ({cq_all.regressor} CQAP-{len(train_recs)}), best predicted", ga.best,
                                    measurer, cm,
                                    {"seconds": ga_seconds[-1], "evaluations": ga.evaluations}),
                        "refine": _pick(f"W{b}A{b} budget, refine ({p['rounds']} x {p['k']} measured)", ranked[0],
@@ -496,7 +496,8 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
             "record_cpu_seconds_all": float(sum(r.metrics.get("cpu_seconds", float("nan")) for r in recs)),
             "record_wall_seconds_all": float(sum(r.metrics.get("seconds", float("nan")) for r in recs)) / jobs,
             "taus": taus, "noise_ceiling_tau": ceiling, "noise_ceiling_full_tau": tau_ceiling(ceiling),
-            "true_prob_cqap": {**soft_m, "ceiling_tau": prob_ceiling, "tau_vs_top1": soft_vs_acc},
+            "true_prob_cqap": {**soft_m, "ceiling_tau": prob_ceiling, "tau_vs_top1": soft_vs_acc,
+                               "regressor": soft.regressor},
             "limits": {f"W{b}A{b}": v for b, v in limits.items()}, "full_bitops": cm(sn.max_config()).bitops,
             "main": {f"W{b}A{b}": v for b, v in main.items()}, "tensorrt": trt, "front": front,
             "random": random_res, "uniform": uniform, "dedicated": dedicated,
@@ -593,13 +594,18 @@ def _best_dedicated(r: dict, bits: str):
     return max((x for x in d if x is not None), default=None)
 
 
+def _regressors(r: dict) -> tuple[str, ...]:
+    """The CQAP regressors a result measured (runs before the ensemble default measured gbt and the MLP only)."""
+    return tuple(reg for reg in ("ensemble", "gbt", "mlp") if any(t["regressor"] == reg for t in r["taus"]))
+
+
 def summary(results: list[dict]) -> list[str]:
     """One row per (model, seed): the targets side by side (details in each run's own section below)."""
-    out = ["| model, seed | CQAP tau, 1000 records (gbt / MLP; ceiling) | W3A3: searched / dedicated test | "
+    out = ["| model, seed | CQAP tau, 1000 records (ensemble / gbt / MLP; ceiling) | W3A3: searched / dedicated test | "
            "W4A4: searched / dedicated test | GA - random (W4A4 test) | records + search (2 worker processes) |",
            "|---|---|---|---|---|---|"]
     for r in results:
-        best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1]["kendall_tau"] for reg in ("gbt", "mlp")}
+        best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1]["kendall_tau"] for reg in _regressors(r)}
         cells = []
         for b in ("W3A3", "W4A4"):
             x, d = r["main"][b]["refine"]["test"], _best_dedicated(r, b)
@@ -612,7 +618,8 @@ def summary(results: list[dict]) -> list[str]:
             took = f"~{(r['record_cpu_seconds_all'] / r['jobs'] + s['search']) / 60:.0f} min (est.: records reused)"
         else:
             took = "n/a"
-        out.append(f"| {r['model']}, {r['seed']}{_steps_note(r)} | {best['gbt']:.3f} / {best['mlp']:.3f}; "
+        ens = f"{best['ensemble']:.3f}" if "ensemble" in best else "n/a"
+        out.append(f"| {r['model']}, {r['seed']}{_steps_note(r)} | {ens} / {best['gbt']:.3f} / {best['mlp']:.3f}; "
                    f"{r['noise_ceiling_full_tau']:.2f} | {cells[0]} | {cells[1]} | {100 * rnd:+.2f} | {took} |")
     return out
 
@@ -633,7 +640,7 @@ def report(results: list[dict]) -> str:
            "granularities (first/last layer 8-bit).", "", *summary(results), ""]
     for r in results:
         s = r["seconds"]
-        best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1] for reg in ("gbt", "mlp")}
+        best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1] for reg in _regressors(r)}
         tau = max(t["kendall_tau"] for t in best.values())
         out += [f"### {r['model']}, seed {r['seed']}{_steps_note(r)}", "",
                 f"Supernet fingerprint {r['fingerprint'][:12]}, trained for {r['supernet_steps']} QAT steps "
@@ -652,7 +659,7 @@ def report(results: list[dict]) -> str:
                 f"validation halves of the same held-out subnets agree at tau {r['noise_ceiling_tau']:.3f}, which "
                 f"bounds what a predictor can reach against the full-split measurement at about "
                 f"{r['noise_ceiling_full_tau']:.2f}).",
-                f"* gbt CQAP fitted to the mean true-class probability: tau {r['true_prob_cqap']['kendall_tau']:.3f} "
+                f"* {r['true_prob_cqap'].get('regressor', 'gbt')} CQAP fitted to the mean true-class probability: tau {r['true_prob_cqap']['kendall_tau']:.3f} "
                 f"against that proxy (its split-half ceiling {r['true_prob_cqap']['ceiling_tau']:.3f}), "
                 f"{r['true_prob_cqap']['tau_vs_top1']:.3f} against top-1.",
                 "",

@@ -22,6 +22,7 @@ from all such files, and the Pareto plot is drawn for the model given by --plot.
 
     python benchmarks/bench_search.py --widths 16,32,64      # the training issue's TinyResNet
     python benchmarks/bench_search.py --widths 4,8,16        # a small one, where quantization costs accuracy
+    python benchmarks/bench_search.py --report-only          # rebuild the digits section from the results files
 
 Fashion-MNIST (`--data fashion-mnist`, on the supernets bench_supernet.py saves with --save-supernets; see
 benchmarks/_search_fashion.py for the steps): results in benchmarks/results/bench_search_fashion_<model>.json,
@@ -151,7 +152,7 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
     held_acc = np.array([r.accuracy for r in held])
     ceiling = kendall_tau([r.metrics["acc_even"] for r in held], [r.metrics["acc_odd"] for r in held])
     taus = []
-    for regressor in ("mlp", "gbt"):                                  # gbt last: its 1000-record fit drives the GA
+    for regressor in ("mlp", "gbt", "ensemble"):            # the default last: its 1000-record fit drives the GA
         for n in (250, 500, 1000):
             t = time.perf_counter()
             cqap = CQAP(space, seed=0, regressor=regressor).fit([r.config for r in train_recs[:n]],
@@ -241,8 +242,8 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
                 **dict(zip(("val", "test"), measure(sn, sn.uniform(b, b, per_channel=True), loaders, bn)))}
                for b in (2, 3, 4, 8)]
     res = {"model": name, "widths": list(widths), "info": info, "machine": machine(), "n_records": len(recs),
-           "record_seconds_this_run": rec_seconds, "taus": taus, "noise_ceiling_tau": ceiling,
-           "true_prob_cqap": soft_m, "limit": limit, "full_bitops": cm(sn.max_config()).bitops,
+           "record_seconds_this_run": rec_seconds, "taus": taus, "ga_regressor": cqap.regressor,
+           "noise_ceiling_tau": ceiling, "true_prob_cqap": {**soft_m, "regressor": soft.regressor}, "limit": limit, "full_bitops": cm(sn.max_config()).bitops,
            "ga": {**ga.best.costs, "predicted": ga.best.predicted_accuracy, "val": ga_val, "test": ga_test,
                   "seconds": ga.seconds, "evaluations": ga.evaluations},
            "ga_top": {**top.best.costs, "predicted": top.best.predicted_accuracy, "val": top_val, "test": top_test,
@@ -316,9 +317,10 @@ def report(results: list[dict]) -> str:
            "images). One validation image is 0.14 points, one test image 0.28 points.", ""]
     for r in results:
         ga, top, ref, rm, rp = r["ga"], r["ga_top"], r["refine"], r["random_measured"], r["random_predicted"]
-        best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1] for reg in ("gbt", "mlp")}
+        ga_reg = r.get("ga_regressor", "gbt")          # results written before the ensemble default: gbt
+        best = {t["regressor"]: t for t in r["taus"]}                  # each regressor's last (1000-record) fit
         tau = max(t["kendall_tau"] for t in best.values())
-        search_s = best["gbt"]["fit_seconds"] + ga["seconds"]
+        search_s = best[ga_reg]["fit_seconds"] + ga["seconds"]
         info = r["info"]
         out += [f"### TinyResNet widths {tuple(r['widths'])}", "",
                 f"Float {_pct(info.get('float_val_acc', float('nan')))} val after {info.get('float_epochs')} "
@@ -337,7 +339,7 @@ def report(results: list[dict]) -> str:
                 f"(Greiner's sin relation + Spearman-Brown, assuming normal noise), even a predictor that knew every "
                 f"subnet's true accuracy would reach tau ~{r['noise_ceiling_full_tau']:.2f} against these "
                 "measurements: the 0.85 target is above what top-1 accuracy on this validation split can repeat.",
-                f"* The gbt CQAP fitted to the mean probability of the true class (a low-noise proxy of accuracy): "
+                f"* The {r['true_prob_cqap'].get('regressor', 'gbt')} CQAP fitted to the mean probability of the true class (a low-noise proxy of accuracy): "
                 f"tau {r['true_prob_cqap']['kendall_tau']:.3f} against that proxy, Pearson "
                 f"{r['true_prob_cqap']['pearson']:.3f}.",
                 "",
@@ -347,7 +349,7 @@ def report(results: list[dict]) -> str:
                 f"{rm['n']}.", "",
                 "| subnet | BitOps (M) | avg W / A bits | predicted | val | test |",
                 "|---|---:|---:|---:|---:|---:|",
-                f"| GA (100 / 25% / 500 generations), gbt CQAP-1000, best predicted | {ga['bitops'] / 1e6:.2f} | "
+                f"| GA (100 / 25% / 500 generations), {ga_reg} CQAP-1000, best predicted | {ga['bitops'] / 1e6:.2f} | "
                 f"{ga['avg_weight_bits']:.2f} / {ga['avg_act_bits']:.2f} | {_pct(ga['predicted'])} | "
                 f"{_pct(ga['val'])} | {_pct(ga['test'])} |",
                 f"| GA + measure_top({top['k']}): best measured val of its top {top['k']} | {top['bitops'] / 1e6:.2f}"
@@ -393,7 +395,7 @@ def report(results: list[dict]) -> str:
                   f"{_pct(c['random']['median_test'])} | {100 * c['random']['p_val']:.0f}% / "
                   f"{100 * c['random']['p_test']:.0f}% |" for c in r["curve"]],
                 "",
-                f"* Search time: gbt CQAP fit {best['gbt']['fit_seconds']:.1f} s + 500 generations "
+                f"* Search time: {ga_reg} CQAP fit {best[ga_reg]['fit_seconds']:.1f} s + 500 generations "
                 f"{ga['seconds']:.1f} s ({ga['evaluations']} distinct subnets) = {search_s:.1f} s; target < 60 s "
                 f"**{'met' if search_s < 60 else 'NOT met'}**; measure_top({top['k']}) adds {top['seconds']:.1f} s; "
                 f"refine_search in all {ref['seconds']:.1f} s.",
@@ -418,6 +420,8 @@ def main() -> None:
     ap.add_argument("--random", type=int, default=1000, help="random feasible subnets to measure")
     ap.add_argument("--plot", default="4,8,16", help="widths whose Pareto plot goes to pareto_digits.png")
     ap.add_argument("--data", choices=("digits", "fashion-mnist"), default="digits")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only rebuild the --data set's BENCHMARKS.md section from benchmarks/results (no measurement)")
     fm = ap.add_argument_group("fashion-mnist")
     fm.add_argument("--models", default="tiny_resnet,tiny_mobilenet_v2", help="comma-separated")
     fm.add_argument("--seed", type=int, default=0, help="split seed of the bench_supernet supernet")
@@ -426,8 +430,6 @@ def main() -> None:
     fm.add_argument("--bn-batches", type=int, default=None,
                     help="BN recalibration batches of 64 (default: the checkpoint's, i.e. bench_supernet's)")
     fm.add_argument("--eval-batch", type=int, default=None, help="images per evaluation forward")
-    fm.add_argument("--report-only", action="store_true",
-                    help="only rebuild the BENCHMARKS.md section from benchmarks/results (no measurement)")
     fm.add_argument("--speed", type=int, default=0, metavar="N",
                     help="only time N subnets: train.evaluate vs this benchmark's measurement (writes nothing)")
     args = ap.parse_args()
@@ -441,12 +443,13 @@ def main() -> None:
         main_fashion(args, log)
         return
 
-    widths = tuple(int(w) for w in args.widths.split(","))
-    res = run_model(args, widths, log)
-    log(f"done: {res['model']}")
-    if args.no_write:
-        print(report([res]))
-        return
+    if not args.report_only:
+        widths = tuple(int(w) for w in args.widths.split(","))
+        res = run_model(args, widths, log)
+        log(f"done: {res['model']}")
+        if args.no_write:
+            print(report([res]))
+            return
     files = sorted((p for p in RESULTS.glob("bench_search_*.json") if not p.name.startswith("bench_search_fashion")),
                    key=lambda p: -json.loads(p.read_text())["widths"][0])
     text = report([json.loads(p.read_text()) for p in files])
