@@ -1,0 +1,162 @@
+"""Short LSQ fine-tuning of a searched subnet, against the dedicated uniform QAT model of the same BitOps.
+
+bench_search picks a mixed-precision subnet of the supernet at the BitOps of uniform W3A3 and W4A4. This benchmark
+takes those picks (the `refine_search` subnet of each `bench_search_fashion_*.json` result), copies the supernet,
+trains the copy with that one subnet active (`eqnet_plugin.train.lsq_qat`: the same optimizer, schedule and batches
+as the dedicated runs, a fraction of their steps) and measures it. The recipe is chosen per pick on the validation
+split from a small grid (steps x learning rate); the test split is read only for the chosen recipe and for the
+pick before fine-tuning.
+
+    python benchmarks/bench_finetune.py                      # every bench_search_fashion result with a supernet
+    python benchmarks/bench_finetune.py --models tiny_resnet --seeds 0
+    python benchmarks/bench_finetune.py --report-only        # rebuild the BENCHMARKS.md section
+
+Results: benchmarks/results/bench_finetune.json and the `bench_finetune` section of BENCHMARKS.md. Needs the saved
+supernets of bench_supernet (`--save-supernets`) and the result files of bench_search --data fashion-mnist.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import ROOT, machine, update_section  # noqa: E402
+from _search_fashion import Context, checkpoint_path  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = RESULTS / "bench_finetune.json"
+STEPS = (150, 500)            # against the dedicated runs' 1500
+LRS = (1e-4, 3e-4, 1e-3)      # the dedicated runs' Adam lr is 1e-3, cosine to 0
+BUDGETS = ("W3A3", "W4A4")
+
+
+def _search_results(models, seeds) -> list[dict]:
+    out = []
+    for f in sorted(RESULTS.glob("bench_search_fashion_*_f8.json")):
+        r = json.loads(f.read_text())
+        if (models and r["model"] not in models) or (seeds is not None and r["seed"] not in seeds):
+            continue
+        out.append(r)
+    return out
+
+
+def _accuracy(ctx: Context, sn, cfg, split: str) -> float:
+    """The subnet's accuracy after BN recalibration on the supernet's BN batches (bench_search's measurement)."""
+    ctx.sn, saved = sn, ctx.sn
+    try:
+        return ctx.measure(cfg, (split,))["accuracy" if split == "val" else "test"]
+    finally:
+        ctx.sn = saved
+
+
+def run_one(r: dict, log) -> dict:
+    from eqnet_plugin.space import SubnetConfig
+    from eqnet_plugin.train import cosine_scheduler, lsq_qat
+
+    from eqnet_plugin.search.records import supernet_fingerprint
+
+    ctx = Context(r["model"], r["seed"])
+    if supernet_fingerprint(ctx.sn) != r["fingerprint"]:
+        raise SystemExit(f"{checkpoint_path(r['model'], r['seed'])} is not the supernet bench_search searched "
+                         f"(fingerprint {r['fingerprint'][:12]}): rerun bench_search on it first")
+    res = {"model": r["model"], "seed": r["seed"], "fingerprint": r["fingerprint"], "budgets": {}}
+    for budget in BUDGETS:
+        pick = r["main"][budget]["refine"]
+        cfg = SubnetConfig.from_json(json.dumps(pick["config"]))
+        ded = {k: v for k, v in r["dedicated"].items() if k.startswith(budget + " ")}
+        runs = []
+        for steps in STEPS:
+            for lr in LRS:
+                sn = copy.deepcopy(ctx.sn)
+                opt = torch.optim.Adam(sn.model.parameters(), lr=lr)
+                ctx.train.generator.manual_seed(r["seed"])          # the dedicated runs' batches, in order
+                t = time.perf_counter()
+                lsq_qat(sn, cfg, ctx.train, opt, 1, scheduler=cosine_scheduler(opt, steps), max_steps=steps)
+                sec = time.perf_counter() - t
+                runs.append({"steps": steps, "lr": lr, "seconds": sec, "val": _accuracy(ctx, sn, cfg, "val"),
+                             "_sn": sn})
+                log(f"{r['model']} seed {r['seed']} {budget}: {steps} steps lr {lr:g}: val {runs[-1]['val']:.4f} "
+                    f"({sec:.0f} s)")
+        best = max(runs, key=lambda x: x["val"])
+        best["test"] = _accuracy(ctx, best["_sn"], cfg, "test")
+        for x in runs:
+            x.pop("_sn")
+        res["budgets"][budget] = {"pick_val": pick["val"], "pick_test": pick["test"], "bitops": pick["bitops"],
+                                  "dedicated": ded, "runs": runs, "chosen": {k: best[k] for k in
+                                                                           ("steps", "lr", "val", "test")}}
+        log(f"{r['model']} seed {r['seed']} {budget}: chosen {best['steps']} steps lr {best['lr']:g}: test "
+            f"{best['test']:.4f} (pick before fine-tuning {pick['test']:.4f}, best dedicated {max(ded.values()):.4f})")
+    return res
+
+
+def report(res: dict) -> str:
+    out = ["## bench_finetune: a short fine-tune of the searched subnet (Fashion-MNIST)", "",
+           f"Machine: {res['machine']}. `python benchmarks/bench_finetune.py`: the W3A3- and W4A4-budget "
+           "`refine_search` picks of bench_search (current supernets), each trained alone from the supernet's weights "
+           f"with `lsq_qat` (Adam, cosine, the dedicated runs' batches) for {' or '.join(map(str, STEPS))} steps at "
+           f"lr {' or '.join(f'{x:g}' for x in LRS)}, the recipe chosen on validation; the dedicated runs train "
+           "1500 steps at lr 0.001 from the float model. Test accuracy in %.", "",
+           "| model, seed | budget | searched (no fine-tune) | fine-tuned (steps, lr) | dedicated, best scheme | "
+           "fine-tuned - dedicated |",
+           "|---|---|---:|---:|---:|---:|"]
+    met = total = 0
+    for m in res["runs"]:
+        for budget, b in m["budgets"].items():
+            c = b["chosen"]
+            ded = max(b["dedicated"].values())
+            total += 1
+            met += c["test"] >= ded
+            out.append(f"| {m['model']}, {m['seed']} | {budget} | {100 * b['pick_test']:.2f} | {100 * c['test']:.2f} "
+                       f"({c['steps']}, {c['lr']:g}) | {100 * ded:.2f} | {100 * (c['test'] - ded):+.2f} |")
+    corner = sum(b["chosen"]["steps"] == max(STEPS) and b["chosen"]["lr"] == max(LRS)
+                 for m in res["runs"] for b in m["budgets"].values())
+    out += ["", f"* Fine-tuned subnet at least as accurate as the best dedicated scheme on test: {met} of {total}.",
+            f"* The chosen recipe is the grid's longest and fastest ({max(STEPS)} steps, lr {max(LRS):g}) for "
+            f"{corner} of {total} picks: longer fine-tunes were not tried.",
+            "* This is a second training run per deployed subnet, not the supernet's subnet as searched: the "
+            "bench_search rows report the searched subnets themselves. Its cost is the chosen steps against a dedicated "
+            "run's 1500 (one forward and backward per step each)."]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--seeds", nargs="*", type=int, default=None)
+    ap.add_argument("--report-only", action="store_true", help="rebuild the BENCHMARKS.md section from the results")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if not args.report_only:
+        t0 = time.perf_counter()
+
+        def log(msg):
+            print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+        todo = _search_results(args.models, args.seeds)
+        if not todo:
+            raise SystemExit("no bench_search_fashion_*_f8.json results: run `python benchmarks/bench_search.py "
+                             "--data fashion-mnist` first")
+        new = [run_one(r, log) for r in todo]
+        old = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}     # read last: parallel runs merge
+        keys = {(m["model"], m["seed"]) for m in new}
+        runs = sorted([m for m in old["runs"] if (m["model"], m["seed"]) not in keys] + new,
+                      key=lambda m: (m["model"] != "tiny_resnet", m["seed"]))
+        res = {"machine": machine(), "runs": runs}
+        tmp = OUT.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(OUT)
+    res = json.loads(OUT.read_text())
+    text = report(res)
+    print(text)
+    update_section("bench_finetune", text)
+
+
+if __name__ == "__main__":
+    main()
