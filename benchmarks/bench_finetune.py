@@ -34,6 +34,16 @@ RESULTS = ROOT / "benchmarks" / "results"
 OUT = RESULTS / "bench_finetune.json"
 STEPS = (150, 500)            # against the dedicated runs' 1500
 LRS = (1e-4, 3e-4, 1e-3)      # the dedicated runs' Adam lr is 1e-3, cosine to 0
+PARTS = {                     # --train-only: which parameters learn (the rest stay the supernet's), and their lrs
+    "all": (lambda name: True, LRS),
+    "bn": (lambda name: name.endswith((".bn.weight", ".bn.bias")), (1e-3, 3e-3, 1e-2)),
+    "bn+quantizers": (lambda name: name.endswith((".bn.weight", ".bn.bias")) or ".scale_" in name
+                      or ".zero_point_" in name, (1e-3, 3e-3, 1e-2)),
+}
+
+
+def results_path(part: str) -> Path:
+    return OUT if part == "all" else OUT.with_name(f"bench_finetune_{part.replace('+', '_')}.json")
 BUDGETS = ("W3A3", "W4A4")
 
 
@@ -56,7 +66,7 @@ def _accuracy(ctx: Context, sn, cfg, split: str) -> float:
         ctx.sn = saved
 
 
-def run_one(r: dict, log) -> dict:
+def run_one(r: dict, log, part: str = "all") -> dict:
     from eqnet_plugin.space import SubnetConfig
     from eqnet_plugin.train import cosine_scheduler, lsq_qat
 
@@ -72,10 +82,14 @@ def run_one(r: dict, log) -> dict:
         cfg = SubnetConfig.from_json(json.dumps(pick["config"]))
         ded = {k: v for k, v in r["dedicated"].items() if k.startswith(budget + " ")}
         runs = []
+        learns, lrs = PARTS[part]
         for steps in STEPS:
-            for lr in LRS:
+            for lr in lrs:
                 sn = copy.deepcopy(ctx.sn)
-                opt = torch.optim.Adam(sn.model.parameters(), lr=lr)
+                params = [p for n, p in sn.model.named_parameters() if learns(n)]
+                for n, p in sn.model.named_parameters():
+                    p.requires_grad_(learns(n))
+                opt = torch.optim.Adam(params, lr=lr)
                 ctx.train.generator.manual_seed(r["seed"])          # the dedicated runs' batches, in order
                 t = time.perf_counter()
                 lsq_qat(sn, cfg, ctx.train, opt, 1, scheduler=cosine_scheduler(opt, steps), max_steps=steps)
@@ -96,7 +110,7 @@ def run_one(r: dict, log) -> dict:
     return res
 
 
-def report(res: dict) -> str:
+def report(res: dict, parts: dict | None = None) -> str:
     out = ["## bench_finetune: a short fine-tune of the searched subnet (Fashion-MNIST)", "",
            f"Machine: {res['machine']}. `python benchmarks/bench_finetune.py`: the W3A3- and W4A4-budget "
            "`refine_search` picks of bench_search (current supernets), each trained alone from the supernet's weights "
@@ -123,6 +137,33 @@ def report(res: dict) -> str:
             "* This is a second training run per deployed subnet, not the supernet's subnet as searched: the "
             "bench_search rows report the searched subnets themselves. Its cost is the chosen steps against a dedicated "
             "run's 1500 (one forward and backward per step each)."]
+    if parts:
+        out += ["", "Which parameters carry the gain (a diagnosis, `--train-only`): the same picks fine-tuned with only "
+                "some parameters learning, the rest kept at the supernet's (BN = the BatchNorm affine; quantizers = "
+                f"the active scales and zero points), lr from {{{', '.join(f'{x:g}' for x in PARTS['bn'][1])}}} and "
+                "steps chosen on validation; the last column is the table above (all parameters). Validation accuracy in % (the searched pick's own validation number is "
+                "the best of 30 measurements, so it reads high), test in brackets.", "",
+                "| model, seed | budget | searched | " + " | ".join(f"{p} only" for p in parts) + " | all |",
+                "|---|---|---:|" + "---:|" * (len(parts) + 1)]
+        full = {(m["model"], m["seed"]): m for m in res["runs"]}
+        for key in sorted({(m["model"], m["seed"]) for p in parts.values() for m in p["runs"]},
+                          key=lambda k: (k[0] != "tiny_resnet", k[1])):
+            for budget in BUDGETS:
+                cells = []
+                for p in list(parts.values()) + [{"runs": [full[key]] if key in full else []}]:
+                    m = next((m for m in p["runs"] if (m["model"], m["seed"]) == key), None)
+                    c = m["budgets"][budget]["chosen"] if m else None
+                    cells.append(f"{100 * c['val']:.2f} ({100 * c['test']:.2f})" if c else "")
+                first = next(m for p in parts.values() for m in p["runs"] if (m["model"], m["seed"]) == key)
+                b = first["budgets"][budget]
+                out.append(f"| {key[0]}, {key[1]} | {budget} | {100 * b['pick_val']:.2f} ({100 * b['pick_test']:.2f}) | "
+                           + " | ".join(cells) + " |")
+        gains = []
+        for name, p in list(parts.items()) + [("all", {"runs": [full[k] for k in full if any(
+                (m["model"], m["seed"]) == k for q in parts.values() for m in q["runs"])]})]:
+            g = [b["chosen"]["test"] - b["pick_test"] for m in p["runs"] for b in m["budgets"].values()]
+            gains.append(f"{name} {100 * sum(g) / len(g):+.2f}")
+        out += ["", "* Mean test gain over the searched pick, on these rows: " + ", ".join(gains) + "."]
     return "\n".join(out)
 
 
@@ -130,6 +171,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--seeds", nargs="*", type=int, default=None)
+    ap.add_argument("--train-only", choices=sorted(PARTS), default="all",
+                    help="fine-tune only these parameters (a diagnosis: how much of the gain each part carries)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the BENCHMARKS.md section from the results")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -143,17 +186,19 @@ def main() -> None:
         if not todo:
             raise SystemExit("no bench_search_fashion_*_f8.json results: run `python benchmarks/bench_search.py "
                              "--data fashion-mnist` first")
-        new = [run_one(r, log) for r in todo]
-        old = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}     # read last: parallel runs merge
+        new = [run_one(r, log, args.train_only) for r in todo]
+        out = results_path(args.train_only)
+        old = json.loads(out.read_text()) if out.exists() else {"runs": []}     # read last: parallel runs merge
         keys = {(m["model"], m["seed"]) for m in new}
         runs = sorted([m for m in old["runs"] if (m["model"], m["seed"]) not in keys] + new,
                       key=lambda m: (m["model"] != "tiny_resnet", m["seed"]))
         res = {"machine": machine(), "runs": runs}
-        tmp = OUT.with_suffix(".json.tmp")
+        tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(OUT)
+        tmp.replace(out)
     res = json.loads(OUT.read_text())
-    text = report(res)
+    parts = {p: json.loads(results_path(p).read_text()) for p in PARTS if p != "all" and results_path(p).exists()}
+    text = report(res, parts)
     print(text)
     update_section("bench_finetune", text)
 

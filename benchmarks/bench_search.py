@@ -6,8 +6,9 @@ so a rerun redoes only the search and the random-subnet measurements; --fresh st
      i.e. held-out training data; test = 20%, untouched): float pretraining, calibration, sandwich-rule supernet
      training (`train_float`, `Supernet.calibrate`, `train_supernet`).
   2. `collect_records`: 1000 + 200 subnets drawn the paper's way, BN recalibrated on the whole training split (the
-     same 6 batches for every subnet), measured on the validation split. CQAP (both regressors: gradient-boosted
-     trees, the default, and the paper's MLP) is fitted on the first 250 / 500 / 1000 and ranked on the last 200.
+     same 6 batches for every subnet), measured on the validation split. CQAP (each regressor: the ensemble, the
+     default; gradient-boosted trees alone; the paper's MLP) is fitted on the first 250 / 500 / 1000 and ranked on
+     the last 200.
      Each record also stores the accuracy on the two halves of the validation split (even / odd images): their
      Kendall tau is the measurement-noise ceiling, and the mean probability of the true class (a low-noise proxy
      of accuracy) on which a second CQAP is fitted.
