@@ -402,8 +402,8 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
                                     cons, rounds=p["rounds"], k=p["k"], cost_model=cm, seed=0,
                                     generations=p["generations"])
                 assert lib.best.config == ranked[0].config, "refine() disagrees with refine_search"
-            main[b] = {"ga": _pick(f"W{b}A{b} budget, GA ({cq_all.regressor} CQAP-{len(train_recs)}), best predicted", ga.best,
-                                   measurer, cm,
+            ga_label = f"W{b}A{b} budget, GA ({cq_all.regressor} CQAP-{len(train_recs)}), best predicted"
+            main[b] = {"ga": _pick(ga_label, ga.best, measurer, cm,
                                    {"seconds": ga_seconds[-1], "evaluations": ga.evaluations}),
                        "refine": _pick(f"W{b}A{b} budget, refine ({p['rounds']} x {p['k']} measured)", ranked[0],
                                        measurer, cm,
@@ -659,7 +659,8 @@ def report(results: list[dict]) -> str:
                 f"validation halves of the same held-out subnets agree at tau {r['noise_ceiling_tau']:.3f}, which "
                 f"bounds what a predictor can reach against the full-split measurement at about "
                 f"{r['noise_ceiling_full_tau']:.2f}).",
-                f"* {r['true_prob_cqap'].get('regressor', 'gbt')} CQAP fitted to the mean true-class probability: tau {r['true_prob_cqap']['kendall_tau']:.3f} "
+                f"* {r['true_prob_cqap'].get('regressor', 'gbt')} CQAP fitted to the mean true-class probability: "
+                f"tau {r['true_prob_cqap']['kendall_tau']:.3f} "
                 f"against that proxy (its split-half ceiling {r['true_prob_cqap']['ceiling_tau']:.3f}), "
                 f"{r['true_prob_cqap']['tau_vs_top1']:.3f} against top-1.",
                 "",

@@ -76,7 +76,8 @@ def run_file(path: Path, log) -> dict:
             taus.append(kendall_tau(cq.predict([cfg[i] for i in f]), acc[f]))
         out["cv"][reg] = float(np.mean(taus))
         log(f"{path.parent.name}/{path.name} {reg}: held-out tau "
-            + " / ".join(f"{h['kendall_tau']:.3f}" for h in out["held"][reg]) + f"; {FOLDS}-fold CV {out['cv'][reg]:.3f}")
+            + " / ".join(f"{h['kendall_tau']:.3f}" for h in out["held"][reg])
+            + f"; {FOLDS}-fold CV {out['cv'][reg]:.3f}")
     return out
 
 

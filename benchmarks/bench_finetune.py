@@ -135,35 +135,34 @@ def report(res: dict, parts: dict | None = None) -> str:
             f"* The chosen recipe is the grid's longest and fastest ({max(STEPS)} steps, lr {max(LRS):g}) for "
             f"{corner} of {total} picks: longer fine-tunes were not tried.",
             "* This is a second training run per deployed subnet, not the supernet's subnet as searched: the "
-            "bench_search rows report the searched subnets themselves. Its cost is the chosen steps against a dedicated "
-            "run's 1500 (one forward and backward per step each)."]
+            "bench_search rows report the searched subnets themselves. Its cost is the chosen steps against a "
+            "dedicated run's 1500 (one forward and backward per step each)."]
     if parts:
-        out += ["", "Which parameters carry the gain (a diagnosis, `--train-only`): the same picks fine-tuned with only "
-                "some parameters learning, the rest kept at the supernet's (BN = the BatchNorm affine; quantizers = "
-                f"the active scales and zero points), lr from {{{', '.join(f'{x:g}' for x in PARTS['bn'][1])}}} and "
-                "steps chosen on validation; the last column is the table above (all parameters). Validation accuracy in % (the searched pick's own validation number is "
-                "the best of 30 measurements, so it reads high), test in brackets.", "",
-                "| model, seed | budget | searched | " + " | ".join(f"{p} only" for p in parts) + " | all |",
-                "|---|---|---:|" + "---:|" * (len(parts) + 1)]
-        full = {(m["model"], m["seed"]): m for m in res["runs"]}
-        for key in sorted({(m["model"], m["seed"]) for p in parts.values() for m in p["runs"]},
-                          key=lambda k: (k[0] != "tiny_resnet", k[1])):
+        columns = {f"{p} only": {(m["model"], m["seed"]): m for m in v["runs"]} for p, v in parts.items()}
+        keys = sorted({k for runs in columns.values() for k in runs}, key=lambda k: (k[0] != "tiny_resnet", k[1]))
+        columns["all"] = {(m["model"], m["seed"]): m for m in res["runs"]}
+        lrs = ", ".join(f"{x:g}" for x in PARTS["bn"][1])
+        out += ["", "Which parameters carry the gain (a diagnosis, `--train-only`): the same picks fine-tuned with "
+                "only some parameters learning, the rest kept at the supernet's (BN = the BatchNorm affine; "
+                f"quantizers = the active scales and zero points), lr from {{{lrs}}} and steps chosen on validation; "
+                "the last column is the table above (all parameters). Validation accuracy in % (the searched pick's "
+                "own validation number is the best of 30 measurements, so it reads high), test in brackets.", "",
+                "| model, seed | budget | searched | " + " | ".join(columns) + " |",
+                "|---|---|---:|" + "---:|" * len(columns)]
+        gains: dict[str, list[float]] = {name: [] for name in columns}
+        for key in keys:
             for budget in BUDGETS:
+                pick = next(runs[key] for runs in columns.values() if key in runs)["budgets"][budget]
                 cells = []
-                for p in list(parts.values()) + [{"runs": [full[key]] if key in full else []}]:
-                    m = next((m for m in p["runs"] if (m["model"], m["seed"]) == key), None)
-                    c = m["budgets"][budget]["chosen"] if m else None
+                for name, runs in columns.items():
+                    c = runs[key]["budgets"][budget]["chosen"] if key in runs else None
                     cells.append(f"{100 * c['val']:.2f} ({100 * c['test']:.2f})" if c else "")
-                first = next(m for p in parts.values() for m in p["runs"] if (m["model"], m["seed"]) == key)
-                b = first["budgets"][budget]
-                out.append(f"| {key[0]}, {key[1]} | {budget} | {100 * b['pick_val']:.2f} ({100 * b['pick_test']:.2f}) | "
-                           + " | ".join(cells) + " |")
-        gains = []
-        for name, p in list(parts.items()) + [("all", {"runs": [full[k] for k in full if any(
-                (m["model"], m["seed"]) == k for q in parts.values() for m in q["runs"])]})]:
-            g = [b["chosen"]["test"] - b["pick_test"] for m in p["runs"] for b in m["budgets"].values()]
-            gains.append(f"{name} {100 * sum(g) / len(g):+.2f}")
-        out += ["", "* Mean test gain over the searched pick, on these rows: " + ", ".join(gains) + "."]
+                    if c:
+                        gains[name].append(c["test"] - pick["pick_test"])
+                out.append(f"| {key[0]}, {key[1]} | {budget} | {100 * pick['pick_val']:.2f} "
+                           f"({100 * pick['pick_test']:.2f}) | " + " | ".join(cells) + " |")
+        out += ["", "* Mean test gain over the searched pick, on these rows: "
+                + ", ".join(f"{name} {100 * sum(g) / len(g):+.2f}" for name, g in gains.items() if g) + "."]
     return "\n".join(out)
 
 

@@ -244,7 +244,8 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
                for b in (2, 3, 4, 8)]
     res = {"model": name, "widths": list(widths), "info": info, "machine": machine(), "n_records": len(recs),
            "record_seconds_this_run": rec_seconds, "taus": taus, "ga_regressor": cqap.regressor,
-           "noise_ceiling_tau": ceiling, "true_prob_cqap": {**soft_m, "regressor": soft.regressor}, "limit": limit, "full_bitops": cm(sn.max_config()).bitops,
+           "noise_ceiling_tau": ceiling, "true_prob_cqap": {**soft_m, "regressor": soft.regressor}, "limit": limit,
+           "full_bitops": cm(sn.max_config()).bitops,
            "ga": {**ga.best.costs, "predicted": ga.best.predicted_accuracy, "val": ga_val, "test": ga_test,
                   "seconds": ga.seconds, "evaluations": ga.evaluations},
            "ga_top": {**top.best.costs, "predicted": top.best.predicted_accuracy, "val": top_val, "test": top_test,
@@ -340,7 +341,8 @@ def report(results: list[dict]) -> str:
                 f"(Greiner's sin relation + Spearman-Brown, assuming normal noise), even a predictor that knew every "
                 f"subnet's true accuracy would reach tau ~{r['noise_ceiling_full_tau']:.2f} against these "
                 "measurements: the 0.85 target is above what top-1 accuracy on this validation split can repeat.",
-                f"* The {r['true_prob_cqap'].get('regressor', 'gbt')} CQAP fitted to the mean probability of the true class (a low-noise proxy of accuracy): "
+                f"* The {r['true_prob_cqap'].get('regressor', 'gbt')} CQAP fitted to the mean probability of the "
+                "true class (a low-noise proxy of accuracy): "
                 f"tau {r['true_prob_cqap']['kendall_tau']:.3f} against that proxy, Pearson "
                 f"{r['true_prob_cqap']['pearson']:.3f}.",
                 "",

@@ -314,8 +314,6 @@ class CQAP:
             regressor = state.get("regressor", "mlp")
             obj = cls(SearchSpace.from_dict(state["space"]), state["hidden"], state["seed"], regressor,
                       state.get("gbt_params"))
-            if regressor not in REGRESSORS:
-                raise ValueError(f"unknown regressor {regressor!r}")
             if obj._uses_trees:
                 x, y = state["train_x"].numpy().astype(np.float32), state["train_y"].numpy()
                 width = 3 + int(obj.space.searchable.sum())
