@@ -61,7 +61,7 @@ def start_id(state_dict) -> str:
 
 
 def _param_kind(name: str) -> str:
-    if ".bn." in name:
+    if ".bn." in name or ".bn_gammas." in name or ".bn_betas." in name:
         return "bn"
     if "post_process" in name or "fake_quant" in name:
         return "quantizer"
@@ -147,6 +147,26 @@ def _balance(sn, norms: list) -> None:
     T.gpg_term, T._finish_step = gpg_term, finish
 
 
+def _switchable_bn(sn) -> None:
+    """Every Conv-BN layer gets one BatchNorm affine (gamma, beta) per weight bit-width, picked by the layer's active
+    weight cell at each forward (AdaBits' switchable BatchNorm, affine only: the statistics are re-estimated per
+    subnet anyway). All copies start from the float model's affine. Since gamma enters the fixed fold, each
+    bit-width also gets its own per-channel weight rescaling."""
+    for m in sn.model.modules():
+        bn, wfq = getattr(m, "bn", None), getattr(m, "weight_fake_quant", None)
+        if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) or wfq is None or not bn.affine:
+            continue
+        bits = wfq.bit_choices
+        m.bn_gammas = torch.nn.ParameterDict({str(b): torch.nn.Parameter(bn.weight.detach().clone()) for b in bits})
+        m.bn_betas = torch.nn.ParameterDict({str(b): torch.nn.Parameter(bn.bias.detach().clone()) for b in bits})
+
+        def pick(mod, _args):
+            k = str(mod.weight_fake_quant.cell[0])
+            mod.bn.weight, mod.bn.bias = mod.bn_gammas[k], mod.bn_betas[k]
+        m.register_forward_pre_hook(pick)
+        pick(m, ())
+
+
 def run(args) -> dict:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -166,6 +186,8 @@ def run(args) -> dict:
     sn = B._prepare(model, (bn[0][0],))
     sn.calibrate(bn)
     configs = {k: v for k, v in B.reference_configs(sn).items() if k in CONFIGS}
+    if args.switchable_bn:
+        _switchable_bn(sn)
     groups: dict[str, list] = {"weights": [], "bn": [], "quantizer": []}
     for name, prm in sn.model.named_parameters():
         groups[_param_kind(name)].append(prm)
@@ -262,6 +284,8 @@ def main(argv=None) -> None:
                    help="parameters of this kind learn from the H subnet only (depthwise: the depthwise convs' "
                    "weights; pointwise: every other conv / linear weight)")
     p.add_argument("--pcgrad", action="store_true")
+    p.add_argument("--switchable-bn", action="store_true",
+                   help="one BatchNorm affine per weight bit-width in every Conv-BN layer")
     p.add_argument("--balance", action="store_true", help="rescale R's and L's gradients to H's norm every step")
     p.add_argument("--dedicated", choices=CONFIGS, default=None, help="a dedicated LSQ QAT run instead")
     p.add_argument("--table", action="store_true", help="print the recorded runs as markdown tables")
