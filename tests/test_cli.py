@@ -67,6 +67,31 @@ def test_search_then_export_best(checkpoint, tmp_path, capsys):
     assert "ORT top-1 agreement" in text
 
 
+def test_export_after_finetune_leaves_checkpoint_unchanged(checkpoint, tmp_path, capsys):
+    before = checkpoint.read_bytes()
+    rc, text, _ = run(capsys, "export", "--checkpoint", str(checkpoint), "--subnet", "w4a4@sym-pc", "--target",
+                      "onnx", "--finetune-steps", "3", "--finetune-lr", "3e-4", "--out", str(tmp_path / "exp"), *FAST)
+    assert rc == 0, text
+    assert "after 3 steps" in text and "w4a4@sym-pc" in text
+    assert "ORT top-1 agreement" in text                 # the fine-tuned subnet's export runs in ONNX Runtime
+    assert (tmp_path / "exp" / "model.onnx").is_file()
+    assert checkpoint.read_bytes() == before
+
+
+def test_finetune_subnet_trains_a_copy(checkpoint):
+    from eqnet_plugin.pipeline import finetune_subnet
+    exp = load_experiment(checkpoint, bn_batches=1)
+    sn = exp.supernet
+    cfg = parse_subnet("w2a2", sn)
+    weights = {k: v.clone() for k, v in sn.model.state_dict().items()}
+    tuned = finetune_subnet(exp, cfg, 2, lr=1e-2)
+    assert tuned.supernet is not sn and tuned.info["finetuned"]["steps"] == 2
+    assert all(torch.equal(v, sn.model.state_dict()[k]) for k, v in weights.items())      # the original is untouched
+    assert any(not torch.equal(v, tuned.supernet.model.state_dict()[k]) for k, v in weights.items())
+    with pytest.raises(ValueError, match="steps >= 1"):
+        finetune_subnet(exp, cfg, 0)
+
+
 def test_config_file_values_and_flags_win(tmp_path):
     cfg = tmp_path / "opts.yaml"
     cfg.write_text("model: tiny_mobilenet_v2\nepochs: 3\nprogress: false\nweight-bits: [4, 8]\n")

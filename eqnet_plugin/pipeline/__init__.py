@@ -19,7 +19,8 @@ command line prints it as one line).
 """
 from __future__ import annotations
 
-from .export import export_problems, export_subnet, freeze_subnet, get_target, onnx_agreement, target_names
+from .export import (export_problems, export_subnet, finetune_subnet, freeze_subnet, get_target, onnx_agreement,
+                     target_names)
 from .models import COMPACT_MODELS, build_model, load_data, model_in_channels
 from .spec import DEFAULT_FOLDER_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, SCHEMES, RunSpec, parse_subnet, uniform_config
 from .stages import (
@@ -42,6 +43,7 @@ from .tables import format_table, write_json
 __all__ = ["RunSpec", "Experiment", "SCHEMES", "target_names", "get_target", "build_model",
            "load_data", "build_experiment", "train_experiment", "load_experiment", "activations_signed",
            "read_run_spec", "resume_conflicts", "resume_error", "uniform_config", "export_problems",
-           "parse_subnet", "uniform_table", "SearchOutcome", "search_experiment", "freeze_subnet", "export_subnet",
+           "parse_subnet", "uniform_table", "SearchOutcome", "search_experiment", "freeze_subnet", "finetune_subnet",
+           "export_subnet",
            "onnx_agreement", "fit_predictor", "collect", "model_in_channels", "write_json",
            "format_table", "COMPACT_MODELS", "DEFAULT_IMAGE_SIZE", "DEFAULT_FOLDER_IMAGE_SIZE"]
