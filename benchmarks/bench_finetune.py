@@ -34,6 +34,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 OUT = RESULTS / "bench_finetune.json"
 STEPS = (150, 500)            # against the dedicated runs' 1500
 LRS = (1e-4, 3e-4, 1e-3)      # the dedicated runs' Adam lr is 1e-3, cosine to 0
+BUDGETS = ("W3A3", "W4A4")
 PARTS = {                     # --train-only: which parameters learn (the rest stay the supernet's), and their lrs
     "all": (lambda name: True, LRS),
     "bn": (lambda name: name.endswith((".bn.weight", ".bn.bias")), (1e-3, 3e-3, 1e-2)),
@@ -44,7 +45,6 @@ PARTS = {                     # --train-only: which parameters learn (the rest s
 
 def results_path(part: str) -> Path:
     return OUT if part == "all" else OUT.with_name(f"bench_finetune_{part.replace('+', '_')}.json")
-BUDGETS = ("W3A3", "W4A4")
 
 
 def _search_results(models, seeds) -> list[dict]:
@@ -67,10 +67,11 @@ def _accuracy(ctx: Context, sn, cfg, split: str) -> float:
 
 
 def run_one(r: dict, log, part: str = "all") -> dict:
+    """The grid for both budgets' picks of one bench_search result (the library's `finetune_subnet` does the
+    "all" case for an `Experiment`; this works on bench_search's measurement context and can freeze parts)."""
+    from eqnet_plugin.search.records import supernet_fingerprint
     from eqnet_plugin.space import SubnetConfig
     from eqnet_plugin.train import cosine_scheduler, lsq_qat
-
-    from eqnet_plugin.search.records import supernet_fingerprint
 
     ctx = Context(r["model"], r["seed"])
     if supernet_fingerprint(ctx.sn) != r["fingerprint"]:
@@ -81,7 +82,7 @@ def run_one(r: dict, log, part: str = "all") -> dict:
         pick = r["main"][budget]["refine"]
         cfg = SubnetConfig.from_json(json.dumps(pick["config"]))
         ded = {k: v for k, v in r["dedicated"].items() if k.startswith(budget + " ")}
-        runs = []
+        runs, best, best_sn = [], None, None
         learns, lrs = PARTS[part]
         for steps in STEPS:
             for lr in lrs:
@@ -94,14 +95,12 @@ def run_one(r: dict, log, part: str = "all") -> dict:
                 t = time.perf_counter()
                 lsq_qat(sn, cfg, ctx.train, opt, 1, scheduler=cosine_scheduler(opt, steps), max_steps=steps)
                 sec = time.perf_counter() - t
-                runs.append({"steps": steps, "lr": lr, "seconds": sec, "val": _accuracy(ctx, sn, cfg, "val"),
-                             "_sn": sn})
+                runs.append({"steps": steps, "lr": lr, "seconds": sec, "val": _accuracy(ctx, sn, cfg, "val")})
+                if best is None or runs[-1]["val"] > best["val"]:          # the first of equal ones, as max() did
+                    best, best_sn = runs[-1], sn
                 log(f"{r['model']} seed {r['seed']} {budget}: {steps} steps lr {lr:g}: val {runs[-1]['val']:.4f} "
                     f"({sec:.0f} s)")
-        best = max(runs, key=lambda x: x["val"])
-        best["test"] = _accuracy(ctx, best["_sn"], cfg, "test")
-        for x in runs:
-            x.pop("_sn")
+        best["test"] = _accuracy(ctx, best_sn, cfg, "test")
         res["budgets"][budget] = {"pick_val": pick["val"], "pick_test": pick["test"], "bitops": pick["bitops"],
                                   "dedicated": ded, "runs": runs, "chosen": {k: best[k] for k in
                                                                            ("steps", "lr", "val", "test")}}
