@@ -167,6 +167,24 @@ def _switchable_bn(sn) -> None:
         pick(m, ())
 
 
+def _float_teacher(float_model) -> None:
+    """The H subnet learns from the float start's logits as well (GPG's KL term with the recipe's lam and
+    temperature, where H normally has the label loss alone); R and L still learn from H. The float model runs in
+    eval mode, one extra forward per step."""
+    float_model.eval()
+    state: dict = {}
+    orig_step, orig_g = T.sandwich_step, T.gpg_term
+
+    def step(supernet, inputs, targets, *a, **k):
+        with torch.no_grad():
+            state["logits"] = float_model(inputs)
+        return orig_step(supernet, inputs, targets, *a, **k)
+
+    def gpg_term(logits, teacher, *a, **k):
+        return orig_g(logits, state["logits"] if teacher is None else teacher, *a, **k)
+    T.sandwich_step, T.gpg_term = step, gpg_term
+
+
 def run(args) -> dict:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -208,6 +226,10 @@ def run(args) -> dict:
         norms: list = []
         if args.balance:
             _balance(sn, norms)
+        if args.float_teacher:
+            teacher = build_model(args.model, stem_stride=2)
+            teacher.load_state_dict(state)
+            _float_teacher(teacher)
         clip = None if args.grad_clip_value.lower() == "none" else float(args.grad_clip_value)
         T.train_supernet(sn, train, opt, epochs, scheduler=sched, generator=torch.Generator().manual_seed(seed),
                          max_steps=args.steps, progress=False, wdr=WDRLoss(), scheme=args.scheme,
@@ -284,6 +306,8 @@ def main(argv=None) -> None:
                    help="parameters of this kind learn from the H subnet only (depthwise: the depthwise convs' "
                    "weights; pointwise: every other conv / linear weight)")
     p.add_argument("--pcgrad", action="store_true")
+    p.add_argument("--float-teacher", action="store_true",
+                   help="the H subnet also distils from the float start (GPG's KL term)")
     p.add_argument("--switchable-bn", action="store_true",
                    help="one BatchNorm affine per weight bit-width in every Conv-BN layer")
     p.add_argument("--balance", action="store_true", help="rescale R's and L's gradients to H's norm every step")
