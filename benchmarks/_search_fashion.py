@@ -121,17 +121,19 @@ class Context:
             self.reported = None                          # measured on another test subset (e.g. limit_test)
 
     @torch.no_grad()
-    def logits(self, split: str) -> torch.Tensor:
+    def logits(self, split: str, sn=None) -> torch.Tensor:
+        model = (self.sn if sn is None else sn).model
         x = self.data[split][0]
         b = self.eval_batch
-        return torch.cat([self.sn.model(x[i:i + b]) for i in range(0, len(x), b)])
+        return torch.cat([model(x[i:i + b]) for i in range(0, len(x), b)])
 
     @torch.no_grad()
-    def measure(self, cfg, splits=("val",)) -> dict:
+    def measure(self, cfg, splits=("val",), sn=None) -> dict:
         """BN recalibrated once for `cfg`, then its metrics on each split: val -> accuracy (+ halves, true-class
         probability), test -> test accuracy. Mode and cells are restored afterwards; the BN buffers keep `cfg`'s
-        statistics (the supernet remembers them for `cfg`, as after `Supernet.recalibrate_bn`)."""
-        sn = self.sn
+        statistics (the supernet remembers them for `cfg`, as after `Supernet.recalibrate_bn`). `sn`: another
+        supernet measured the same way (default: this context's)."""
+        sn = self.sn if sn is None else sn
         t, w = time.process_time(), time.perf_counter()
         out = {}
         with sn.activate(cfg):
@@ -141,7 +143,7 @@ class Context:
             try:
                 for split in splits:
                     y = self.data[split][1]
-                    logits = self.logits(split)                                         # (N, 10)
+                    logits = self.logits(split, sn)                                         # (N, 10)
                     ok = (logits.argmax(1) == y).double()
                     if split == "test":
                         out["test"] = float(ok.mean())

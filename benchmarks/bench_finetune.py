@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, machine, update_section  # noqa: E402
 from _search_fashion import Context, checkpoint_path  # noqa: E402
+from tune_supernet import _param_kind  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = RESULTS / "bench_finetune.json"
@@ -37,9 +38,8 @@ LRS = (1e-4, 3e-4, 1e-3)      # the dedicated runs' Adam lr is 1e-3, cosine to 0
 BUDGETS = ("W3A3", "W4A4")
 PARTS = {                     # --train-only: which parameters learn (the rest stay the supernet's), and their lrs
     "all": (lambda name: True, LRS),
-    "bn": (lambda name: name.endswith((".bn.weight", ".bn.bias")), (1e-3, 3e-3, 1e-2)),
-    "bn+quantizers": (lambda name: name.endswith((".bn.weight", ".bn.bias")) or ".scale_" in name
-                      or ".zero_point_" in name, (1e-3, 3e-3, 1e-2)),
+    "bn": (lambda name: _param_kind(name) == "bn", (1e-3, 3e-3, 1e-2)),
+    "bn+quantizers": (lambda name: _param_kind(name) in ("bn", "quantizer"), (1e-3, 3e-3, 1e-2)),
 }
 
 
@@ -59,11 +59,7 @@ def _search_results(models, seeds) -> list[dict]:
 
 def _accuracy(ctx: Context, sn, cfg, split: str) -> float:
     """The subnet's accuracy after BN recalibration on the supernet's BN batches (bench_search's measurement)."""
-    ctx.sn, saved = sn, ctx.sn
-    try:
-        return ctx.measure(cfg, (split,))["accuracy" if split == "val" else "test"]
-    finally:
-        ctx.sn = saved
+    return ctx.measure(cfg, (split,), sn=sn)["accuracy" if split == "val" else "test"]
 
 
 def run_one(r: dict, log, part: str = "all") -> dict:
