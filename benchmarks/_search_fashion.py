@@ -98,6 +98,7 @@ class Context:
         self.n_bn = int(bn_batches or self.saved_bn)
         self.steps = int(saved.get("steps", FIRST_STEPS))      # QAT steps the supernet was trained for
         self.float_epochs = int(saved.get("float_epochs", FIRST_FLOAT_EPOCHS))   # ... from a float start this long
+        self.optimizer = str(saved.get("optimizer", "adam"))  # ... with one shared Adam, or one per subnet
         self.reported = saved.get("supernet_test")      # bench_supernet's test accuracies of the uniform subnets
         # bench_supernet's recipe (the checkpoint may name it; these are the fashion budget's values): data, loaders
         # and BN batches (seeded), so every number is measured the same way
@@ -488,7 +489,7 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
         measurer.close()
 
     return {"model": model, "seed": seed, "fingerprint": fp, "supernet_steps": ctx.steps,
-            "supernet_float_epochs": ctx.float_epochs, "machine": machine(),
+            "supernet_float_epochs": ctx.float_epochs, "supernet_optimizer": ctx.optimizer, "machine": machine(),
             "jobs": jobs, "smoke": smoke,
             "settings": p, "bn_batches": ctx.n_bn, "eval_batch": ctx.eval_batch, "n_records": len(recs),
             "val_images": len(ctx.data["val"][1]), "test_images": len(ctx.data["test"][1]),
@@ -562,6 +563,8 @@ def _budget_parts(r: dict) -> list[tuple[str, str]]:
         parts.append((f"_s{r['supernet_steps']}", f", {r['supernet_steps']} steps"))
     if _float_epochs(r) != FIRST_FLOAT_EPOCHS:
         parts.append((f"_f{_float_epochs(r)}", f", {_float_epochs(r)} float epochs"))
+    if r.get("supernet_optimizer", "adam") == "subnet_adam":      # results written before the field: shared Adam
+        parts.append(("_sadam", ", Adam per subnet"))
     return parts
 
 

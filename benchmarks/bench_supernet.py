@@ -2,13 +2,16 @@
 
 For every model (TinyResNet, TinyMobileNetV2) and every split seed:
   0. a float model is trained (Adam, cosine) and calibrated once (`Supernet.calibrate`, all cells);
-  (a) ONE supernet training from that start: sandwich rule (H / R / L), GPG (lam 0.5, T 1), WDR (1.0 / 0.015);
+  (a) ONE supernet training from that start: sandwich rule (H / R / L), GPG (lam 0.5, T 1), WDR (1.0 / 0.015),
+      one Adam state per subnet (`SubnetOptimizer`: each subnet's gradient takes its own Adam step, as each
+      dedicated run's does);
   (b) a dedicated LSQ QAT run per reference config, W2A2 / W3A3 / W4A4 / W8A8 x {sym per-tensor, asym per-tensor,
       sym per-channel}, from the same calibrated start, with the same per-step recipe (Adam, lr, cosine schedule,
       batches in the same order, same number of steps), one forward per step, cross-entropy;
-  (c) ablations of (a): without WDR, without GPG (plain cross-entropy for every subnet), and with the first
-      release's BatchNorm handling (torch.ao's running-variance fold, running statistics from all three subnets),
-      evaluated on the low-bit and per-channel configs.
+  (c) ablations of (a): one Adam over the summed gradient (the paper's optimizer; every config), without WDR,
+      without GPG (plain cross-entropy for every subnet), and with the first release's BatchNorm handling
+      (torch.ao's running-variance fold, running statistics from all three subnets), the last three evaluated on
+      the low-bit and per-channel configs.
 Every subnet is evaluated on the test split after BN recalibration on fixed training batches. Wall times count
 training only (the float model and the calibration are shared by all runs).
 
@@ -39,6 +42,7 @@ from eqnet_plugin.bn_fold import use_running_bn_fold  # noqa: E402
 from eqnet_plugin.data import digits_loaders, fashion_mnist_splits, make_loaders  # noqa: E402
 from eqnet_plugin.losses import WDRLoss  # noqa: E402
 from eqnet_plugin.models import build_model  # noqa: E402
+from eqnet_plugin.optim import SubnetOptimizer  # noqa: E402
 from eqnet_plugin.train import (accuracy, bn_batches_from, cosine_scheduler, evaluate, evaluate_configs,  # noqa: E402
                                 lsq_qat, train_float, train_supernet)
 
@@ -137,14 +141,17 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
     cpu_seconds: dict[str, float] = {}
     out["cpu_seconds"] = cpu_seconds
 
-    def supernet_run(key: str, old_bn: bool = False, **kw) -> tuple[Supernet, float]:
+    def supernet_run(key: str, old_bn: bool = False, shared_adam: bool = False, **kw) -> tuple[Supernet, float]:
         if old_bn:                     # the first release: torch.ao's running-variance fold, BN from all subnets
             gm = copy.deepcopy(base.model)
             use_running_bn_fold(gm)
             sn = Supernet(gm, base.space, bn_fold="running")
         else:
             sn = _copy(base)
-        opt = torch.optim.Adam(sn.model.parameters(), lr=lr)
+        # the recipe: one Adam state per sandwich subnet; shared_adam: one Adam over the summed gradient (the
+        # paper's and the official trainer's optimizer), as an ablation
+        opt = (torch.optim.Adam(sn.model.parameters(), lr=lr) if shared_adam
+               else SubnetOptimizer(sn.model.parameters(), torch.optim.Adam, lr=lr))
         fresh_loader_state()
         cpu = time.process_time()
         h = train_supernet(sn, train, opt, cfg["epochs"], scheduler=cosine_scheduler(opt, steps),
@@ -161,6 +168,7 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
         torch.save({"state_dict": sn.model.state_dict(), "bn_batches": cfg.get("bn_batches", 8),
                     "batch_size": batch_size, "image_size": image_size, "stem_stride": cfg.get("stem_stride", 1),
                     "test_images": len(test.dataset), "steps": steps, "float_epochs": cfg["float_epochs"],
+                    "optimizer": "subnet_adam",
                     "supernet_test": out["supernet"] if cfg.get("eval_split", "test") == "test" else None},
                    dest.with_suffix(".tmp"))
         os.replace(dest.with_suffix(".tmp"), dest)
@@ -177,10 +185,11 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
         cpu_seconds[name] = time.process_time() - cpu
         out["dedicated_seconds"][name] = h["seconds"]
         out["dedicated"][name] = evaluate(d, c, test, bn)
-    for key, kw in () if cfg.get("no_ablations") else (("no_wdr", dict(wdr=None)), ("no_gpg", dict(wdr=WDRLoss(), gpg=False)),
-                    ("old_bn", dict(wdr=WDRLoss(on="latent"), old_bn=True))):
+    ablations = (("shared_adam", dict(wdr=WDRLoss(), shared_adam=True)), ("no_wdr", dict(wdr=None)),
+                 ("no_gpg", dict(wdr=WDRLoss(), gpg=False)), ("old_bn", dict(wdr=WDRLoss(on="latent"), old_bn=True)))
+    for key, kw in () if cfg.get("no_ablations") else ablations:
         sn, out[f"{key}_seconds"] = supernet_run(key, **kw)
-        out[key] = evaluate_configs(sn, low, test, bn)
+        out[key] = evaluate_configs(sn, configs if key == "shared_adam" else low, test, bn)
     return out
 
 
@@ -212,20 +221,31 @@ def summarize(runs: list[dict], budget: str, args, machine_line: str | None = No
     lines = [f"Machine: {machine_line or machine()}. Budget `{budget}`: split seeds {seeds} ({data}), "
              f"float pretraining {runs[0].get('recipe', BUDGETS[budget])['float_epochs']} epochs (Adam lr "
              f"{args.float_lr}, cosine), QAT {runs[0]['steps']} steps (batch {args.batch_size}, Adam lr {args.lr}, "
-             "cosine) for the supernet and for each dedicated run. "
+             "cosine) for the supernet and for each dedicated run"
+             + (" (the supernet: one Adam state per sandwich subnet, `SubnetOptimizer`; the dedicated runs have "
+                "one subnet, so one Adam). " if runs[0].get("recipe", {}).get("optimizer") == "subnet_adam" else
+                " (one Adam over the supernet's summed gradient). ")
+             + 
              "Accuracies in %, mean ± std over the split seeds; gap = dedicated - supernet (positive: the "
              "supernet is worse).", ""]
     summary = []
     for m in models:
         rs = [r for r in runs if r["model"] == m]
+        shared = all(set(r.get("shared_adam", {})) == set(names) for r in rs)
         lines += [f"**{m}** (float: {_ms([r['float_acc'] for r in rs])})", "",
-                  "| config | supernet subnet | dedicated LSQ QAT | gap (points) |", "|---|---|---|---|"]
+                  "| config | supernet subnet | dedicated LSQ QAT | gap (points) |"
+                  + (" supernet, one shared Adam (ablation) | its gap |" if shared else ""),
+                  "|---|---|---|---|" + ("---|---|" if shared else "")]
         gaps = {}
         for n in names:
             g = [100 * (r["dedicated"][n] - r["supernet"][n]) for r in rs]
             gaps[n] = statistics.fmean(g)
+            extra = ""
+            if shared:
+                g2 = statistics.fmean(100 * (r["dedicated"][n] - r["shared_adam"][n]) for r in rs)
+                extra = f" {_ms([r['shared_adam'][n] for r in rs])} | {g2:+.2f} |"
             lines.append(f"| {n} | {_ms([r['supernet'][n] for r in rs])} | {_ms([r['dedicated'][n] for r in rs])} "
-                         f"| {gaps[n]:+.2f} |")
+                         f"| {gaps[n]:+.2f} |" + extra)
         t_a = statistics.fmean(r["supernet_seconds"] for r in rs)
         t_b = statistics.fmean(sum(r["dedicated_seconds"].values()) for r in rs)
         cpu = None                    # runs recorded before CPU time was measured have wall time only
@@ -238,7 +258,10 @@ def summarize(runs: list[dict], budget: str, args, machine_line: str | None = No
             continue
         lines += ["", "| ablation (supernet subnets) | " + " | ".join(k for k in rs[0]["no_wdr"]) + " | mean |",
                   "|---|" + "---|" * (len(rs[0]["no_wdr"]) + 1)]
-        rows = [("EQ-Net (GPG + WDR, fixed BN fold)", "supernet"), ("without WDR", "no_wdr"),
+        rows = [("EQ-Net (GPG + WDR, fixed BN fold)", "supernet")]
+        if shared:
+            rows.append(("one shared Adam instead of one per subnet", "shared_adam"))
+        rows += [("without WDR", "no_wdr"),
                 ("without GPG (CE per subnet)", "no_gpg")]
         if "old_bn" in rs[0]:
             rows.append(("first-release BN handling (running-variance fold)", "old_bn"))
@@ -265,7 +288,7 @@ def _recipe(cfg: dict, args) -> dict:
     return {"data": cfg["data"], "float_epochs": cfg["float_epochs"], "epochs": cfg["epochs"],
             "max_steps": cfg["max_steps"], "float_max_steps": cfg.get("float_max_steps"),
             "stem_stride": cfg.get("stem_stride", 1),
-            "lr": args.lr, "float_lr": args.float_lr, "batch_size": args.batch_size, "image_size": args.image_size,
+            "lr": args.lr, "optimizer": "subnet_adam", "float_lr": args.float_lr, "batch_size": args.batch_size, "image_size": args.image_size,
             **({"eval_split": "val"} if cfg.get("eval_split") == "val" else {}),
             **({"configs": list(cfg["configs"])} if cfg.get("configs") else {}),
             **({"no_ablations": True} if cfg.get("no_ablations") else {}),

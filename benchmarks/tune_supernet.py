@@ -44,6 +44,7 @@ import eqnet_plugin.train as T  # noqa: E402
 from eqnet_plugin.data import fashion_mnist_splits, make_loaders  # noqa: E402
 from eqnet_plugin.losses import WDRLoss  # noqa: E402
 from eqnet_plugin.models import build_model  # noqa: E402
+from eqnet_plugin.optim import SubnetOptimizer  # noqa: E402
 
 OUT = B.RESULTS_DIR / "tune_supernet.jsonl"         # small; committed with the BENCHMARKS.md section
 STEPS = 500                 # default budget: bench_supernet_fashion's when these runs began
@@ -210,7 +211,9 @@ def run(args) -> dict:
     for name, prm in sn.model.named_parameters():
         groups[_param_kind(name)].append(prm)
     mult = {"weights": args.weight_lr_mult, "bn": args.weight_lr_mult, "quantizer": args.quantizer_lr_mult}
-    opt = torch.optim.Adam([{"params": v, "lr": args.lr * mult[k]} for k, v in groups.items() if v], lr=args.lr)
+    param_groups = [{"params": v, "lr": args.lr * mult[k]} for k, v in groups.items() if v]
+    opt = (SubnetOptimizer(param_groups, torch.optim.Adam, lr=args.lr) if args.subnet_adam and not args.dedicated
+           else torch.optim.Adam(param_groups, lr=args.lr))
     train.generator.manual_seed(seed)
     sched = T.cosine_scheduler(opt, args.steps)
     epochs = -(-args.steps // len(train))                 # enough epochs for the step budget (782 steps each)
@@ -310,6 +313,8 @@ def main(argv=None) -> None:
                    help="the H subnet also distils from the float start (GPG's KL term)")
     p.add_argument("--switchable-bn", action="store_true",
                    help="one BatchNorm affine per weight bit-width in every Conv-BN layer")
+    p.add_argument("--subnet-adam", action="store_true",
+                   help="SubnetOptimizer: one Adam state and step per sandwich subnet (H, R, L)")
     p.add_argument("--balance", action="store_true", help="rescale R's and L's gradients to H's norm every step")
     p.add_argument("--dedicated", choices=CONFIGS, default=None, help="a dedicated LSQ QAT run instead")
     p.add_argument("--table", action="store_true", help="print the recorded runs as markdown tables")

@@ -3,6 +3,7 @@ torch.ao FX QAT, with search and export to TensorRT, Brevitas and Qualcomm QNN.
 
     gm = prepare_qat_fx(model, elastic_qconfig_mapping(), example_inputs)
     sn = Supernet(gm); sn.calibrate(batches)
+    optimizer = SubnetOptimizer(sn.model.parameters(), torch.optim.Adam, lr=1e-3)   # one Adam state per subnet
     losses = sandwich_step(sn, x, y, optimizer, generator=g)         # inside your training loop
     acc = evaluate(sn, sn.uniform(4, 4), val_loader, bn_batches)
     frozen = freeze(sn, best_cfg)                                      # then eqnet_plugin.adapters.*
@@ -15,17 +16,18 @@ from .fake_quant import ElasticFakeQuantize
 from .freeze import FrozenSubnet, QParams, freeze
 from .fx import elastic_backend_config, elastic_qconfig_mapping, prepare_qat
 from .losses import WDRLoss, gpg_losses
+from .optim import SubnetOptimizer
 from .space import ElasticSpace, QuantChoice, SubnetConfig
 from .supernet import BatchNormStatsError, Supernet
 from .train import (SandwichConfig, evaluate, evaluate_configs, load_checkpoint, sandwich_step, save_checkpoint,
                     train_supernet)
 
 __all__ = ["ElasticSpace", "QuantChoice", "SubnetConfig", "ElasticFakeQuantize", "elastic_qconfig_mapping",
-           "elastic_backend_config", "prepare_qat", "Supernet", "SandwichConfig", "WDRLoss", "gpg_losses",
-           "sandwich_step", "evaluate", "evaluate_configs", "train_supernet", "save_checkpoint", "load_checkpoint",
-           "freeze", "FrozenSubnet", "QParams", "search", "BatchNormStatsError", "adapters", "export_onnx",
-           "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization", "register_target",
-           "get_target", "Target", "__version__"]
+           "elastic_backend_config", "prepare_qat", "Supernet", "SubnetOptimizer", "SandwichConfig", "WDRLoss",
+           "gpg_losses", "sandwich_step", "evaluate", "evaluate_configs", "train_supernet", "save_checkpoint",
+           "load_checkpoint", "freeze", "FrozenSubnet", "QParams", "search", "BatchNormStatsError", "adapters",
+           "export_onnx", "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization",
+           "register_target", "get_target", "Target", "__version__"]
 
 _ADAPTER_EXPORTS = ("export_onnx", "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization",
                     "export_brevitas_qcdq", "export_brevitas_qonnx", "check_tensorrt_onnx", "register_target",

@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _doc(cmd: str) -> str:
     return {
         "train": "Train a float model, prepare it with elastic fake-quants, calibrate, and train the supernet "
-                 "(sandwich rule + GPG + WDR, Adam + cosine). Writes OUT/supernet.pt.",
+                 "(sandwich rule + GPG + WDR; Adam per subnet + cosine). Writes OUT/supernet.pt.",
         "eval": "Accuracy of subnets of a trained supernet (BN re-estimated on training batches per subnet).",
         "search": "Measure sampled subnets, fit the CQAP accuracy predictor and run the genetic search under "
                   "BitOps / size / average-bit constraints and a backend profile. Writes search.json, best.json, "

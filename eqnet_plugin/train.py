@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from . import distributed as D
 from .fake_quant import ElasticFakeQuantize
 from .losses import WDRLoss, gpg_term
+from .optim import SubnetOptimizer
 from .space import ElasticSpace, SubnetConfig, atomic_write_bytes
 from .supernet import Supernet
 
@@ -89,7 +90,8 @@ def _finish_step(supernet: Supernet, net: nn.Module, optimizer: torch.optim.Opti
                  sync: bool, check_ranks: bool, grad_clip_value: float | None = None,
                  losses: Mapping[str, torch.Tensor] | None = None) -> None:
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if sync:
+    per_subnet = isinstance(optimizer, SubnetOptimizer) and optimizer.stashed()
+    if sync and not per_subnet:
         pg = getattr(net, "process_group", None)
         D.all_reduce_gradients(params, group=pg, check=check_ranks)
     if losses is not None:
@@ -100,12 +102,21 @@ def _finish_step(supernet: Supernet, net: nn.Module, optimizer: torch.optim.Opti
             raise FloatingPointError(f"non-finite training loss {bad}: the optimizer step was skipped and the "
                                      "parameters are unchanged; check the inputs for NaN/inf and lower the "
                                      "learning rate")
-    grads = [p for p in params if p.grad is not None]
-    if grad_clip_value is not None:
-        torch.nn.utils.clip_grad_value_(grads, grad_clip_value)
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(grads, grad_clip)
-    optimizer.step()
+
+    def prepare() -> None:                  # on the gradient one optimizer step takes (per subnet with SubnetOptimizer)
+        if sync and per_subnet:
+            D.all_reduce_gradients(params, group=getattr(net, "process_group", None), check=check_ranks)
+        grads = [p for p in params if p.grad is not None]
+        if grad_clip_value is not None:
+            torch.nn.utils.clip_grad_value_(grads, grad_clip_value)
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(grads, grad_clip)
+
+    if per_subnet:
+        optimizer.step(prepare=prepare)
+    else:
+        prepare()
+        optimizer.step()
     if sync and getattr(net, "broadcast_buffers", True):
         # DDP would broadcast rank 0's buffers (BN statistics) at the next forward; no_sync skips that, so do it
         # here. Quantizer buffers are identical on every rank by construction and keep their Python mirror.
@@ -256,6 +267,9 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
         supernet.validate(cfg)
     previous = supernet.current_config()
     optimizer.zero_grad(set_to_none=True)
+    per_subnet = isinstance(optimizer, SubnetOptimizer)
+    if per_subnet and optimizer.subnets != 3:
+        raise ValueError(f"sandwich_step needs a SubnetOptimizer with subnets=3 (H, R, L), got {optimizer.subnets}")
     losses: dict[str, torch.Tensor] = {}
     h_logits = None
     h_only = supernet.bn_fold == "fixed"
@@ -269,6 +283,8 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
                 logits = net(inputs)                                   # (B, K)
                 loss = gpg_term(logits, teacher if gpg else None, targets, lam, temperature, criterion)
                 (loss if weight == 1.0 else loss * weight).backward()  # frees this subnet's graph
+                if per_subnet and name != "l":                          # L's stash waits for WDR's gradient
+                    optimizer.stash(len(losses))
                 losses[name] = loss.detach()
                 teacher = logits.detach()
                 if h_logits is None:
@@ -279,6 +295,8 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
                 losses["wdr"] = reg.detach()
             else:
                 losses["wdr"] = torch.zeros((), device=losses["h"].device)
+            if per_subnet:
+                optimizer.stash(2)
     finally:
         if h_only:
             _track_bn(supernet, True)

@@ -62,7 +62,8 @@ def main(argv=None) -> dict[str, float]:
     calib = bn_batches_from(train_loader.dataset, num_batches=8, batch_size=args.batch_size)   # EQ-Net:
     supernet.calibrate(calib)                                                # EQ-Net: initialize every cell
 
-    optimizer = torch.optim.Adam(model_prepared.parameters(), lr=args.lr)
+    # optimizer = torch.optim.Adam(model_prepared.parameters(), lr=args.lr)
+    optimizer = eq.SubnetOptimizer(model_prepared.parameters(), torch.optim.Adam, lr=args.lr)  # EQ-Net: Adam per subnet
     steps = args.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator, wdr = torch.Generator().manual_seed(0), WDRLoss()            # EQ-Net: sampler + WDR

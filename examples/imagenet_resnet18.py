@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     # 3. supernet training: sandwich + GPG + WDR, Adam + cosine, DDP, rank-0 checkpoints, exact resume
     ddp = DistributedDataParallel(gm, device_ids=[device.index] if device.type == "cuda" else None) \
         if D.is_distributed() else None
-    optimizer = torch.optim.Adam(gm.parameters(), lr=args.lr)
+    optimizer = eq.SubnetOptimizer(gm.parameters(), torch.optim.Adam, lr=args.lr)   # one Adam state per subnet
     steps = args.epochs * len(train_loader) if args.max_steps is None else args.max_steps
     scheduler = cosine_scheduler(optimizer, steps)
     bn_batches = bn_batches_from(train_set, args.bn_batches, args.batch_size, seed=args.seed + 1)

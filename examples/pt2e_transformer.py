@@ -78,7 +78,7 @@ def main(argv=None) -> None:
 
     # 2. calibrate, train, evaluate
     sn.calibrate(train[:2])
-    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    optimizer = eq.SubnetOptimizer(gm.parameters(), torch.optim.Adam, lr=1e-3)   # one Adam state per subnet
     generator, wdr = torch.Generator().manual_seed(0), eq.WDRLoss()
     for i, (x, y) in enumerate(train):
         losses = eq.sandwich_step(sn, x, y, optimizer, generator=generator, wdr=wdr)

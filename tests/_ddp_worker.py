@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from eqnet_plugin import SubnetOptimizer
 from eqnet_plugin.distributed import RankMismatchError, shared_generator
 from eqnet_plugin.losses import WDRLoss
 from eqnet_plugin.train import sample_sandwich, sandwich_step, save_checkpoint
@@ -27,7 +28,7 @@ def main(out_dir: str, steps: int) -> None:
     x, y = x_all[rank::world], y_all[rank::world]                 # different data on every rank
     sn = tiny_supernet(seed=0, calibration=x[:128])               # rank-local calibration data, gathered stats
     ddp = DistributedDataParallel(sn.model)
-    opt = torch.optim.Adam(sn.model.parameters(), lr=3e-3)
+    opt = SubnetOptimizer(sn.model.parameters(), torch.optim.Adam, lr=3e-3)       # the recommended recipe
     # a rank-dependent seed on purpose: shared_generator broadcasts rank 0's
     gen = shared_generator(seed=1234 + rank)
     error = ""

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from ..data import DataSplits, make_loaders
 from ..fx import elastic_backend_config, prepare_qat
 from ..losses import WDRLoss
+from ..optim import SubnetOptimizer
 from ..space import ElasticSpace
 from ..supernet import Supernet
 from ..train import (CheckpointError, bn_batches_from, cosine_scheduler, evaluate, evaluate_configs, load_checkpoint,
@@ -103,7 +104,8 @@ def build_experiment(spec: RunSpec, *, device: str | torch.device = "cpu", float
 def train_experiment(exp: Experiment, epochs: int, checkpoint: str | os.PathLike, *, lr: float = 1e-3,
                      max_steps: int | None = None, resume: bool = False, eval_every: int = 0,
                      progress: bool = False) -> dict:
-    """Supernet training, the paper's recipe: Adam `lr`, cosine decay per step, sandwich + GPG + WDR.
+    """Supernet training, the paper's recipe (Adam `lr`, cosine decay per step, sandwich + GPG + WDR) with one Adam
+    state per sandwich subnet (`SubnetOptimizer`, see `eqnet_plugin.optim`).
 
     Writes `checkpoint` (atomic) at every epoch end; every file written also stores the `RunSpec` and the training
     settings (lr, epochs, max_steps, the length of the cosine schedule), so that `load_experiment` can rebuild
@@ -129,7 +131,7 @@ def train_experiment(exp: Experiment, epochs: int, checkpoint: str | os.PathLike
                                           "pass resume=False or another checkpoint path"))
         with contextlib.suppress(CheckpointError):
             prior = read_run_spec(checkpoint)[1]            # the float model's numbers of the interrupted run
-    opt = torch.optim.Adam(sn.model.parameters(), lr=lr)
+    opt = SubnetOptimizer(sn.model.parameters(), torch.optim.Adam, lr=lr)
     sched = cosine_scheduler(opt, steps)
     gen = torch.Generator().manual_seed(exp.spec.seed)
     eval_cfgs = {"w8a8": sn.uniform(8, 8), "min": sn.min_config(symmetric=True, per_channel=False)} \
