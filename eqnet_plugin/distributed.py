@@ -8,7 +8,9 @@ DDP's reducer synchronizes once per backward and expects every parameter to beco
 forward, unless `find_unused_parameters` walks the graph each step. `sandwich_step` therefore runs the passes under
 `ddp.no_sync()` and then calls `all_reduce_gradients` once: every rank sampled the same subnets, so the same
 parameters have gradients everywhere (checked); the parameters without one keep `grad=None` and the optimizer
-leaves them alone. The result equals DDP's average of the summed gradients, with one all-reduce per step.
+leaves them alone. The result equals DDP's average of the summed gradients, with one all-reduce per step. With a
+`SubnetOptimizer` each subnet's gradient is averaged on its own (three all-reduces per step), before any
+parameter moves.
 """
 from __future__ import annotations
 

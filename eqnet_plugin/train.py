@@ -673,8 +673,13 @@ def load_checkpoint(path: str | os.PathLike, supernet: Supernet, optimizer: torc
     if optimizer is not None:
         if ckpt["optimizer"] is None:
             raise CheckpointError(f"{path!r} holds no optimizer state; load it with optimizer=None")
+        saved = ckpt["optimizer"]
+        if isinstance(saved, dict) and "subnets" in saved and not isinstance(optimizer, SubnetOptimizer):
+            raise CheckpointError(f"{path!r} holds one optimizer state per sandwich subnet (SubnetOptimizer); "
+                                  "resume it with eqnet_plugin.SubnetOptimizer(supernet.model.parameters(), "
+                                  "torch.optim.Adam, lr=...), or pass optimizer=None to load the weights only")
         try:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            optimizer.load_state_dict(saved)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path!r}: optimizer state does not match this optimizer ({e}); build the "
                                   "optimizer over supernet.model.parameters() in the same order as when saving"

@@ -145,3 +145,22 @@ def test_bad_arguments_name_the_fix(base, batches):
     two = SubnetOptimizer(sn.model.parameters(), torch.optim.Adam, subnets=2, lr=1e-3)
     with pytest.raises(ValueError, match="subnets=3"):
         sandwich_step(sn, *batches[0], two, generator=torch.Generator().manual_seed(0))
+
+
+def test_train_supernet_checkpoints_resume_only_into_a_subnet_optimizer(base, tmp_path):
+    from eqnet_plugin.train import CheckpointError, load_checkpoint, train_supernet
+
+    from _tiny import tiny_loader
+    sn = fresh(base)
+    opt = SubnetOptimizer(sn.model.parameters(), torch.optim.Adam, lr=1e-3)
+    path = tmp_path / "ckpt.pt"
+    train_supernet(sn, tiny_loader(tiny_data(n_train=64)[0], batch_size=32), opt, 1, checkpoint_path=path,
+                   generator=torch.Generator().manual_seed(0), progress=False)
+    other = fresh(base)
+    with pytest.raises(CheckpointError, match="SubnetOptimizer"):
+        load_checkpoint(path, other, torch.optim.Adam(other.model.parameters(), lr=1e-3))
+    again = SubnetOptimizer(other.model.parameters(), torch.optim.Adam, lr=1e-3)
+    load_checkpoint(path, other, again)
+    i, p = next((i, q) for i, q in enumerate(sn.model.parameters()) if q in opt.inner[2].state)
+    q = list(other.model.parameters())[i]
+    torch.testing.assert_close(again.inner[2].state[q]["exp_avg"], opt.inner[2].state[p]["exp_avg"], rtol=0, atol=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eqnet_plugin import QuantChoice, Supernet, SubnetConfig
+from eqnet_plugin import QuantChoice, SubnetConfig, SubnetOptimizer, Supernet
 from eqnet_plugin.losses import WDRLoss, gpg_losses
 from eqnet_plugin.train import (bn_batches_from, cosine_scheduler, evaluate, evaluate_configs, load_checkpoint,
                                 lsq_qat, qat_step, sample_sandwich, sandwich_step, train_float, train_supernet)
@@ -98,10 +98,12 @@ def test_subnet_scheme_sampling_shares_one_scheme_per_subnet(base):
         sample_sandwich(base, None, scheme="layer")
 
 
-def test_sandwich_step_makes_no_host_sync(base, data, monkeypatch):
+@pytest.mark.parametrize("per_subnet", [False, True])
+def test_sandwich_step_makes_no_host_sync(base, data, monkeypatch, per_subnet):
     sn = fresh(base)
     x, y = batch(data)
-    opt = torch.optim.SGD(sn.model.parameters(), lr=0.01, momentum=0.9)
+    opt = (SubnetOptimizer(sn.model.parameters(), torch.optim.SGD, lr=0.01, momentum=0.9) if per_subnet
+           else torch.optim.SGD(sn.model.parameters(), lr=0.01, momentum=0.9))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronization (.item/.tolist/bool) inside sandwich_step")
