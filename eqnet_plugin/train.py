@@ -223,7 +223,9 @@ def sandwich_step(supernet: Supernet, inputs: torch.Tensor, targets: torch.Tenso
     Args:
         supernet: the Supernet view of the model being trained.
         inputs, targets: one batch (on the model's device), of the same batch size (checked before any forward).
-        optimizer: optimizer over the model's parameters (including the quantizers' scales).
+        optimizer: optimizer over the model's parameters (including the quantizers' scales). A `SubnetOptimizer`
+            (recommended; `eqnet_plugin.optim`) receives each subnet's gradient apart and steps each with its own
+            state; any other optimizer steps once on the summed gradient (the paper's).
         recipe: the `SandwichConfig` (WDR, GPG weight and temperature, sampling scheme, gradient clipping, label
             loss, finite checks). Default: ``SandwichConfig(wdr=None)``, i.e. the paper's recipe without WDR; pass
             ``SandwichConfig()`` for the full recipe.
@@ -720,7 +722,8 @@ def train_supernet(supernet: Supernet, train_loader: DataLoader, optimizer: torc
     Args:
         supernet: calibrated Supernet (start from a float-trained model, calibrate, then train: the paper's recipe).
         train_loader: (inputs, targets) batches; give it a `generator` (see `data.make_loaders`) for exact resume.
-        optimizer: e.g. ``Adam(supernet.model.parameters(), 1e-3)``.
+        optimizer: e.g. ``SubnetOptimizer(supernet.model.parameters(), torch.optim.Adam, lr=1e-3)`` (one Adam state
+            per subnet, recommended) or ``Adam(supernet.model.parameters(), 1e-3)`` (the paper's).
         epochs: number of epochs.
         scheduler: LR scheduler stepped after every optimizer step (e.g. `cosine_scheduler(opt, steps)`).
         val_loader, eval_configs: every `eval_every` epochs evaluate these named subnets on `val_loader`.
