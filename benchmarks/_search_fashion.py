@@ -22,8 +22,9 @@ trained quantizer cells):
      (same draw, same measurement).
   5. The supernet's uniform subnets (W2A2 ... W8A8, three schemes) on test, the dedicated LSQ QAT runs of
      bench_supernet (same model, seed, QAT steps and float epochs, benchmarks/results/bench_supernet_fashion.json)
-     and the searched front in one Pareto plot (benchmarks/results/pareto_fashion_<model>[_seedS][_sN][_fE].png:
-     split seed, and the supernet's budget where it is not the first one, 500 steps from a 2-epoch float start).
+     and the searched front in one Pareto plot (benchmarks/results/pareto_fashion_<model>[_seedS][_sN][_fE][_sadam].png:
+     split seed, the supernet's budget where it is not the first one, 500 steps from a 2-epoch float start, and
+     _sadam for a supernet trained with one Adam state per subnet).
 
 Evaluation (the bottleneck): `--jobs` worker processes (one thread each, each with its own copy of the supernet)
 measure subnets in parallel; each subnet's BN statistics are re-estimated once, then validation (and test, when

@@ -18,6 +18,7 @@ prints them, `--table --write` records them in BENCHMARKS.md.
     python benchmarks/tune_supernet.py --name balance --balance      # R's and L's gradients scaled to H's norm
     python benchmarks/tune_supernet.py --name "quantizer lr x3" --quantizer-lr-mult 3      # per-group learning rates
     python benchmarks/tune_supernet.py --name "steps 600" --steps 600
+    python benchmarks/tune_supernet.py --name "SubnetOptimizer (Adam per subnet)" --subnet-adam   # one Adam per subnet
     python benchmarks/tune_supernet.py --name dedicated-W8 --dedicated "W8A8 sym/channel"   # the baseline
     python benchmarks/tune_supernet.py --table
 
