@@ -49,6 +49,7 @@ from eqnet_plugin.optim import SubnetOptimizer  # noqa: E402
 
 OUT = B.RESULTS_DIR / "tune_supernet.jsonl"         # small; committed with the BENCHMARKS.md section
 STEPS = 500                 # default budget: bench_supernet_fashion's when these runs began
+LR = 1e-3                   # default Adam lr (bench_supernet_fashion's)
 FLOAT_EPOCHS = 2            # ... and its float start's epochs then (rows recorded before the field have these)
 CONFIGS = ("W8A8 sym/channel", "W4A4 sym/channel", "W3A3 sym/channel", "W2A2 sym/tensor")
 
@@ -256,7 +257,8 @@ def run(args) -> dict:
 def table() -> str:
     """Markdown tables, one per (model, float start): runs compare only on the same cached float start (a float
     model trained on another machine differs in its last bits). The dedicated single-config runs of a start merge
-    into one row, and the supernet rows get their gap to it."""
+    into one row per (steps, lr), and each supernet row gets its gap to the dedicated runs of its own steps and lr
+    (else of its steps at the default lr, else of the default budget)."""
     rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
     lines = []
     groups: dict = {}
@@ -268,24 +270,25 @@ def table() -> str:
         where += f" ({rs[0].get('float_epochs', FLOAT_EPOCHS)} float epochs)"
         lines += [f"**{model}**, seed {rs[0]['seed']}, {where} (validation accuracy, %; gap = dedicated - variant)",
                   "", "| variant | " + " | ".join(CONFIGS) + " |", "|---|" + "---|" * len(CONFIGS)]
-        dedicated: dict = {}                          # steps -> {config: accuracy}
+        dedicated: dict = {}                          # (steps, lr) -> {config: accuracy}
         for r in rs:
             if r["name"].startswith("dedicated"):
-                dedicated.setdefault(r["steps"], {}).update(r["val"])
+                dedicated.setdefault((r["steps"], r.get("lr", LR)), {}).update(r["val"])
         order = {"paper": 0}                            # the recipe first
         for r in sorted((r for r in rs if not r["name"].startswith("dedicated")),
                         key=lambda r: order.get(r["name"].split()[0], 1)):
             # gap to the dedicated runs of the same length, else to the default budget's (the time-ratio
             # comparison of a longer supernet budget)
-            ded = dedicated.get(r["steps"], dedicated.get(STEPS, {}))
+            ded = (dedicated.get((r["steps"], r.get("lr", LR))) or dedicated.get((r["steps"], LR))
+                   or dedicated.get((STEPS, LR), {}))
             cells = []
             for c in CONFIGS:
                 v = r["val"].get(c)
                 gap = f" ({ded[c] - v:+.2f})" if v is not None and c in ded else ""
                 cells.append("-" if v is None else f"{v:.2f}{gap}")
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-        for steps, ded in sorted(dedicated.items()):
-            label = "" if steps == STEPS else f", {steps} steps"
+        for (steps, lr), ded in sorted(dedicated.items()):
+            label = ("" if steps == STEPS else f", {steps} steps") + ("" if lr == LR else f", lr {lr:g}")
             lines.append(f"| dedicated LSQ QAT, one run per config{label} | " + " | ".join(
                 f"{ded[c]:.2f}" if c in ded else "-" for c in CONFIGS) + " |")
         lines.append("")
@@ -298,7 +301,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="tiny_mobilenet_v2", choices=("tiny_resnet", "tiny_mobilenet_v2"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--float-epochs", type=int, default=FLOAT_EPOCHS,
                    help="the float start's epochs (bench_supernet_fashion's budget trains 8 since its third run)")
     p.add_argument("--weight-lr-mult", type=float, default=1.0, help="lr multiplier of weights and BN affine")
