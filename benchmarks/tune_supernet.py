@@ -20,6 +20,7 @@ prints them, `--table --write` records them in BENCHMARKS.md.
     python benchmarks/tune_supernet.py --name "steps 600" --steps 600
     python benchmarks/tune_supernet.py --name "SubnetOptimizer (Adam per subnet)" --subnet-adam   # one Adam per subnet
     python benchmarks/tune_supernet.py --name dedicated-W8 --dedicated "W8A8 sym/channel"   # the baseline
+    python benchmarks/tune_supernet.py --name "x2 width" --width-mult 2 --subnet-adam   # twice the channels
     python benchmarks/tune_supernet.py --table
 
 The float start comes from bench_supernet's cache (runs/bench_supernet_float/); run bench_supernet once for the
@@ -44,13 +45,14 @@ from _report import update_section  # noqa: E402
 import eqnet_plugin.train as T  # noqa: E402
 from eqnet_plugin.data import fashion_mnist_splits, make_loaders  # noqa: E402
 from eqnet_plugin.losses import WDRLoss  # noqa: E402
-from eqnet_plugin.models import build_model  # noqa: E402
+from eqnet_plugin.models import TinyMobileNetV2, TinyResNet, build_model  # noqa: E402
 from eqnet_plugin.optim import SubnetOptimizer  # noqa: E402
 
 OUT = B.RESULTS_DIR / "tune_supernet.jsonl"         # small; committed with the BENCHMARKS.md section
 STEPS = 500                 # default budget: bench_supernet_fashion's when these runs began
 LR = 1e-3                   # default Adam lr (bench_supernet_fashion's)
 FLOAT_EPOCHS = 2            # ... and its float start's epochs then (rows recorded before the field have these)
+FLOAT_LR = 3e-3             # bench_supernet's float pretraining lr
 CONFIGS = ("W8A8 sym/channel", "W4A4 sym/channel", "W3A3 sym/channel", "W2A2 sym/tensor")
 
 
@@ -188,18 +190,40 @@ def _float_teacher(float_model) -> None:
     T.sandwich_step, T.gpg_term = step, gpg_term
 
 
+def _model_id(model: str, width_mult: int) -> str:
+    return model if width_mult == 1 else f"{model}_x{width_mult}"
+
+
+def _build(model: str, width_mult: int) -> torch.nn.Module:
+    """The compact model, or with `width_mult` > 1 the same layers with that many times the channels (a capacity
+    check: does a wider model close the gap?)."""
+    if width_mult == 1:
+        return build_model(model, stem_stride=2)
+    if model == "tiny_resnet":
+        return TinyResNet(widths=tuple(width_mult * w for w in (16, 32, 64)), stem_stride=2)
+    settings = ((16, 1, 1), (24, 2, 4), (24, 1, 4), (32, 2, 4))         # TinyMobileNetV2's defaults
+    return TinyMobileNetV2(settings=tuple((width_mult * c, s, e) for c, s, e in settings), stem=16 * width_mult,
+                           stem_stride=2)
+
+
 def run(args) -> dict:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     seed = args.seed
     splits = fashion_mnist_splits(image_size=28, seed=seed, val_size=10000)
     train, val, _ = make_loaders(splits, 64, seed=seed, eval_batch_size=1000)
-    model = build_model(args.model, stem_stride=2)
+    torch.manual_seed(seed)
+    model = _build(args.model, args.width_mult)
     budget = dict(B.BUDGETS["fashion"], float_epochs=args.float_epochs)      # bench_supernet's recorded float recipe
-    cache = B.float_cache_path(args.model, seed, budget, 3e-3, 64, 28)
-    if not cache.exists():
+    cache = B.float_cache_path(_model_id(args.model, args.width_mult), seed, budget, FLOAT_LR, 64, 28)
+    if not cache.exists() and args.width_mult == 1:
         raise SystemExit(f"no cached float start {cache}: run `python benchmarks/bench_supernet.py --budget fashion "
                          f"--models {args.model} --seeds {seed} --supernet-only` first")
+    if not cache.exists():            # a wider model: train its float start here with bench_supernet's float recipe
+        info = T.train_float(model, train, args.float_epochs, lr=FLOAT_LR, max_steps=budget.get("float_max_steps"))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "seconds": info["seconds"]}, cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)
     state = torch.load(cache, weights_only=True)["state_dict"]
     model.load_state_dict(state)
     float_start = start_id(state)                       # rows compare only on the same start
@@ -232,7 +256,7 @@ def run(args) -> dict:
         if args.balance:
             _balance(sn, norms)
         if args.float_teacher:
-            teacher = build_model(args.model, stem_stride=2)
+            teacher = _build(args.model, args.width_mult)
             teacher.load_state_dict(state)
             _float_teacher(teacher)
         clip = None if args.grad_clip_value.lower() == "none" else float(args.grad_clip_value)
@@ -244,7 +268,7 @@ def run(args) -> dict:
             print("gradient norm ratios R/H, L/H (mean of first / last 100 steps):",
                   [round(sum(r[i] for r in part) / len(part), 2) for part in (norms[:100], norms[-100:])
                    for i in range(2)], flush=True)
-    out = {"name": args.name, "model": args.model, "seed": seed, "steps": args.steps, "lr": args.lr,
+    out = {"name": args.name, "model": _model_id(args.model, args.width_mult), "seed": seed, "steps": args.steps, "lr": args.lr,
            "float_start": float_start, "float_epochs": args.float_epochs,
            "argv": sys.argv[1:], "seconds": round(time.perf_counter() - t, 1),
            "val": {k: round(100 * v, 2) for k, v in res.items()}}
@@ -265,7 +289,8 @@ def table() -> str:
     for r in rows:
         groups.setdefault((r["model"], r.get("float_start") or "-"), []).append(r)
     for (model, start), rs in sorted(groups.items(),
-                                     key=lambda kv: (kv[0][0] != "tiny_mobilenet_v2", kv[0][1] != "-")):
+                                     key=lambda kv: (not kv[0][0].startswith("tiny_mobilenet_v2"), kv[0][0],
+                                                     kv[0][1] != "-")):
         where = "an earlier machine's float start" if start == "-" else f"float start `{start}`"
         where += f" ({rs[0].get('float_epochs', FLOAT_EPOCHS)} float epochs)"
         lines += [f"**{model}**, seed {rs[0]['seed']}, {where} (validation accuracy, %; gap = dedicated - variant)",
@@ -304,6 +329,8 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--float-epochs", type=int, default=FLOAT_EPOCHS,
                    help="the float start's epochs (bench_supernet_fashion's budget trains 8 since its third run)")
+    p.add_argument("--width-mult", type=int, default=1,
+                   help="this many times the model's channels; its float start is trained here on first use")
     p.add_argument("--weight-lr-mult", type=float, default=1.0, help="lr multiplier of weights and BN affine")
     p.add_argument("--quantizer-lr-mult", type=float, default=1.0, help="lr multiplier of the quantizer cells")
     p.add_argument("--subnet-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("H", "R", "L"))
