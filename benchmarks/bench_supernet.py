@@ -41,7 +41,7 @@ from eqnet_plugin import Supernet, elastic_backend_config, elastic_qconfig_mappi
 from eqnet_plugin.bn_fold import use_running_bn_fold  # noqa: E402
 from eqnet_plugin.data import digits_loaders, fashion_mnist_splits, make_loaders  # noqa: E402
 from eqnet_plugin.losses import WDRLoss  # noqa: E402
-from eqnet_plugin.models import build_model  # noqa: E402
+from eqnet_plugin.models import TinyMobileNetV2, TinyResNet, build_model  # noqa: E402
 from eqnet_plugin.optim import SubnetOptimizer  # noqa: E402
 from eqnet_plugin.train import (accuracy, bn_batches_from, cosine_scheduler, evaluate, evaluate_configs,  # noqa: E402
                                 lsq_qat, train_float, train_supernet)
@@ -82,6 +82,22 @@ def _prepare(model, example):
     return Supernet(gm)
 
 
+def build_bench_model(name: str, stem_stride: int = 1) -> torch.nn.Module:
+    """A compact model by name; ``<name>_x<K>`` (e.g. ``tiny_mobilenet_v2_x2``) is the same model with K times the
+    channels in every layer, for the capacity check of BENCHMARKS.md (does a wider model close the gap?)."""
+    base, _, mult = name.rpartition("_x")
+    if not (base and mult.isdigit()):
+        return build_model(name, stem_stride=stem_stride)
+    k = int(mult)
+    if base == "tiny_resnet":
+        return TinyResNet(widths=tuple(k * w for w in (16, 32, 64)), stem_stride=stem_stride)
+    if base == "tiny_mobilenet_v2":
+        settings = ((16, 1, 1), (24, 2, 4), (24, 1, 4), (32, 2, 4))      # TinyMobileNetV2's defaults
+        return TinyMobileNetV2(settings=tuple((k * c, s, e) for c, s, e in settings), stem=16 * k,
+                               stem_stride=stem_stride)
+    raise ValueError(f"unknown model {name!r}: tiny_resnet or tiny_mobilenet_v2, optionally with _x<K>")
+
+
 def _copy(sn: Supernet) -> Supernet:
     return Supernet(copy.deepcopy(sn.model), sn.space)
 
@@ -107,7 +123,7 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
     if cfg.get("eval_split", "test") == "val":
         test = val                    # tuning: every accuracy on the validation split, the test split untouched
     torch.manual_seed(seed)
-    model = build_model(model_name, stem_stride=cfg.get("stem_stride", 1))
+    model = build_bench_model(model_name, stem_stride=cfg.get("stem_stride", 1))
     cache = float_cache_path(model_name, seed, cfg, float_lr, batch_size, image_size)
     t = time.perf_counter()
     if cache.exists():                # the float start depends only on its own recipe: reuse it across variants

@@ -45,7 +45,6 @@ from _report import update_section  # noqa: E402
 import eqnet_plugin.train as T  # noqa: E402
 from eqnet_plugin.data import fashion_mnist_splits, make_loaders  # noqa: E402
 from eqnet_plugin.losses import WDRLoss  # noqa: E402
-from eqnet_plugin.models import TinyMobileNetV2, TinyResNet, build_model  # noqa: E402
 from eqnet_plugin.optim import SubnetOptimizer  # noqa: E402
 
 OUT = B.RESULTS_DIR / "tune_supernet.jsonl"         # small; committed with the BENCHMARKS.md section
@@ -194,18 +193,6 @@ def _model_id(model: str, width_mult: int) -> str:
     return model if width_mult == 1 else f"{model}_x{width_mult}"
 
 
-def _build(model: str, width_mult: int) -> torch.nn.Module:
-    """The compact model, or with `width_mult` > 1 the same layers with that many times the channels (a capacity
-    check: does a wider model close the gap?)."""
-    if width_mult == 1:
-        return build_model(model, stem_stride=2)
-    if model == "tiny_resnet":
-        return TinyResNet(widths=tuple(width_mult * w for w in (16, 32, 64)), stem_stride=2)
-    settings = ((16, 1, 1), (24, 2, 4), (24, 1, 4), (32, 2, 4))         # TinyMobileNetV2's defaults
-    return TinyMobileNetV2(settings=tuple((width_mult * c, s, e) for c, s, e in settings), stem=16 * width_mult,
-                           stem_stride=2)
-
-
 def run(args) -> dict:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -213,13 +200,13 @@ def run(args) -> dict:
     splits = fashion_mnist_splits(image_size=28, seed=seed, val_size=10000)
     train, val, _ = make_loaders(splits, 64, seed=seed, eval_batch_size=1000)
     torch.manual_seed(seed)
-    model = _build(args.model, args.width_mult)
+    model = B.build_bench_model(_model_id(args.model, args.width_mult), stem_stride=2)
     budget = dict(B.BUDGETS["fashion"], float_epochs=args.float_epochs)      # bench_supernet's recorded float recipe
     cache = B.float_cache_path(_model_id(args.model, args.width_mult), seed, budget, FLOAT_LR, 64, 28)
     if not cache.exists() and args.width_mult == 1:
         raise SystemExit(f"no cached float start {cache}: run `python benchmarks/bench_supernet.py --budget fashion "
                          f"--models {args.model} --seeds {seed} --supernet-only` first")
-    if not cache.exists():            # a wider model: train its float start here with bench_supernet's float recipe
+    if not cache.exists():            # a wider model: train its float start here, with bench_supernet's float recipe
         info = T.train_float(model, train, args.float_epochs, lr=FLOAT_LR, max_steps=budget.get("float_max_steps"))
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": model.state_dict(), "seconds": info["seconds"]}, cache.with_suffix(".tmp"))
@@ -256,7 +243,7 @@ def run(args) -> dict:
         if args.balance:
             _balance(sn, norms)
         if args.float_teacher:
-            teacher = _build(args.model, args.width_mult)
+            teacher = B.build_bench_model(_model_id(args.model, args.width_mult), stem_stride=2)
             teacher.load_state_dict(state)
             _float_teacher(teacher)
         clip = None if args.grad_clip_value.lower() == "none" else float(args.grad_clip_value)
@@ -268,7 +255,8 @@ def run(args) -> dict:
             print("gradient norm ratios R/H, L/H (mean of first / last 100 steps):",
                   [round(sum(r[i] for r in part) / len(part), 2) for part in (norms[:100], norms[-100:])
                    for i in range(2)], flush=True)
-    out = {"name": args.name, "model": _model_id(args.model, args.width_mult), "seed": seed, "steps": args.steps, "lr": args.lr,
+    out = {"name": args.name, "model": _model_id(args.model, args.width_mult), "seed": seed, "steps": args.steps,
+           "lr": args.lr,
            "float_start": float_start, "float_epochs": args.float_epochs,
            "argv": sys.argv[1:], "seconds": round(time.perf_counter() - t, 1),
            "val": {k: round(100 * v, 2) for k, v in res.items()}}
