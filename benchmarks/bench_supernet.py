@@ -116,6 +116,22 @@ def float_cache_path(model_name: str, seed: int, cfg: dict, float_lr: float, bat
         f"_b{batch_size}_i{image_size}_stem{cfg.get('stem_stride', 1)}.pt")
 
 
+def load_or_train_float(model: torch.nn.Module, train, cfg: dict, float_lr: float, cache: Path) -> float:
+    """Load the cached float start into `model`, or train it (cfg's float recipe) and cache it. The float start
+    depends only on its own recipe, so variants reuse it. Returns its training time in seconds."""
+    if cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        return saved["seconds"]
+    t = time.perf_counter()
+    train_float(model, train, cfg["float_epochs"], lr=float_lr, max_steps=cfg.get("float_max_steps"))
+    seconds = time.perf_counter() - t
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "seconds": seconds}, cache.with_suffix(".tmp"))
+    os.replace(cache.with_suffix(".tmp"), cache)
+    return seconds
+
+
 def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int, image_size: int,
               float_lr: float = 3e-3) -> dict:
     if cfg["data"] == "fashion-mnist":
@@ -131,17 +147,7 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
     torch.manual_seed(seed)
     model = build_bench_model(model_name, stem_stride=cfg.get("stem_stride", 1))
     cache = float_cache_path(model_name, seed, cfg, float_lr, batch_size, image_size)
-    t = time.perf_counter()
-    if cache.exists():                # the float start depends only on its own recipe: reuse it across variants
-        saved = torch.load(cache, weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        float_seconds = saved["seconds"]
-    else:
-        train_float(model, train, cfg["float_epochs"], lr=float_lr, max_steps=cfg.get("float_max_steps"))
-        float_seconds = time.perf_counter() - t
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "seconds": float_seconds}, cache.with_suffix(".tmp"))
-        os.replace(cache.with_suffix(".tmp"), cache)
+    float_seconds = load_or_train_float(model, train, cfg, float_lr, cache)
     out = {"model": model_name, "seed": seed, "steps": steps, "float_seconds": float_seconds,
            "float_acc": accuracy(model, test), "test_images": len(test.dataset), "train_images": len(train.dataset),
            "eval_split": cfg.get("eval_split", "test")}

@@ -206,13 +206,8 @@ def run(args) -> dict:
     if not cache.exists() and args.width_mult == 1:
         raise SystemExit(f"no cached float start {cache}: run `python benchmarks/bench_supernet.py --budget fashion "
                          f"--models {args.model} --seeds {seed} --supernet-only` first")
-    if not cache.exists():            # a wider model: train its float start here, with bench_supernet's float recipe
-        info = T.train_float(model, train, args.float_epochs, lr=FLOAT_LR, max_steps=budget.get("float_max_steps"))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "seconds": info["seconds"]}, cache.with_suffix(".tmp"))
-        cache.with_suffix(".tmp").replace(cache)
-    state = torch.load(cache, weights_only=True)["state_dict"]
-    model.load_state_dict(state)
+    B.load_or_train_float(model, train, budget, FLOAT_LR, cache)     # a wider model's start is trained on first use
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     float_start = start_id(state)                       # rows compare only on the same start
     bn = T.bn_batches_from(train.dataset, 16, 64, seed=seed)
     sn = B._prepare(model, (bn[0][0],))
