@@ -68,7 +68,8 @@ BUDGETS = {
     "fashion-x2": dict(data="fashion-mnist", models=("tiny_mobilenet_v2_x2",), seeds=(0, 1), float_epochs=8, epochs=2,
                        max_steps=1500, float_max_steps=None, stem_stride=2, bn_batches=16, limit_test=None,
                        configs=("W8A8 sym/channel", "W4A4 sym/channel", "W3A3 sym/channel", "W2A2 sym/tensor"),
-                       no_ablations=True),
+                       no_ablations=True, section="bench_supernet_fashion_x2",
+                       title="Fashion-MNIST, TinyMobileNetV2 at twice the width"),
 }
 ABLATION_CONFIGS = ("W2A2 sym/tensor", "W2A2 asym/tensor", "W2A2 sym/channel", "W3A3 sym/tensor", "W3A3 sym/channel",
                     "W4A4 sym/channel", "W8A8 sym/channel")
@@ -96,11 +97,10 @@ def build_bench_model(name: str, stem_stride: int = 1) -> torch.nn.Module:
         return build_model(name, stem_stride=stem_stride)
     k = int(mult)
     if base == "tiny_resnet":
-        return TinyResNet(widths=tuple(k * w for w in (16, 32, 64)), stem_stride=stem_stride)
+        return TinyResNet(widths=tuple(k * w for w in TinyResNet.WIDTHS), stem_stride=stem_stride)
     if base == "tiny_mobilenet_v2":
-        settings = ((16, 1, 1), (24, 2, 4), (24, 1, 4), (32, 2, 4))      # TinyMobileNetV2's defaults
-        return TinyMobileNetV2(settings=tuple((k * c, s, e) for c, s, e in settings), stem=16 * k,
-                               stem_stride=stem_stride)
+        return TinyMobileNetV2(settings=tuple((k * c, s, e) for c, s, e in TinyMobileNetV2.SETTINGS),
+                               stem=k * TinyMobileNetV2.STEM, stem_stride=stem_stride)
     raise ValueError(f"unknown model {name!r}: tiny_resnet or tiny_mobilenet_v2, optionally with _x<K>")
 
 
@@ -327,9 +327,8 @@ def _recipe(cfg: dict, args) -> dict:
 
 def _section_key(budget: str) -> str:
     """BENCHMARKS.md section (and results file stem) of a budget's recorded run."""
-    if budget == "fashion-x2":
-        return "bench_supernet_fashion_x2"
-    return "bench_supernet_fashion" if BUDGETS[budget]["data"] == "fashion-mnist" else "bench_supernet"
+    fashion = BUDGETS[budget]["data"] == "fashion-mnist"
+    return BUDGETS[budget].get("section", "bench_supernet_fashion" if fashion else "bench_supernet")
 
 
 def _results_path(budget: str) -> Path:
@@ -469,8 +468,8 @@ def _report_section(runs: list[dict], budget: str, args, footer: str, write: boo
     print(text)
     if write:
         key = _section_key(budget)
-        title = {"bench_supernet": "digits", "bench_supernet_fashion": "Fashion-MNIST",
-                 "bench_supernet_fashion_x2": "Fashion-MNIST, TinyMobileNetV2 at twice the width"}[key]
+        title = BUDGETS[budget].get("title", "Fashion-MNIST" if BUDGETS[budget]["data"] == "fashion-mnist"
+                                    else "digits")
         protocol = __doc__.split("\n\n")[1].strip()
         if BUDGETS[budget].get("configs"):          # the capacity check: a subset of that protocol
             protocol = (f"bench_supernet_fashion's protocol (float start, ONE supernet, a dedicated LSQ QAT run "

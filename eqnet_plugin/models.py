@@ -33,7 +33,9 @@ class TinyResNet(nn.Module):
     """ResNet-style CNN: stem conv, `len(widths)` stages of one residual block each, global pool, linear head.
     `stem_stride` 2 halves the feature maps at the stem (28x28 Fashion-MNIST: 4x less compute)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64),
+    WIDTHS = (16, 32, 64)                       # the default stage widths
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, ...] = WIDTHS,
                  stem_stride: int = 1) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False),
@@ -70,9 +72,12 @@ class TinyMobileNetV2(nn.Module):
     """MobileNetV2-style CNN: inverted residual blocks with depthwise convs and ReLU6 (`stem_stride` as for
     `TinyResNet`)."""
 
+    SETTINGS = ((16, 1, 1), (24, 2, 4), (24, 1, 4), (32, 2, 4))   # default blocks: (out channels, stride, expansion)
+    STEM = 16                                                       # default stem channels
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1,
-                 settings: tuple[tuple[int, int, int], ...] = ((16, 1, 1), (24, 2, 4), (24, 1, 4), (32, 2, 4)),
-                 stem: int = 16, stem_stride: int = 1) -> None:
+                 settings: tuple[tuple[int, int, int], ...] = SETTINGS, stem: int = STEM,
+                 stem_stride: int = 1) -> None:
         super().__init__()
         layers = [nn.Sequential(nn.Conv2d(in_channels, stem, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(stem),
                                 nn.ReLU6())]
