@@ -10,7 +10,16 @@ Here the fold uses a *fixed* per-channel statistic, ``fold_var`` (a buffer, set 
 when the `Supernet` is built, i.e. the float model's statistics; never changed by training or BN
 re-estimation). The weight fake-quant therefore always sees ``W = w * gamma / sqrt(fold_var + eps)``, the same
 tensor in every subnet, in training and in evaluation. BatchNorm keeps its per-subnet running statistics for the
-output affine. In eval mode a layer computes
+output affine.
+
+Dead channels (`fold_variance`): a channel whose running variance is below ``DEAD_CHANNEL_VAR`` (1e-3) times its
+layer's median gets the median as ``fold_var``. Such a channel's pre-BN output is (nearly) constant, e.g. behind a
+ReLU that never fires, and folding with its variance multiplies its weights by up to ``1 / sqrt(eps)`` (316x): one
+channel then sets the range of a per-tensor weight cell and every other channel of the layer rounds to zero at low
+bit-widths. Any fixed ``fold_var`` is exact (the ratio r below restores the BatchNorm output), so the choice only
+decides what the quantizer sees.
+
+In eval mode a layer computes
 
     y = conv(x, Q(W)) * r + b',    r = sqrt(fold_var + eps) / sqrt(running_var + eps),
                                    b' = beta + (bias - running_mean) * gamma / sqrt(running_var + eps),
@@ -36,7 +45,10 @@ import torch.ao.nn.intrinsic.qat as nniqat
 from torch import nn
 
 __all__ = ["FixedFoldConvBnMixin", "use_fixed_bn_fold", "use_running_bn_fold", "torch_classes", "fold_weight",
-           "quantized_weight", "fold_to_export", "export_weight", "ConvertFxError"]
+           "quantized_weight", "fold_to_export", "export_weight", "ConvertFxError", "fold_variance",
+           "DEAD_CHANNEL_VAR"]
+
+DEAD_CHANNEL_VAR = 1e-3     # a channel with running variance below this fraction of its layer's median is dead
 
 _ALLOW = threading.local()
 
@@ -129,9 +141,19 @@ _TORCH = {cls: base for base, cls in _FIXED.items()}
 
 
 @torch.no_grad()
+def fold_variance(running_var: torch.Tensor) -> torch.Tensor:
+    """The fixed fold's variance for one layer: `running_var`, except that dead channels (below
+    ``DEAD_CHANNEL_VAR`` times the layer's median) take the median, so they do not blow up a per-tensor weight
+    range (see the module docstring)."""
+    med = running_var.median()
+    return torch.where(running_var < DEAD_CHANNEL_VAR * med, med, running_var).clone()
+
+
+@torch.no_grad()
 def use_fixed_bn_fold(model: nn.Module) -> list[str]:
     """Switch every torch.ao QAT Conv-BN module of `model` (in place) to its fixed-fold class, with ``fold_var``
-    set from the current running variance. Idempotent. Returns the names of the switched modules."""
+    set from the current running variance (`fold_variance`). Idempotent. Returns the names of the switched
+    modules."""
     out = []
     for name, m in model.named_modules():
         cls = _FIXED.get(type(m))
@@ -139,7 +161,7 @@ def use_fixed_bn_fold(model: nn.Module) -> list[str]:
             continue
         m.__class__ = cls
         if "fold_var" not in m._buffers:
-            m.register_buffer("fold_var", m.bn.running_var.detach().clone())
+            m.register_buffer("fold_var", fold_variance(m.bn.running_var.detach()))
         out.append(name)
     return out
 

@@ -243,3 +243,43 @@ def test_sandwich_step_returns_logits_and_uses_the_criterion(tiny_resnet_superne
     assert out["logits"].shape == (8, 10) and not out["logits"].requires_grad
     assert len(seen) == 3                                     # H, R and L all use it
     assert np.isfinite(float(out["total"]))
+
+
+def test_dead_channel_does_not_set_the_per_tensor_weight_range():
+    """A channel behind a ReLU that never fires has zero running variance; folding with it multiplies its weights
+    by 1/sqrt(eps) and a per-tensor weight cell of that layer rounds every live channel to zero. The fixed fold
+    gives dead channels their layer's median variance (exact in float), so per-tensor subnets keep working, while
+    torch.ao's running-variance fold (bn_fold="running") collapses the output."""
+    from eqnet_plugin.bn_fold import fold_variance
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    x = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        model[1].bias[5] = -20.0                 # channel 5 never fires: depthwise channel 5 sees only zeros
+        for bn in (model[1], model[4]):
+            bn.momentum = 1.0
+        model.train()(x)                         # running statistics = this batch's
+        for bn in (model[1], model[4]):
+            bn.momentum = 0.1
+        want = model.eval()(x)
+    var = model[4].running_var
+    assert var[5] == 0 and (var[torch.arange(16) != 5] > 1e-3 * var.median()).all()
+    fv = fold_variance(var)
+    assert fv[5] == var.median() and torch.equal(fv[torch.arange(16) != 5], var[torch.arange(16) != 5])
+
+    errors = {}
+    for fold in ("fixed", "running"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = prepare_qat_fx(copy.deepcopy(model).train(), elastic_qconfig_mapping(), (x,))
+        sn = Supernet(gm, bn_fold=fold)
+        if fold == "fixed":
+            dw = [m for m in gm.modules() if hasattr(m, "fold_var")][1]
+            assert torch.equal(dw.fold_var, fv)
+        sn.calibrate([x])
+        gm.eval()
+        with torch.no_grad(), sn.activate(sn.uniform(4, 8, per_channel=False)):
+            errors[fold] = float((gm(x) - want).norm() / want.norm())
+    assert errors["fixed"] < 0.15 < 0.5 < errors["running"], errors
