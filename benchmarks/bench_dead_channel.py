@@ -36,7 +36,7 @@ RESULTS = B.RESULTS_DIR / "bench_dead_channel.json"
 DEDICATED = "W2A2 sym/tensor"
 
 
-def variant(model_name: str, seed: int, dead_var: float) -> dict:
+def variant(model_name: str, seed: int, rule: bool) -> dict:
     import eqnet_plugin.bn_fold as bf
     from eqnet_plugin.data import fashion_mnist_splits, make_loaders
     from eqnet_plugin.losses import WDRLoss
@@ -44,7 +44,6 @@ def variant(model_name: str, seed: int, dead_var: float) -> dict:
     from eqnet_plugin.train import (bn_batches_from, cosine_scheduler, evaluate, evaluate_configs, lsq_qat,
                                     train_supernet)
     torch.set_num_threads(1)
-    bf.DEAD_CHANNEL_VAR = dead_var                  # read by fold_variance when the Supernet is built
     cfg, lr, batch = B.BUDGETS["fashion-x2"], 1e-3, 64
     splits = fashion_mnist_splits(image_size=28, seed=seed, val_size=10000)
     train, _, test = make_loaders(splits, batch, seed=seed, eval_batch_size=1000)
@@ -52,18 +51,20 @@ def variant(model_name: str, seed: int, dead_var: float) -> dict:
     torch.manual_seed(seed)
     model = B.build_bench_model(model_name, stem_stride=cfg["stem_stride"])
     B.load_or_train_float(model, train, cfg, 3e-3, B.float_cache_path(model_name, seed, cfg, 3e-3, batch, 28))
-    dead = {}
+    dead = {}                                       # the channels the rule (library default) changes
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             v = m.running_var
-            if int((v < 1e-3 * v.median()).sum()):
-                dead[name] = {"channels": int((v < 1e-3 * v.median()).sum()), "min_var": float(v.min()),
-                              "median_var": float(v.median())}
+            n = int((bf.fold_variance(v) != v).sum())
+            if n:
+                dead[name] = {"channels": n, "min_var": float(v.min()), "median_var": float(v.median())}
+    if not rule:
+        bf.DEAD_CHANNEL_VAR = 0.0                   # read by fold_variance when the Supernet is built
     bn = bn_batches_from(train.dataset, cfg["bn_batches"], batch, seed=seed)
     base = B._prepare(model, (bn[0][0],))
     base.calibrate(bn)
     configs = B.reference_configs(base)
-    out = {"dead_channel_var": dead_var, "float_dead_channels": dead}
+    out = {"dead_channel_var": bf.DEAD_CHANNEL_VAR, "float_dead_channels": dead}
 
     sn = B._copy(base)
     opt = SubnetOptimizer(sn.model.parameters(), torch.optim.Adam, lr=lr)
@@ -115,7 +116,7 @@ def main() -> None:
     else:
         t = time.perf_counter()
         with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-            futs = {key: pool.submit(variant, args.model, args.seed, v) for key, v in (("off", 0.0), ("on", 1e-3))}
+            futs = {key: pool.submit(variant, args.model, args.seed, key == "on") for key in ("off", "on")}
             runs = {key: f.result() for key, f in futs.items()}
         res = {"model": args.model, "seed": args.seed, "machine": machine(), "runs": runs,
                "seconds": time.perf_counter() - t}
