@@ -1,6 +1,7 @@
 """The Fashion-MNIST mode of bench_search.py (`--data fashion-mnist`): search on the supernets of bench_supernet.
 
-Per model and split seed, on the supernet `bench_supernet.py --budget fashion --save-supernets` trained and saved in
+Per model and split seed, on the supernet `bench_supernet.py --budget fashion --save-supernets` (`--budget fashion-x2`
+for tiny_mobilenet_v2_x2, the twice-the-width model of its capacity check) trained and saved in
 runs/bench_supernet/<model>_seed<seed>.pt (rebuilt here with the same recipe: 28x28 Fashion-MNIST, stride-2 stem,
 `prepare_qat_fx` with the elastic qconfig mapping, `Supernet`, then the saved state_dict with its calibrated and
 trained quantizer cells):
@@ -21,7 +22,8 @@ trained quantizer cells):
      W4A4 budget, best by validation accuracy, measured on test. Records meeting the budget are part of it
      (same draw, same measurement).
   5. The supernet's uniform subnets (W2A2 ... W8A8, three schemes) on test, the dedicated LSQ QAT runs of
-     bench_supernet (same model, seed, QAT steps and float epochs, benchmarks/results/bench_supernet_fashion.json)
+     bench_supernet (same model, seed, QAT steps and float epochs, benchmarks/results/bench_supernet_fashion.json or
+     bench_supernet_fashion_x2.json)
      and the searched front in one Pareto plot (benchmarks/results/pareto_fashion_<model>[_seedS][_sN][_fE][_sadam].png:
      split seed, the supernet's budget where it is not the first one, 500 steps from a 2-epoch float start, and
      _sadam for a supernet trained with one Adam state per subnet).
@@ -47,11 +49,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, machine  # noqa: E402
 
-MODELS = ("tiny_resnet", "tiny_mobilenet_v2")
+MODELS = ("tiny_resnet", "tiny_mobilenet_v2", "tiny_mobilenet_v2_x2")   # _x2: bench_supernet's capacity check
 SUPERNET_DIR = ROOT / "runs" / "bench_supernet"
 RUN_DIR = ROOT / "runs" / "bench_search_fashion"
 RESULTS = ROOT / "benchmarks" / "results"
-SUPERNET_RESULTS = RESULTS / "bench_supernet_fashion.json"
 EVAL_BATCH = 250            # images per eval forward: the activations stay in cache (`--speed` times it vs 1000)
 RECORD_SEED = 0             # sampling seed of the records stream (record i: rng([RECORD_SEED, i]))
 FIRST_STEPS = 500           # bench_supernet_fashion's first QAT budget: its runs keep the shorter file names, and
@@ -70,10 +71,24 @@ def checkpoint_path(model: str, seed: int) -> Path:
     return SUPERNET_DIR / f"{model}_seed{seed}.pt"
 
 
+def supernet_budget(model: str) -> str:
+    """The bench_supernet budget that trains `model`'s supernets and dedicated runs: fashion, or fashion-x2 for the
+    twice-the-width TinyMobileNetV2 of the capacity check."""
+    import bench_supernet as B
+    return next(b for b in ("fashion", "fashion-x2") if model in B.BUDGETS[b]["models"])
+
+
+def supernet_results(model: str) -> Path:
+    """bench_supernet's results file with `model`'s dedicated runs (bench_supernet_fashion[_x2].json)."""
+    import bench_supernet as B
+    return B._results_path(supernet_budget(model))
+
+
 def _missing(model: str, seed: int) -> SystemExit:
     return SystemExit(
         f"no saved supernet {checkpoint_path(model, seed)}: train it with\n"
-        f"    python benchmarks/bench_supernet.py --budget fashion --models {model} --seeds {seed} --save-supernets "
+        f"    python benchmarks/bench_supernet.py --budget {supernet_budget(model)} --models {model} --seeds {seed} "
+        "--save-supernets "
         "--supernet-only\n"
         "(bench_supernet writes runs/bench_supernet/<model>_seed<seed>.pt; for a quick stand-in, --budget "
         "fashion-small --save-supernets --no-ablations)")
@@ -87,7 +102,7 @@ class Context:
 
         import eqnet_plugin as eq
         from eqnet_plugin.data import fashion_mnist_splits, make_loaders
-        from eqnet_plugin.models import build_model
+        from bench_supernet import build_bench_model
         from eqnet_plugin.train import bn_batches_from
 
         path = checkpoint_path(model, seed)
@@ -108,7 +123,7 @@ class Context:
         self.train, self.val, self.test = make_loaders(splits, batch, seed=seed, eval_batch_size=1000)
         self.bn = bn_batches_from(self.train.dataset, self.n_bn, batch, seed=seed)
         torch.manual_seed(seed)
-        float_model = build_model(model, stem_stride=int(saved.get("stem_stride", 2)))
+        float_model = build_bench_model(model, stem_stride=int(saved.get("stem_stride", 2)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bc = eq.elastic_backend_config() if "mobilenet" in model else None
@@ -267,9 +282,10 @@ def _uniform_configs(sn) -> dict:
 def _dedicated(model: str, seed: int, steps: int, float_epochs: int) -> tuple[dict, dict]:
     """(dedicated test accuracies, the supernet's own uniform test accuracies) of bench_supernet, same model, seed
     and budget (QAT steps, float epochs) as the searched supernet; empty when its results file has no such run."""
-    if not SUPERNET_RESULTS.exists():
+    path = supernet_results(model)
+    if not path.exists():
         return {}, {}
-    for r in json.loads(SUPERNET_RESULTS.read_text()).get("runs", []):
+    for r in json.loads(path.read_text()).get("runs", []):
         recipe = r.get("recipe", {})
         if (r.get("model") == model and r.get("seed") == seed and r.get("steps") == steps
                 and recipe.get("float_epochs", FIRST_FLOAT_EPOCHS) == float_epochs):
@@ -632,10 +648,16 @@ def summary(results: list[dict]) -> list[str]:
 
 def report(results: list[dict]) -> str:
     r0 = results[0]
+    wide = any(supernet_budget(r["model"]) == "fashion-x2" for r in results)
     out = ["## Search on Fashion-MNIST (`benchmarks/bench_search.py --data fashion-mnist`)", "",
            f"Machine: {r0['machine']}. Supernets: `bench_supernet.py --budget fashion --save-supernets "
-           f"[--supernet-only]` (28x28, stride-2 stem, the recorded recipe), one per model and split seed; the "
-           f"dedicated runs compared against are bench_supernet_fashion's of the same model and seed as recorded when "
+           f"[--supernet-only]`"
+           + (" (`--budget fashion-x2` for tiny_mobilenet_v2_x2, the capacity check's TinyMobileNetV2 with twice "
+              "the channels)" if wide else "")
+           + f" (28x28, stride-2 stem, the recorded recipe), one per model and split seed; the "
+           "dedicated runs compared against are bench_supernet_fashion's"
+           + (" (bench_supernet_fashion_x2's)" if wide else "")
+           + f" of the same model and seed as recorded when "
            f"the search ran (kept in each result file with the supernet's fingerprint, since a rerun of "
            f"bench_supernet on another machine trains slightly different models). "
            f"Validation = {r0['val_images']} images held out of the "
