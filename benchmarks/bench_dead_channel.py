@@ -44,13 +44,14 @@ def variant(model_name: str, seed: int, rule: bool) -> dict:
     from eqnet_plugin.train import (bn_batches_from, cosine_scheduler, evaluate, evaluate_configs, lsq_qat,
                                     train_supernet)
     torch.set_num_threads(1)
-    cfg, lr, batch = B.BUDGETS["fashion-x2"], 1e-3, 64
+    cfg, lr, batch = B.BUDGETS["fashion-x2"], B.LR, B.BATCH_SIZE
     splits = fashion_mnist_splits(image_size=28, seed=seed, val_size=10000)
     train, _, test = make_loaders(splits, batch, seed=seed, eval_batch_size=1000)
     steps = min(cfg["max_steps"], cfg["epochs"] * len(train))
     torch.manual_seed(seed)
     model = B.build_bench_model(model_name, stem_stride=cfg["stem_stride"])
-    B.load_or_train_float(model, train, cfg, 3e-3, B.float_cache_path(model_name, seed, cfg, 3e-3, batch, 28))
+    cache = B.float_cache_path(model_name, seed, cfg, B.FLOAT_LR, batch, 28)
+    B.load_or_train_float(model, train, cfg, B.FLOAT_LR, cache)
     dead = {}                                       # the channels the rule (library default) changes
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.BatchNorm2d):

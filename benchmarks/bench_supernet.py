@@ -51,6 +51,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PARTIAL_DIR = Path(__file__).resolve().parent.parent / "runs"                                 # git-ignored
 SCHEMES = {"sym/tensor": (True, False), "asym/tensor": (False, False), "sym/channel": (True, True)}
 BITS = (2, 3, 4, 8)
+LR = 1e-3                   # QAT Adam lr (paper: 1e-3, cosine), supernet and dedicated runs alike
+FLOAT_LR = 3e-3             # float pretraining lr
+BATCH_SIZE = 64
 BUDGETS = {
     # name: data, models, split seeds, float epochs, QAT epochs, max QAT steps (None = all), and for Fashion-MNIST
     # the stem stride of the compact models and the BN recalibration batches
@@ -133,7 +136,7 @@ def load_or_train_float(model: torch.nn.Module, train, cfg: dict, float_lr: floa
 
 
 def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int, image_size: int,
-              float_lr: float = 3e-3) -> dict:
+              float_lr: float = FLOAT_LR) -> dict:
     if cfg["data"] == "fashion-mnist":
         splits = fashion_mnist_splits(image_size=image_size, seed=seed, val_size=10000,
                                       limit_test=cfg.get("limit_test"))
@@ -378,9 +381,9 @@ def main(argv=None) -> None:
                         "ablations, nothing recorded")
     p.add_argument("--save-supernets", action="store_true",
                    help="keep each trained supernet in runs/bench_supernet/ (bench_search reads them)")
-    p.add_argument("--lr", type=float, default=1e-3, help="QAT learning rate (paper: Adam 1e-3, cosine)")
-    p.add_argument("--float-lr", type=float, default=3e-3, help="float pretraining learning rate")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=LR, help="QAT learning rate (paper: Adam 1e-3, cosine)")
+    p.add_argument("--float-lr", type=float, default=FLOAT_LR, help="float pretraining learning rate")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--image-size", type=int, default=None, help="default: 16 for digits, 28 for Fashion-MNIST")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--jobs", type=int, default=1, help="run (model, seed) pairs in this many processes")

@@ -49,9 +49,9 @@ from eqnet_plugin.optim import SubnetOptimizer  # noqa: E402
 
 OUT = B.RESULTS_DIR / "tune_supernet.jsonl"         # small; committed with the BENCHMARKS.md section
 STEPS = 500                 # default budget: bench_supernet_fashion's when these runs began
-LR = 1e-3                   # default Adam lr (bench_supernet_fashion's)
+LR = B.LR                   # default Adam lr (bench_supernet_fashion's)
 FLOAT_EPOCHS = 2            # ... and its float start's epochs then (rows recorded before the field have these)
-FLOAT_LR = 3e-3             # bench_supernet's float pretraining lr
+FLOAT_LR = B.FLOAT_LR       # bench_supernet's float pretraining lr
 CONFIGS = ("W8A8 sym/channel", "W4A4 sym/channel", "W3A3 sym/channel", "W2A2 sym/tensor")
 
 
@@ -198,18 +198,18 @@ def run(args) -> dict:
     warnings.filterwarnings("ignore")
     seed = args.seed
     splits = fashion_mnist_splits(image_size=28, seed=seed, val_size=10000)
-    train, val, _ = make_loaders(splits, 64, seed=seed, eval_batch_size=1000)
+    train, val, _ = make_loaders(splits, B.BATCH_SIZE, seed=seed, eval_batch_size=1000)
     torch.manual_seed(seed)
     model = B.build_bench_model(_model_id(args.model, args.width_mult), stem_stride=2)
     budget = dict(B.BUDGETS["fashion"], float_epochs=args.float_epochs)      # bench_supernet's recorded float recipe
-    cache = B.float_cache_path(_model_id(args.model, args.width_mult), seed, budget, FLOAT_LR, 64, 28)
+    cache = B.float_cache_path(_model_id(args.model, args.width_mult), seed, budget, FLOAT_LR, B.BATCH_SIZE, 28)
     if not cache.exists() and args.width_mult == 1:
         raise SystemExit(f"no cached float start {cache}: run `python benchmarks/bench_supernet.py --budget fashion "
                          f"--models {args.model} --seeds {seed} --supernet-only` first")
     B.load_or_train_float(model, train, budget, FLOAT_LR, cache)     # a wider model's start is trained on first use
     state = {k: v.clone() for k, v in model.state_dict().items()}
     float_start = start_id(state)                       # rows compare only on the same start
-    bn = T.bn_batches_from(train.dataset, 16, 64, seed=seed)
+    bn = T.bn_batches_from(train.dataset, 16, B.BATCH_SIZE, seed=seed)
     sn = B._prepare(model, (bn[0][0],))
     sn.calibrate(bn)
     configs = {k: v for k, v in B.reference_configs(sn).items() if k in CONFIGS}
