@@ -1,6 +1,6 @@
-"""Exporters from a frozen subnet (`eqnet_plugin.freeze`) to deployment toolchains; installed as
+"""Exporters from a frozen subnet (`eqnet_plugin.export.freeze`) to deployment toolchains; installed as
 `eqnet_plugin.adapters`. Each adapter imports its third-party package lazily, inside the function that needs it,
-and reads nothing of eqnet_plugin but the export IR (`eqnet_plugin.ir`), the space and the atomic file writer.
+and reads nothing of eqnet_plugin but the export IR (`eqnet_plugin.export.ir`), the space and the atomic file writer.
 
 Every exporter takes the same first arguments: a `FrozenSubnet`, or a `Supernet` plus ``cfg=``. The target
 registry (`Target`, `register_target`, `get_target`; see `eqnet_plugin.adapters.targets`) is what the CLI and the

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from eqnet_plugin.files import atomic_write
-from eqnet_plugin.ir import FrozenSubnet, QuantPoint, as_example_inputs
+from eqnet_plugin.export.ir import FrozenSubnet, QuantPoint, as_example_inputs
 
 __all__ = ["MARKER_DOMAIN", "MARKER_OP", "export_marked", "replace_markers", "save_model_atomic", "constants",
            "constant_tensors"]

@@ -33,7 +33,7 @@ import warnings
 import torch
 from torch import nn
 
-from eqnet_plugin.ir import (FrozenSubnet, QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear,
+from eqnet_plugin.export.ir import (FrozenSubnet, QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear,
                              as_example_inputs, as_frozen)
 
 __all__ = ["to_brevitas", "export_brevitas_qcdq", "export_brevitas_qonnx"]

@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from eqnet_plugin.ir import FrozenLayer, FrozenSubnet, QParams, as_frozen
+from eqnet_plugin.export.ir import FrozenLayer, FrozenSubnet, QParams, as_frozen
 
 from ._onnx import POOL_OUTPUT_OPS, constants, export_marked, replace_markers, save_model_atomic
 

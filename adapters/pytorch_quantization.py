@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import nn
 
-from eqnet_plugin.ir import QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, as_frozen
+from eqnet_plugin.export.ir import QParams, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, as_frozen
 
 __all__ = ["to_pytorch_quantization", "pq_amax", "pq_problems"]
 

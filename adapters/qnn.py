@@ -53,7 +53,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from eqnet_plugin.files import atomic_files
-from eqnet_plugin.ir import PRODUCER, FrozenSubnet, QParams, as_frozen
+from eqnet_plugin.export.ir import PRODUCER, FrozenSubnet, QParams, as_frozen
 
 from ._onnx import export_marked, replace_markers
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from eqnet_plugin.files import atomic_files
-from eqnet_plugin.ir import FrozenSubnet, as_example_inputs, as_frozen
+from eqnet_plugin.export.ir import FrozenSubnet, as_example_inputs, as_frozen
 
 __all__ = ["Target", "TargetError", "register_target", "unregister_target", "get_target", "target_names",
            "all_targets"]
@@ -67,7 +67,7 @@ class Target:
         rules: ``rules(frozen, options) -> [problem, ...]``: every rule the subnet breaks (default: none).
         requires: ``(module, install hint)`` pairs checked before anything else.
         options: option name -> default value, e.g. ``{"encoding_version": "1.0.0"}``.
-        scheme: the uniform scheme (`eqnet_plugin.pipeline.uniform_config`) of this target's default subnet.
+        scheme: the uniform scheme (`eqnet_plugin.app.pipeline.uniform_config`) of this target's default subnet.
         ort_checkable: kinds of written files that ONNX Runtime runs with the subnet's quantization (the CLI
             reports their top-1 agreement with PyTorch).
     """

@@ -45,7 +45,7 @@ import os
 
 import numpy as np
 
-from eqnet_plugin.ir import QParams, as_frozen
+from eqnet_plugin.export.ir import QParams, as_frozen
 
 from ._onnx import constant_tensors, save_model_atomic
 from .onnx_qdq import INT4_OPSET, MIN_QDQ_OPSET, Encoding, build_qdq_model

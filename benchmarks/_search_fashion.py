@@ -101,7 +101,7 @@ class Context:
         from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
         import eqnet_plugin as eq
-        from eqnet_plugin.data import fashion_mnist_splits, make_loaders
+        from eqnet_plugin.app.data import fashion_mnist_splits, make_loaders
         from bench_supernet import build_bench_model
         from eqnet_plugin.train import bn_batches_from
 
@@ -187,7 +187,7 @@ def _worker_init(model: str, seed: int, bn_batches: int | None, eval_batch: int)
 
 
 def _worker_measure(task: tuple[dict, tuple[str, ...]]) -> dict:
-    from eqnet_plugin.space import SubnetConfig
+    from eqnet_plugin.quant.space import SubnetConfig
     cfg, splits = task
     return _CTX.measure(SubnetConfig.from_dict(cfg), splits)
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_dead_channel.py            # TinyMobileNetV2 x2, split seed 0 (about 25 min, 2 cores)
 
-`eqnet_plugin.bn_fold.fold_variance` gives a channel whose running variance is below ``DEAD_CHANNEL_VAR`` (1e-3)
+`eqnet_plugin.quant.bn_fold.fold_variance` gives a channel whose running variance is below ``DEAD_CHANNEL_VAR`` (1e-3)
 times its layer's median the median as its fixed fold variance. With ``DEAD_CHANNEL_VAR = 0`` the fold is the plain
 running variance (the rule off). This benchmark runs bench_supernet's fashion-x2 recipe (Fashion-MNIST, the cached
 or freshly trained 8-epoch float start, one supernet with `SubnetOptimizer` and WDR for 1500 steps, BN recalibrated
@@ -37,10 +37,10 @@ DEDICATED = "W2A2 sym/tensor"
 
 
 def variant(model_name: str, seed: int, rule: bool) -> dict:
-    import eqnet_plugin.bn_fold as bf
-    from eqnet_plugin.data import fashion_mnist_splits, make_loaders
-    from eqnet_plugin.losses import WDRLoss
-    from eqnet_plugin.optim import SubnetOptimizer
+    import eqnet_plugin.quant.bn_fold as bf
+    from eqnet_plugin.app.data import fashion_mnist_splits, make_loaders
+    from eqnet_plugin.train.losses import WDRLoss
+    from eqnet_plugin.train.optim import SubnetOptimizer
     from eqnet_plugin.train import (bn_batches_from, cosine_scheduler, evaluate, evaluate_configs, lsq_qat,
                                     train_supernet)
     torch.set_num_threads(1)

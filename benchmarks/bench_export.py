@@ -29,7 +29,7 @@ from _report import machine, update_section  # noqa: E402
 from eqnet_plugin import ElasticSpace, Supernet, elastic_backend_config, prepare_qat  # noqa: E402
 from eqnet_plugin.adapters._onnx import export_marked, replace_markers, save_model_atomic  # noqa: E402
 from eqnet_plugin.adapters.onnx_qdq import export_onnx  # noqa: E402
-from eqnet_plugin.freeze import freeze  # noqa: E402
+from eqnet_plugin.export.freeze import freeze  # noqa: E402
 
 THREADS = 2
 SPACE = ElasticSpace(weight_bits=(8,), act_bits=(8,), weight_symmetric=(True,), act_symmetric=(False,),

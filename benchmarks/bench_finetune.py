@@ -66,7 +66,7 @@ def run_one(r: dict, log, part: str = "all") -> dict:
     """The grid for both budgets' picks of one bench_search result (the library's `finetune_subnet` does the
     "all" case for an `Experiment`; this works on bench_search's measurement context and can freeze parts)."""
     from eqnet_plugin.search.records import supernet_fingerprint
-    from eqnet_plugin.space import SubnetConfig
+    from eqnet_plugin.quant.space import SubnetConfig
     from eqnet_plugin.train import cosine_scheduler, lsq_qat
 
     ctx = Context(r["model"], r["seed"])

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, update_section  # noqa: E402
 
 import eqnet_plugin as eq  # noqa: E402
-from eqnet_plugin.losses import WDRLoss  # noqa: E402
+from eqnet_plugin.train.losses import WDRLoss  # noqa: E402
 
 
 LABELS = ("one Adam", "SubnetOptimizer(Adam)", "SubnetOptimizer(Adam, fused=True)")
@@ -44,7 +44,7 @@ def _supernet(name: str):
         torch.manual_seed(0)
         model, batch, shape, bc = torchvision.models.resnet18(weights=None, num_classes=10), 32, (3, 32, 32), None
     else:
-        from eqnet_plugin.models import build_model
+        from eqnet_plugin.app.models import build_model
         torch.manual_seed(0)
         model, batch, shape = build_model("tiny_mobilenet_v2", stem_stride=2), 64, (1, 28, 28)
         bc = eq.elastic_backend_config()

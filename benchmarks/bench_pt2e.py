@@ -4,7 +4,7 @@ Variants (each its own copy of one exported graph, same weights, same batch, SGD
   * torchao x86 QAT: ``prepare_qat_pt2e(exported, X86InductorQuantizer().set_global(
     get_default_x86_inductor_quantization_config(is_qat=True)))`` (torchao's fused moving-average observer +
     fake-quant, Conv-BN folded by torchao's QAT fusion); the baseline of every ratio. torchao 0.18 cannot annotate
-    ResNet's reused ReLU, so the exported graph first goes through `eqnet_plugin.pt2e.split_reused_modules`
+    ResNet's reused ReLU, so the exported graph first goes through `eqnet_plugin.frontends.pt2e.split_reused_modules`
     (annotation metadata only; the computation is unchanged).
   * elastic W8A8: ``prepare_qat_pt2e(exported, ElasticQuantizer())``, ``PT2ESupernet``, calibrated,
     ``sn.uniform(8, 8, per_channel=True)``.
@@ -41,7 +41,7 @@ def build_torchao(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
-    from eqnet_plugin.pt2e import split_reused_modules
+    from eqnet_plugin.frontends.pt2e import split_reused_modules
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
     return prepare_qat_pt2e(split_reused_modules(copy.deepcopy(exported)), quantizer)
 
@@ -49,7 +49,7 @@ def build_torchao(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def build_elastic(exported: torch.fx.GraphModule, calib: torch.Tensor, config: str) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    from eqnet_plugin.pt2e import ElasticQuantizer, PT2ESupernet
+    from eqnet_plugin.frontends.pt2e import ElasticQuantizer, PT2ESupernet
     gm = prepare_qat_pt2e(copy.deepcopy(exported), ElasticQuantizer())
     sn = PT2ESupernet(gm)
     sn.calibrate([calib])

@@ -59,8 +59,8 @@ BN_TAG = "bn-all-train"      # records and random measurements are cached per BN
 def build_supernet(run_dir: Path, widths: tuple[int, ...], epochs: int, float_epochs: int, log):
     """Float-train, prepare, calibrate and supernet-train TinyResNet on digits (cached checkpoint)."""
     import eqnet_plugin as eq
-    from eqnet_plugin.data import digits_loaders
-    from eqnet_plugin.models import TinyResNet
+    from eqnet_plugin.app.data import digits_loaders
+    from eqnet_plugin.app.models import TinyResNet
     from eqnet_plugin.train import (bn_batches_from, cosine_scheduler, load_checkpoint, save_checkpoint,
                                     train_float, train_supernet)
     from torch.ao.quantization.quantize_fx import prepare_qat_fx

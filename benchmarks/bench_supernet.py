@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, update_section  # noqa: E402
 
 from eqnet_plugin import Supernet, elastic_backend_config, elastic_qconfig_mapping  # noqa: E402
-from eqnet_plugin.bn_fold import use_running_bn_fold  # noqa: E402
-from eqnet_plugin.data import digits_loaders, fashion_mnist_splits, make_loaders  # noqa: E402
-from eqnet_plugin.losses import WDRLoss  # noqa: E402
-from eqnet_plugin.models import TinyMobileNetV2, TinyResNet, build_model  # noqa: E402
-from eqnet_plugin.optim import SubnetOptimizer  # noqa: E402
+from eqnet_plugin.quant.bn_fold import use_running_bn_fold  # noqa: E402
+from eqnet_plugin.app.data import digits_loaders, fashion_mnist_splits, make_loaders  # noqa: E402
+from eqnet_plugin.train.losses import WDRLoss  # noqa: E402
+from eqnet_plugin.app.models import TinyMobileNetV2, TinyResNet, build_model  # noqa: E402
+from eqnet_plugin.train.optim import SubnetOptimizer  # noqa: E402
 from eqnet_plugin.train import (accuracy, bn_batches_from, cosine_scheduler, evaluate, evaluate_configs,  # noqa: E402
                                 lsq_qat, train_float, train_supernet)
 

@@ -40,8 +40,8 @@ def _skip(why: str) -> int:
 def build_supernet(torch):
     """TinyResNet on digits with BN statistics from data and signed activation quantizers (TensorRT's INT8)."""
     from eqnet_plugin import ElasticSpace, Supernet, prepare_qat
-    from eqnet_plugin.data import digits_splits
-    from eqnet_plugin.models import TinyResNet
+    from eqnet_plugin.app.data import digits_splits
+    from eqnet_plugin.app.models import TinyResNet
 
     sp = digits_splits(image_size=16)
     xt, xs = sp.train.tensors[0][:256], sp.test.tensors[0]
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     tensorrt_adapter = _import_adapters()
-    from eqnet_plugin.freeze import freeze
+    from eqnet_plugin.export.freeze import freeze
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -43,9 +43,9 @@ import bench_supernet as B  # noqa: E402
 from _report import update_section  # noqa: E402
 
 import eqnet_plugin.train as T  # noqa: E402
-from eqnet_plugin.data import fashion_mnist_splits, make_loaders  # noqa: E402
-from eqnet_plugin.losses import WDRLoss  # noqa: E402
-from eqnet_plugin.optim import SubnetOptimizer  # noqa: E402
+from eqnet_plugin.app.data import fashion_mnist_splits, make_loaders  # noqa: E402
+from eqnet_plugin.train.losses import WDRLoss  # noqa: E402
+from eqnet_plugin.train.optim import SubnetOptimizer  # noqa: E402
 
 OUT = B.RESULTS_DIR / "tune_supernet.jsonl"         # small; committed with the BENCHMARKS.md section
 STEPS = 500                 # default budget: bench_supernet_fashion's when these runs began

@@ -12,12 +12,12 @@ torch.ao FX QAT, with search and export to TensorRT, Brevitas and Qualcomm QNN.
 __version__ = "0.1.0"
 
 from . import search
-from .fake_quant import ElasticFakeQuantize
-from .freeze import FrozenSubnet, QParams, freeze
-from .fx import elastic_backend_config, elastic_qconfig_mapping, prepare_qat
-from .losses import WDRLoss, gpg_losses
-from .optim import SubnetOptimizer
-from .space import ElasticSpace, QuantChoice, SubnetConfig
+from .quant.fake_quant import ElasticFakeQuantize
+from .export.freeze import FrozenSubnet, QParams, freeze
+from .frontends.fx import elastic_backend_config, elastic_qconfig_mapping, prepare_qat
+from .train.losses import WDRLoss, gpg_losses
+from .train.optim import SubnetOptimizer
+from .quant.space import ElasticSpace, QuantChoice, SubnetConfig
 from .supernet import BatchNormStatsError, Supernet
 from .train import (SandwichConfig, evaluate, evaluate_configs, load_checkpoint, sandwich_step, save_checkpoint,
                     train_supernet)

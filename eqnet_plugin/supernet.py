@@ -16,11 +16,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .bn_fold import use_fixed_bn_fold
-from .exact_pool import use_exact_global_pools
-from .fake_quant import ElasticFakeQuantize
-from .fx import convert_reference, unprepared_layers
-from .space import ElasticSpace, QuantChoice, SubnetConfig
+from .quant.bn_fold import use_fixed_bn_fold
+from .quant.exact_pool import use_exact_global_pools
+from .quant.fake_quant import ElasticFakeQuantize
+from .frontends.fx import convert_reference, unprepared_layers
+from .quant.space import ElasticSpace, QuantChoice, SubnetConfig
 
 __all__ = ["Supernet", "Layer", "batch_inputs", "BatchNormStatsError"]
 
@@ -106,7 +106,7 @@ class Supernet:
         space: the space to sample from (default: the space the quantizers were built with). It must be covered by
             the quantizers' cells.
         bn_fold: "fixed" (default): Conv-BN weights are folded with a fixed statistic, so every subnet quantizes
-            the same weights in training, evaluation and export (`eqnet_plugin.bn_fold`); "running": torch.ao's
+            the same weights in training, evaluation and export (`eqnet_plugin.quant.bn_fold`); "running": torch.ao's
             fold with the running variance (the first release's behaviour, kept for ablations).
 
     Attributes:
@@ -118,7 +118,7 @@ class Supernet:
         exact_pools: the global average pools of `model` that were swapped (in place) for `ExactGlobalAvgPool`:
             torch.ao re-quantizes a pool's output on its input's grid, where exact rounding ties are frequent, and a
             float32 mean decides them by summation order; the exact pool gives the same codes on CPU, CUDA and in
-            the exported ONNX (see `eqnet_plugin.exact_pool`). Placement and parameters are unchanged.
+            the exported ONNX (see `eqnet_plugin.quant.exact_pool`). Placement and parameters are unchanged.
         fixed_fold: the Conv-BN modules switched to the fixed fold (empty with ``bn_fold="running"``).
 
     BatchNorm statistics: training-mode forwards through `sandwich_step` update the running statistics with the
@@ -137,10 +137,10 @@ class Supernet:
     """
 
     def __new__(cls, model=None, *args, **kwargs):
-        # A graph prepared by torchao's PT2E flow (eqnet_plugin.pt2e.ElasticQuantizer) gets the PT2E subclass.
+        # A graph prepared by torchao's PT2E flow (eqnet_plugin.frontends.pt2e.ElasticQuantizer) gets the PT2E subclass.
         if cls is Supernet and isinstance(model, nn.Module) and any(
                 type(m).__name__ == "ElasticPT2EFakeQuantize" for m in model.modules()):
-            from .pt2e import PT2ESupernet
+            from .frontends.pt2e import PT2ESupernet
             cls = PT2ESupernet
         return super().__new__(cls)
 
@@ -574,7 +574,7 @@ class Supernet:
         matches the prepared model's eval output under ``activate(cfg)``. The supernet itself is left unchanged.
 
         Use this instead of torch.ao's ``convert_fx``, which refuses elastic Conv-BN layers (it would fold
-        BatchNorm with the running variance and re-quantize the trained weights; see `eqnet_plugin.bn_fold`).
+        BatchNorm with the running variance and re-quantize the trained weights; see `eqnet_plugin.quant.bn_fold`).
 
         Args:
             bn_batches: training batches to re-estimate the subnet's BatchNorm statistics on first (needed once
@@ -611,9 +611,9 @@ class Supernet:
             gm.train(was_training)
 
     def freeze(self, cfg: SubnetConfig | None = None, bn_batches: Iterable | None = None):
-        """`eqnet_plugin.freeze.freeze(self, cfg, bn_batches)`: the export IR of one subnet (default: the active
+        """`eqnet_plugin.export.freeze.freeze(self, cfg, bn_batches)`: the export IR of one subnet (default: the active
         one). Every exporter calls this when it is given a Supernet with ``cfg=``."""
-        from .freeze import freeze
+        from .export.freeze import freeze
         return freeze(self, cfg, bn_batches)
 
     @torch.no_grad()
@@ -624,7 +624,7 @@ class Supernet:
         One eval-mode forward of `model` with fake quantization off (shapes do not depend on it), recorded with
         forward hooks on the layers' modules. The model's training flag, the quantizers' fake-quant flags and the
         BatchNorm statistics are left unchanged. A layer called several times (a shared module) reports its first
-        call. Subclasses whose layers are not modules (`eqnet_plugin.pt2e.PT2ESupernet`) override this.
+        call. Subclasses whose layers are not modules (`eqnet_plugin.frontends.pt2e.PT2ESupernet`) override this.
 
         Args:
             example_inputs: an input tensor or a tuple of positional inputs (moved to the model's device).

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 import eqnet_plugin as eq                                                    # EQ-Net:
-from eqnet_plugin.data import digits_loaders
-from eqnet_plugin.losses import WDRLoss                                      # EQ-Net:
-from eqnet_plugin.models import TinyResNet
+from eqnet_plugin.app.data import digits_loaders
+from eqnet_plugin.train.losses import WDRLoss                                      # EQ-Net:
+from eqnet_plugin.app.models import TinyResNet
 from eqnet_plugin.train import bn_batches_from, evaluate, sandwich_step      # EQ-Net:
 
 

@@ -27,15 +27,15 @@ import eqnet_plugin as eq
 from eqnet_plugin.adapters import (check_tensorrt_onnx, export_brevitas_qcdq, export_brevitas_qonnx, export_onnx,
                                    export_qnn, export_to_tensorrt, to_brevitas, to_pytorch_quantization)
 from eqnet_plugin.adapters.qnn import ENCODING_VERSIONS
-from eqnet_plugin.data import digits_splits
-from eqnet_plugin.models import TinyResNet
+from eqnet_plugin.app.data import digits_splits
+from eqnet_plugin.app.models import TinyResNet
 
 
 def supernet_and_data(checkpoint: str | None):
     """(supernet, training batches, a batch of test images): from a checkpoint of `eqnet train` / `eqnet demo`, or
     freshly built and calibrated."""
     if checkpoint:
-        from eqnet_plugin.pipeline import load_experiment
+        from eqnet_plugin.app.pipeline import load_experiment
         exp = load_experiment(checkpoint)
         return exp.supernet, exp.bn_batches, exp.splits.test.tensors[0][:128]
     splits = digits_splits(image_size=16)

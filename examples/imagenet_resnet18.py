@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import eqnet_plugin as eq
-from eqnet_plugin import distributed as D
-from eqnet_plugin.losses import WDRLoss
+from eqnet_plugin.train import distributed as D
+from eqnet_plugin.train.losses import WDRLoss
 from eqnet_plugin.train import bn_batches_from, cosine_scheduler, evaluate_configs, train_supernet
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -93,7 +93,7 @@ def datasets(args):
 
 def build_model(args, num_classes: int) -> torch.nn.Module:
     if args.arch == "tiny_resnet":
-        from eqnet_plugin.models import TinyResNet
+        from eqnet_plugin.app.models import TinyResNet
         return TinyResNet(num_classes, in_channels=3)
     import torchvision
     weights = "IMAGENET1K_V1" if args.pretrained else None

@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     import eqnet_plugin as eq
-    from eqnet_plugin.pt2e import ElasticQuantizer, check_placement
+    from eqnet_plugin.frontends.pt2e import ElasticQuantizer, check_placement
 
     torch.manual_seed(0)
     vocab, seq = 64, 16

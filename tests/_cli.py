@@ -1,7 +1,7 @@
 """Helpers shared by the CLI tests: run `eqnet` in-process and check its one-line errors."""
 from __future__ import annotations
 
-from eqnet_plugin import cli
+from eqnet_plugin.app import cli
 
 FAST = ["--threads", "1", "--no-progress"]
 

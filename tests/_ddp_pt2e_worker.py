@@ -4,7 +4,7 @@ two ranks (gloo, a free local port) that inherit the imports, which is several s
 ``torch.distributed.run`` importing them in every process. The parent runs no tensor op before forking.
 
 Every rank exports the same tiny CNN (Conv-BN-ReLU, strided Conv-BN-ReLU, global average pool, Linear) with
-``torch.export``, prepares it with ``eqnet_plugin.pt2e.prepare_qat`` (torchao's ``prepare_qat_pt2e`` with
+``torch.export``, prepares it with ``eqnet_plugin.frontends.pt2e.prepare_qat`` (torchao's ``prepare_qat_pt2e`` with
 `ElasticQuantizer`), calibrates it on rank-local data (statistics gathered over the ranks), wraps the prepared
 GraphModule in `DistributedDataParallel` on gloo and runs STEPS sandwich steps through it, each rank on its own data.
 It writes the state before and after training and what the test compares across ranks.
@@ -24,9 +24,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from eqnet_plugin import ElasticSpace, Supernet
-from eqnet_plugin.distributed import shared_generator
-from eqnet_plugin.losses import WDRLoss
-from eqnet_plugin.pt2e import PT2ESupernet, prepare_qat
+from eqnet_plugin.train.distributed import shared_generator
+from eqnet_plugin.train.losses import WDRLoss
+from eqnet_plugin.frontends.pt2e import PT2ESupernet, prepare_qat
 from eqnet_plugin.train import sample_sandwich, sandwich_step
 
 SPACE = ElasticSpace(weight_bits=(4, 8), act_bits=(4, 8))

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from eqnet_plugin import SubnetOptimizer
-from eqnet_plugin.distributed import RankMismatchError, shared_generator
-from eqnet_plugin.losses import WDRLoss
+from eqnet_plugin.train.distributed import RankMismatchError, shared_generator
+from eqnet_plugin.train.losses import WDRLoss
 from eqnet_plugin.train import sample_sandwich, sandwich_step, save_checkpoint
 
 from _tiny import tiny_data, tiny_supernet

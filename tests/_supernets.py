@@ -64,7 +64,7 @@ def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
 def _trained_torchvision(name: str, steps: int) -> nn.Module:
     import torchvision
 
-    from eqnet_plugin.data import digits_splits
+    from eqnet_plugin.app.data import digits_splits
 
     sp = digits_splits(image_size=32)
     x, y = sp.train.tensors

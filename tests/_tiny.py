@@ -8,8 +8,8 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx
 from torch.utils.data import DataLoader, TensorDataset
 
 from eqnet_plugin import ElasticSpace, Supernet, elastic_qconfig_mapping
-from eqnet_plugin.data import digits_splits
-from eqnet_plugin.models import TinyResNet
+from eqnet_plugin.app.data import digits_splits
+from eqnet_plugin.app.models import TinyResNet
 
 SPACE = ElasticSpace(weight_bits=(2, 4, 8), act_bits=(2, 4, 8))
 WIDTHS = (8, 16, 16)

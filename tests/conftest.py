@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from eqnet_plugin import ElasticSpace, Supernet, elastic_qconfig_mapping
-from eqnet_plugin.models import TinyResNet
+from eqnet_plugin.app.models import TinyResNet
 
 IMAGE_SHAPE = (1, 16, 16)
 

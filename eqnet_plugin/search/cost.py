@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..space import SubnetConfig
+from ..quant.space import SubnetConfig
 
 __all__ = ["LayerCost", "Costs", "CostModel", "cost_of", "FLOAT_BITS", "SCALE_BYTES", "ZERO_POINT_BYTES",
            "BIAS_BYTES"]

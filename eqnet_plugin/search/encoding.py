@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..space import MAX_BITS, QuantChoice, SubnetConfig
+from ..quant.space import MAX_BITS, QuantChoice, SubnetConfig
 from .profiles import BackendProfile, get_profile
 
 __all__ = ["Condition", "SearchSpace"]

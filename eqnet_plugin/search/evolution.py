@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..space import SubnetConfig, atomic_write_text
+from ..quant.space import SubnetConfig, atomic_write_text
 from .cost import CostModel
 from .encoding import SearchSpace
 from .pareto import pareto_front, plot_pareto

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..space import MAX_BITS, SubnetConfig, atomic_write_bytes
+from ..quant.space import MAX_BITS, SubnetConfig, atomic_write_bytes
 from .encoding import SearchSpace
 
 __all__ = ["CQAP", "kendall_tau", "pearson", "PREDICTOR_VERSION", "REGRESSORS", "GBT_SHAPES"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..space import MAX_BITS, MIN_BITS
+from ..quant.space import MAX_BITS, MIN_BITS
 
 __all__ = ["BackendProfile", "PROFILES", "get_profile"]
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..space import SubnetConfig
+from ..quant.space import SubnetConfig
 from .cost import CostModel
 from .encoding import SearchSpace
 from .profiles import BackendProfile
