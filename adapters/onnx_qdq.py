@@ -251,7 +251,7 @@ def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=N
     """Write `frozen` as an ONNX model with Q/DQ nodes at every quantized tensor, runnable by ONNX Runtime.
 
     Args:
-        frozen: a `FrozenSubnet`, a `Supernet` (with `cfg`, default its active subnet) or a ``(supernet, cfg)`` tuple.
+        frozen: a `FrozenSubnet`, or a `Supernet` (with `cfg`, default its active subnet).
         example_inputs: tuple of input tensors for tracing (the batch dimension is exported as dynamic).
         path: output file; written atomically (nothing is left behind on error).
         cfg: the subnet, when `frozen` is a Supernet.

@@ -39,7 +39,7 @@ per-tensor (unsigned, any zero point; a symmetric activation is the special case
 ``strict=True`` refuses other subnets with an error naming the rule; ``strict=False`` writes any bit-width
 (2..8), for AIMET simulation (``encodings_to_onnx_qdq`` only converts 4/8/16-bit files: ONNX has no other types).
 
-`tests/test_adapters_qnn.py` loads every version in aimet-onnx and compares its simulation with the FrozenSubnet;
+`tests/toolchains/test_adapters_qnn.py` loads every version in aimet-onnx and compares its simulation with the FrozenSubnet;
 docs/targets.md (section Qualcomm QNN / AIMET) records the measured agreement and its two limits, both about
 rounding (AIMET rounds .5 ties away from zero where torch rounds to even; float summation order in deep nets).
 """
@@ -58,8 +58,7 @@ from eqnet_plugin.export.ir import PRODUCER, FrozenSubnet, QParams, as_frozen
 from ._onnx import export_marked, replace_markers
 
 __all__ = ["ENCODING_VERSIONS", "QnnExport", "qnn_rule_violations", "encoding_entry", "build_encodings",
-           "export_qnn", "aimet_quantsim", "check_encoding_version",
-           "full_grid_problems"]
+           "export_qnn", "aimet_quantsim", "check_encoding_version"]
 
 ENCODING_VERSIONS = ("0.6.1", "1.0.0", "2.0.0")
 HTP_WEIGHT_BITS = (4, 8)
@@ -82,23 +81,6 @@ class QnnExport(NamedTuple):
 
 
 # --- subnet checks --------------------------------------------------------------------------------------------
-def _check_full_grid(group: str, qp: QParams) -> None:
-    if qp.qmax - qp.qmin != (1 << qp.bits) - 1:
-        raise ValueError(f"group {group!r} uses the integer range [{qp.qmin}, {qp.qmax}], not the full {qp.bits}-bit "
-                         "range that AIMET/QNN encodings can express; freeze a subnet with full-range quantizers")
-
-
-def full_grid_problems(frozen: FrozenSubnet) -> list[str]:
-    """A problem line per quantizer whose range is not the full b-bit grid (AIMET encodings describe full grids)."""
-    out = []
-    for g, qp in frozen.qparams.items():
-        try:
-            _check_full_grid(g, qp)
-        except ValueError as e:
-            out.append(str(e))
-    return out
-
-
 def qnn_rule_violations(frozen: FrozenSubnet) -> list[str]:
     """The QNN HTP rules that `frozen` breaks (empty list: HTP runs it).
 
@@ -143,10 +125,9 @@ def encoding_entry(qp: QParams, *, is_param: bool, version: str, name: str | Non
     Returns:
         list (0.6.1) or dict.
     Raises:
-        ValueError: unknown version, or a range that is not the full b-bit grid.
+        ValueError: unknown version.
     """
     check_encoding_version(version)
-    _check_full_grid(name or "?", qp)
     b = qp.bits
     scale = qp.scale.detach().cpu().numpy().astype(np.float32).reshape(-1)    # (C,) or (1,)
     offset = _unsigned_offset(qp)                                              # (C,) or (1,)
@@ -327,7 +308,7 @@ def export_qnn(frozen, example_inputs: tuple, out_dir_or_prefix, *, cfg=None, en
 
     Args:
         frozen: a `FrozenSubnet`, or a `Supernet` with `cfg` (default: its active subnet), as every exporter
-            takes (a ``(supernet, cfg)`` pair still works).
+            takes.
         example_inputs: a tensor or a tuple of example input tensors for the ONNX export.
         cfg: the subnet to freeze when `frozen` is a Supernet.
         out_dir_or_prefix: an existing folder or a path ending in "/" (files ``model.onnx`` / ``model.encodings``
@@ -347,8 +328,6 @@ def export_qnn(frozen, example_inputs: tuple, out_dir_or_prefix, *, cfg=None, en
     """
     check_encoding_version(encoding_version)
     frozen = as_frozen(frozen, cfg)
-    for g, qp in frozen.qparams.items():
-        _check_full_grid(g, qp)
     if strict:
         bad = qnn_rule_violations(frozen)
         if bad:

@@ -36,6 +36,9 @@ from typing import Callable, Mapping
 
 from eqnet_plugin.files import atomic_files
 from eqnet_plugin.export.ir import FrozenSubnet, as_example_inputs, as_frozen
+from eqnet_plugin.quant.space import Scheme
+
+from ._policy import UnsignedActivations
 
 __all__ = ["Target", "TargetError", "register_target", "unregister_target", "get_target", "target_names",
            "all_targets"]
@@ -70,6 +73,9 @@ class Target:
         scheme: the uniform scheme (`eqnet_plugin.app.pipeline.uniform_config`) of this target's default subnet.
         ort_checkable: kinds of written files that ONNX Runtime runs with the subnet's quantization (the CLI
             reports their top-1 agreement with PyTorch).
+        signed_activations: the target runs activations only on the signed grid (TensorRT: INT8, zero point 0):
+            the pipeline and the demo calibrate a supernet meant for it with ``signed_activations=True``
+            (`eqnet_plugin.app.pipeline.signed_activations_for`), so its export is exact.
     """
 
     name: str
@@ -79,8 +85,9 @@ class Target:
     rules: RulesFn | None = None
     requires: tuple[tuple[str, str], ...] = ()
     options: Mapping[str, object] = field(default_factory=dict)
-    scheme: str = "sym"
+    scheme: Scheme = Scheme.SYM
     ort_checkable: tuple[str, ...] = ()
+    signed_activations: bool = False
 
     def _options(self, options: Mapping[str, object]) -> dict[str, object]:
         unknown = sorted(set(options) - set(self.options))
@@ -244,13 +251,13 @@ def _brevitas_write(frozen, ex, folder, opts):
 
 
 def _qnn_rules(frozen, opts):
-    from .qnn import check_encoding_version, full_grid_problems, qnn_rule_violations
+    from .qnn import check_encoding_version, qnn_rule_violations
     problems = []
     try:
         check_encoding_version(opts["encoding_version"])
     except ValueError as e:
         problems.append(str(e))
-    return problems + full_grid_problems(frozen) + qnn_rule_violations(frozen)
+    return problems + qnn_rule_violations(frozen)
 
 
 def _qnn_write(frozen, ex, folder, opts):
@@ -263,15 +270,15 @@ register_target(Target("onnx", "Q/DQ ONNX for ONNX Runtime (sub-8-bit grids via 
                        write=_onnx_write, requires=(("onnx", _EXPORT_HINT),), ort_checkable=("onnx",)))
 register_target(Target("tensorrt", "TensorRT explicit-quantization ONNX, checked against TensorRT's Q/DQ rules",
                        profile="tensorrt", write=_tensorrt_write, rules=_tensorrt_rules,
-                       requires=(("onnx", _EXPORT_HINT),), options={"unsigned_activations": "rescale"},
-                       scheme="sym-pc", ort_checkable=("onnx",)))
+                       requires=(("onnx", _EXPORT_HINT),), options={"unsigned_activations": UnsignedActivations.REFUSE},
+                       scheme=Scheme.SYM_PC, ort_checkable=("onnx",), signed_activations=True))
 register_target(Target("pytorch-quantization", "NVIDIA pytorch-quantization model (TensorRT's PyTorch toolkit)",
                        profile="tensorrt", write=_pq_write, rules=_pq_rules,
-                       requires=(("pytorch_quantization", 'pip install -e ".[tensorrt]"'),), scheme="sym-pc"))
+                       requires=(("pytorch_quantization", 'pip install -e ".[tensorrt]"'),), scheme=Scheme.SYM_PC))
 register_target(Target("brevitas", "Brevitas model exported as QCDQ and QONNX ONNX", profile="brevitas",
                        write=_brevitas_write, rules=_brevitas_rules,
                        requires=(("brevitas", 'pip install -e ".[brevitas]"'), ("onnx", _EXPORT_HINT),
                                  ("onnxoptimizer", 'pip install -e ".[brevitas]"')), ort_checkable=("qcdq",)))
 register_target(Target("qnn", "float ONNX + AIMET encodings for Qualcomm QNN", profile="qnn", write=_qnn_write,
                        rules=_qnn_rules, requires=(("onnx", _EXPORT_HINT),), options={"encoding_version": "1.0.0"},
-                       scheme="wsym-pc-aasym"))
+                       scheme=Scheme.WSYM_PC_AASYM))

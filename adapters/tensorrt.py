@@ -28,9 +28,10 @@ at opset >= 21 weights of <= 4 bits are written as INT4 where TensorRT allows it
 Linear layers, not 3x3/1x1 convolutions).
 
 Unsigned activations (after ReLU, symmetric, zero point 0 on [0, 2^b - 1]): TensorRT's INT8 grid is [-128, 127], so
-a scale-`s` unsigned 8-bit cell has no exact INT8 equivalent. `unsigned_activations` chooses: ``"refuse"``
-(default) raise; ``"rescale"``: INT8 with scale 2 s (covers the same range, drops the lowest bit, so the engine is
-close to but not exactly the trained subnet; docs/targets.md has the measured agreement). Keeping the scale and
+a scale-`s` unsigned 8-bit cell has no exact INT8 equivalent. `unsigned_activations` (an `UnsignedActivations`)
+chooses: ``REFUSE`` (the one default) raises; ``RESCALE``, an explicit opt-in that the CLI and the demo never use:
+INT8 with scale 2 s (covers the same range, drops the lowest bit, so the engine is close to but not exactly the trained
+subnet). Keeping the scale and
 saturating at 127 s is not offered: calibrated post-ReLU ranges use the whole [0, 255] grid. The exact route is a
 supernet whose activation quantizers use the signed grid (a ReLU output then only uses codes 0..127): calibrate it with
 ``Supernet.calibrate(batches, signed_activations=True)`` (``eqnet train --signed-activations``) before training.
@@ -48,12 +49,19 @@ import numpy as np
 from eqnet_plugin.export.ir import QParams, as_frozen
 
 from ._onnx import constant_tensors, save_model_atomic
+from ._policy import UnsignedActivations
 from .onnx_qdq import INT4_OPSET, MIN_QDQ_OPSET, Encoding, build_qdq_model
 
 __all__ = ["export_to_tensorrt", "check_tensorrt_onnx", "assert_tensorrt_onnx", "tensorrt_subnet_problems",
-           "TensorRTCompatibilityError", "UNSIGNED_POLICIES", "RULES"]
+           "TensorRTCompatibilityError", "UnsignedActivations", "RULES"]
 
-UNSIGNED_POLICIES = ("refuse", "rescale")
+
+def _unsigned_policy(value) -> UnsignedActivations:
+    if not isinstance(value, UnsignedActivations):
+        raise TypeError(f"unsigned_activations must be an UnsignedActivations (REFUSE or RESCALE), got {value!r}; "
+                        "e.g. unsigned_activations=UnsignedActivations.RESCALE")
+    return value
+
 RULES = ("opset", "domain", "dtype", "int4", "zero-point", "scale", "per-channel-activation", "axis", "qdq-pair",
          "residual-add", "no-qdq")
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -73,16 +81,16 @@ class TensorRTCompatibilityError(ValueError):
 
 
 # --- subnet rules ----------------------------------------------------------------------------------------------
-def tensorrt_subnet_problems(frozen, opset: int = 17, unsigned_activations: str = "refuse") -> list[str]:
+def tensorrt_subnet_problems(frozen, opset: int = 17,
+                             unsigned_activations: UnsignedActivations = UnsignedActivations.REFUSE) -> list[str]:
     """Why TensorRT cannot run subnet `frozen` exactly (empty list: it can).
 
     Args:
-        frozen: FrozenSubnet, Supernet (active subnet) or (supernet, cfg).
+        frozen: FrozenSubnet, or Supernet (its active subnet).
         opset: the opset the export would use.
-        unsigned_activations: see module docstring; only ``"refuse"`` reports unsigned activation grids.
+        unsigned_activations: see module docstring; only ``REFUSE`` reports unsigned activation grids.
     """
-    if unsigned_activations not in UNSIGNED_POLICIES:
-        raise ValueError(f"unsigned_activations must be one of {UNSIGNED_POLICIES}, got {unsigned_activations!r}")
+    unsigned_activations = _unsigned_policy(unsigned_activations)
     frozen = as_frozen(frozen)
     problems = []
     if opset < MIN_QDQ_OPSET:
@@ -99,10 +107,10 @@ def tensorrt_subnet_problems(frozen, opset: int = 17, unsigned_activations: str 
                 problems.append(f"activation-bits: activation group {g!r} is {qp.bits}-bit; TensorRT runs INT8 "
                                 "activations only (sub-8-bit grids need a Clip between Q and DQ, which TensorRT "
                                 "rejects): use 8-bit activations for a TensorRT subnet")
-            elif not qp.signed and not asymmetric and unsigned_activations == "refuse":
+            elif not qp.signed and not asymmetric and unsigned_activations is UnsignedActivations.REFUSE:
                 problems.append(f"unsigned-activation: activation group {g!r} uses the unsigned grid "
                                 f"[{qp.qmin}, {qp.qmax}] (data >= 0, e.g. after ReLU); TensorRT's INT8 is [-128, 127]. "
-                                "Pass unsigned_activations='rescale' (INT8 at scale*2: one bit less resolution, "
+                                "Pass unsigned_activations=UnsignedActivations.RESCALE (INT8 at scale*2: one bit less resolution, "
                                 "not bit-exact), or calibrate the supernet with signed_activations=True before "
                                 "training (Supernet.calibrate / `eqnet train --signed-activations`): exact")
             if qp.per_channel:
@@ -113,11 +121,12 @@ def tensorrt_subnet_problems(frozen, opset: int = 17, unsigned_activations: str 
     return problems
 
 
-def _trt_encoding(qp: QParams, is_weight: bool, int4_ok: bool, unsigned_activations: str) -> Encoding:
+def _trt_encoding(qp: QParams, is_weight: bool, int4_ok: bool, unsigned_activations: UnsignedActivations
+                  ) -> Encoding:
     per_channel = qp.per_channel
     scale = qp.scale.detach().cpu().numpy().astype(np.float32)
     if not is_weight and not qp.signed:
-        scale = scale * np.float32(2.0) if unsigned_activations == "rescale" else scale
+        scale = scale * np.float32(2.0) if unsigned_activations is UnsignedActivations.RESCALE else scale
     scale = scale if per_channel else scale.reshape(())
     dtype = _INT4 if (is_weight and int4_ok and qp.bits <= 4) else _INT8
     zp = np.zeros(scale.shape, dtype=np.int8)
@@ -125,16 +134,16 @@ def _trt_encoding(qp: QParams, is_weight: bool, int4_ok: bool, unsigned_activati
 
 
 def export_to_tensorrt(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=None, opset: int = 17,
-                       unsigned_activations: str = "refuse") -> str:
+                       unsigned_activations: UnsignedActivations = UnsignedActivations.REFUSE) -> str:
     """Write subnet `frozen` as a TensorRT explicit-quantization ONNX model (see module docstring).
 
     Args:
-        frozen: a `FrozenSubnet`, a `Supernet` (with `cfg`, default its active subnet) or a ``(supernet, cfg)`` tuple.
+        frozen: a `FrozenSubnet`, or a `Supernet` (with `cfg`, default its active subnet).
         example_inputs: tuple of input tensors for tracing (batch dimension exported as dynamic).
         path: output file, written atomically after the model passes `check_tensorrt_onnx`.
         cfg: the subnet, when `frozen` is a Supernet.
         opset: 17 (INT8 everywhere) or >= 21 (weights of <= 4 bits as INT4 where the last dim is even).
-        unsigned_activations: ``"refuse"`` | ``"rescale"`` for activations on the unsigned grid.
+        unsigned_activations: `UnsignedActivations` for activations on the unsigned grid.
     Returns:
         `path` as a string.
     Raises:

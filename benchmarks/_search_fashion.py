@@ -12,8 +12,8 @@ trained quantizer cells):
      bench_supernet uses (`bn_batches_from(train, 16, 64, seed)`). Each record also keeps the accuracy on the even
      and the odd validation images (their Kendall tau over the 200 held-out records is the noise ceiling) and the
      mean probability of the true class (a lower-noise proxy of accuracy), also per half.
-  2. CQAP (the paper's MLP and the default gradient-boosted trees) fitted on the first 250 / 500 / 1000 records,
-     Kendall tau on the last 200.
+  2. CQAP (the default ensemble, its gradient-boosted trees alone and the paper's MLP) fitted on the first 250 /
+     500 / 1000 records, Kendall tau on the last 200.
   3. Search under BitOps <= uniform W3A3 and W4A4 (default space) and <= uniform W4A8 (tensorrt profile, its own
      lowest uniform budget): 3 rounds of (refit CQAP on records + measured, genetic search, measure its 10 best
      predicted on validation), best measured on validation kept (`refine_search`'s rule). Picks at W2A2 / W5A5 /
@@ -22,21 +22,17 @@ trained quantizer cells):
      W4A4 budget, best by validation accuracy, measured on test. Records meeting the budget are part of it
      (same draw, same measurement).
   5. The supernet's uniform subnets (W2A2 ... W8A8, three schemes) on test, the dedicated LSQ QAT runs of
-     bench_supernet (same model, seed, QAT steps and float epochs, benchmarks/results/bench_supernet_fashion.json or
-     bench_supernet_fashion_x2.json)
-     and the searched front in one Pareto plot (benchmarks/results/pareto_fashion_<model>[_seedS][_sN][_fE][_sadam].png:
-     split seed, the supernet's budget where it is not the first one, 500 steps from a 2-epoch float start, and
-     _sadam for a supernet trained with one Adam state per subnet).
+     bench_supernet (same model, seed, QAT steps and float epochs; benchmarks/results/bench_supernet.json) and the
+     searched front in one Pareto plot (benchmarks/results/pareto_fashion_<model>_seed<seed>.png).
 
-Evaluation (the bottleneck): `--jobs` worker processes (one thread each, each with its own copy of the supernet)
-measure subnets in parallel; each subnet's BN statistics are re-estimated once, then validation (and test, when
-asked) run in batches of `EVAL_BATCH` images. The accuracies equal `eqnet_plugin.train.evaluate` with the
+Evaluation (the bottleneck): the library's `SubnetMeasurer` (one for validation, one for test, each cached in a
+JSON-lines file of the run directory) with `--jobs` worker processes (one thread each, each with its own copy of
+the supernet) measures subnets in parallel; for each split a subnet's BN statistics are re-estimated, then the
+split runs in batches of `EVAL_BATCH` images. The accuracies equal `eqnet_plugin.train.evaluate` with the
 1000-image loaders of bench_supernet bit for bit (`--speed` checks this and times both).
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 import time
@@ -47,18 +43,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, machine  # noqa: E402
+from _report import ROOT, load_results, machine  # noqa: E402
 
 MODELS = ("tiny_resnet", "tiny_mobilenet_v2", "tiny_mobilenet_v2_x2")   # _x2: bench_supernet's capacity check
 SUPERNET_DIR = ROOT / "runs" / "bench_supernet"
 RUN_DIR = ROOT / "runs" / "bench_search_fashion"
-RESULTS = ROOT / "benchmarks" / "results"
 EVAL_BATCH = 250            # images per eval forward: the activations stay in cache (`--speed` times it vs 1000)
 RECORD_SEED = 0             # sampling seed of the records stream (record i: rng([RECORD_SEED, i]))
-FIRST_STEPS = 500           # bench_supernet_fashion's first QAT budget: its runs keep the shorter file names, and
-                            # checkpoints saved before bench_supernet recorded their steps all came from it
-FIRST_FLOAT_EPOCHS = 2      # its float start's epochs until the third run (8 since); checkpoints saved before
-                            # bench_supernet recorded them all came from 2-epoch starts
 FULL = {"train": 1000, "held": 200, "sizes": (250, 500, 1000), "random": 1000, "generations": 500, "rounds": 3,
         "k": 10, "front_k": 5}
 SMOKE = {"train": 16, "held": 8, "sizes": (8, 16), "random": 12, "generations": 10, "rounds": 1, "k": 2, "front_k": 1}
@@ -76,12 +67,6 @@ def supernet_budget(model: str) -> str:
     twice-the-width TinyMobileNetV2 of the capacity check."""
     import bench_supernet as B
     return next(b for b in ("fashion", "fashion-x2") if model in B.BUDGETS[b]["models"])
-
-
-def supernet_results(model: str) -> Path:
-    """bench_supernet's results file with `model`'s dedicated runs (bench_supernet_fashion[_x2].json)."""
-    import bench_supernet as B
-    return B._results_path(supernet_budget(model))
 
 
 def _missing(model: str, seed: int) -> SystemExit:
@@ -102,7 +87,7 @@ class Context:
 
         import eqnet_plugin as eq
         from eqnet_plugin.app.data import fashion_mnist_splits, make_loaders
-        from bench_supernet import build_bench_model
+        from eqnet_plugin.app.models import build_model
         from eqnet_plugin.train import bn_batches_from
 
         path = checkpoint_path(model, seed)
@@ -112,9 +97,9 @@ class Context:
         self.model_name, self.seed, self.eval_batch = model, seed, int(eval_batch)
         self.saved_bn = int(saved.get("bn_batches", 16))     # bench_supernet's BN recalibration batches
         self.n_bn = int(bn_batches or self.saved_bn)
-        self.steps = int(saved.get("steps", FIRST_STEPS))      # QAT steps the supernet was trained for
-        self.float_epochs = int(saved.get("float_epochs", FIRST_FLOAT_EPOCHS))   # ... from a float start this long
-        self.optimizer = str(saved.get("optimizer", "adam"))  # ... with one shared Adam, or one per subnet
+        self.steps = int(saved["steps"])                    # QAT steps the supernet was trained for
+        self.float_epochs = int(saved["float_epochs"])      # ... from a float start this long
+        self.optimizer = str(saved["optimizer"])            # ... with one Adam state per subnet
         self.reported = saved.get("supernet_test")      # bench_supernet's test accuracies of the uniform subnets
         # bench_supernet's recipe (the checkpoint may name it; these are the fashion budget's values): data, loaders
         # and BN batches (seeded), so every number is measured the same way
@@ -123,7 +108,7 @@ class Context:
         self.train, self.val, self.test = make_loaders(splits, batch, seed=seed, eval_batch_size=1000)
         self.bn = bn_batches_from(self.train.dataset, self.n_bn, batch, seed=seed)
         torch.manual_seed(seed)
-        float_model = build_bench_model(model, stem_stride=int(saved.get("stem_stride", 2)))
+        float_model = build_model(model, stem_stride=int(saved.get("stem_stride", 2)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bc = eq.elastic_backend_config() if "mobilenet" in model else None
@@ -175,99 +160,54 @@ class Context:
         out["seconds"] = time.perf_counter() - w
         return out
 
+    def evaluate(self, split: str):
+        """`measure` of one split as a `SubnetMeasurer` wants it: cfg -> metrics with the split's accuracy under
+        ``"accuracy"``."""
+        def run(cfg) -> dict:
+            m = self.measure(cfg, (split,))
+            return {"accuracy": m.pop("test"), **m} if split == "test" else m
+        return run
 
-_CTX: Context | None = None
 
-
-def _worker_init(model: str, seed: int, bn_batches: int | None, eval_batch: int) -> None:
-    global _CTX
-    torch.set_num_threads(1)
+def worker_evaluate(model: str, seed: int, bn_batches: int | None, eval_batch: int, split: str):
+    """Called once in each worker process of a `SubnetMeasurer`: its own `Context`, measuring `split`."""
     warnings.filterwarnings("ignore")
-    _CTX = Context(model, seed, bn_batches, eval_batch)
+    return Context(model, seed, bn_batches, eval_batch).evaluate(split)
 
 
-def _worker_measure(task: tuple[dict, tuple[str, ...]]) -> dict:
-    from eqnet_plugin.quant.space import SubnetConfig
-    cfg, splits = task
-    return _CTX.measure(SubnetConfig.from_dict(cfg), splits)
+class Measurers:
+    """This benchmark's two `eqnet_plugin.search.SubnetMeasurer`s (validation and test), each with `jobs` worker
+    processes and its own cache file, so an interrupted run repeats no measurement. `many(cfgs, test=True)` adds
+    the test accuracy under ``"test"`` to the validation metrics."""
 
+    def __init__(self, ctx: Context, jobs: int, cache_dir: Path, tag: str) -> None:
+        from functools import partial
 
-def _key(cfg) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
+        from eqnet_plugin.search import SubnetMeasurer
+        self.val, self.test = (
+            SubnetMeasurer(ctx.evaluate(split), jobs=jobs, cache_path=cache_dir / f"measured_{split}_{tag}.jsonl",
+                           worker_evaluate=partial(worker_evaluate, ctx.model_name, ctx.seed, ctx.n_bn,
+                                                   ctx.eval_batch, split))
+            for split in ("val", "test"))
 
+    @property
+    def count(self) -> int:                    # measurements made by this run (not from the caches)
+        return self.val.count + self.test.count
 
-class Measurer:
-    """Measures subnets with `jobs` worker processes (or in this process when jobs == 1) and caches every result in
-    a JSON-lines file, so an interrupted run repeats no measurement."""
-
-    def __init__(self, ctx: Context, jobs: int, cache_path: Path) -> None:
-        self.ctx, self.jobs, self.path = ctx, int(jobs), cache_path
-        self.cache: dict[str, dict] = {}
-        self.pool = None
-        self.seconds = 0.0                               # wall time spent measuring
-        self.count = 0                                   # subnets measured by this run (not from the cache)
-        if cache_path.exists():
-            for line in cache_path.read_text().splitlines():
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError:
-                    continue                             # an interrupted last line
-                self.cache.setdefault(d["key"], {}).update(d["metrics"])
-
-    def _start(self):
-        if self.pool is None and self.jobs > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-            c = self.ctx
-            self.pool = ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                            initargs=(c.model_name, c.seed, c.n_bn, c.eval_batch))
-        return self.pool
+    @property
+    def seconds(self) -> float:                # wall time spent measuring
+        return self.val.seconds + self.test.seconds
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
-
-    def _store(self, key: str, metrics: dict) -> None:
-        self.cache.setdefault(key, {}).update(metrics)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"key": key, "metrics": metrics}) + "\n")
-
-    def iter(self, cfgs, test: bool = False):
-        """Yield (cfg, metrics) in order; metrics hold `accuracy` etc. (and `test` when asked). Missing ones are
-        measured in parallel, ahead of the consumer."""
-        cfgs = list(cfgs)
-        todo, seen = [], set()
-        for c in cfgs:
-            k = _key(c)
-            have = self.cache.get(k, {})
-            splits = tuple(s for s, name in (("val", "accuracy"), ("test", "test")) if (s == "val" or test)
-                           and name not in have)
-            if splits and k not in seen:
-                seen.add(k)
-                todo.append((c, k, splits))
-        t = time.perf_counter()
-        pool = self._start() if len(todo) > 1 else None
-        results = (pool.map(_worker_measure, [(c.to_dict(), s) for c, _, s in todo]) if pool is not None
-                   else (self.ctx.measure(c, s) for c, _, s in todo))
-        pending = {k: None for _, k, _ in todo}
-        it = iter(results)
-        todo_iter = iter(todo)
-        try:
-            for c in cfgs:
-                k = _key(c)
-                while k in pending and pending[k] is None:
-                    _, kk, _ = next(todo_iter)
-                    m = next(it)
-                    self._store(kk, m)
-                    self.count += 1
-                    pending[kk] = m
-                yield c, self.cache[k]
-        finally:
-            self.seconds += time.perf_counter() - t
+        self.val.close()
+        self.test.close()
 
     def many(self, cfgs, test: bool = False) -> list[dict]:
-        return [m for _, m in self.iter(cfgs, test)]
+        cfgs = list(cfgs)
+        vals = self.val.many(cfgs)
+        if not test:
+            return vals
+        return [{**v, "test": t["accuracy"]} for v, t in zip(vals, self.test.many(cfgs))]
 
     def one(self, cfg, test: bool = False) -> dict:
         return self.many([cfg], test)[0]
@@ -282,45 +222,23 @@ def _uniform_configs(sn) -> dict:
 def _dedicated(model: str, seed: int, steps: int, float_epochs: int) -> tuple[dict, dict]:
     """(dedicated test accuracies, the supernet's own uniform test accuracies) of bench_supernet, same model, seed
     and budget (QAT steps, float epochs) as the searched supernet; empty when its results file has no such run."""
-    path = supernet_results(model)
-    if not path.exists():
-        return {}, {}
-    for r in json.loads(path.read_text()).get("runs", []):
-        recipe = r.get("recipe", {})
-        if (r.get("model") == model and r.get("seed") == seed and r.get("steps") == steps
-                and recipe.get("float_epochs", FIRST_FLOAT_EPOCHS) == float_epochs):
+    for r in load_results("bench_supernet").get(supernet_budget(model), {}).get("runs", []):
+        if (r["model"] == model and r["seed"] == seed and r["steps"] == steps
+                and r["recipe"]["float_epochs"] == float_epochs):
             return dict(r.get("dedicated", {})), dict(r.get("supernet", {}))
     return {}, {}
 
 
-def refine(cqap, records, measurer: Measurer, space, cons, cm, p: dict, seed: int = 0):
-    """`refine_search` with the k measurements of each round made in parallel: `rounds` times (fit `cqap` on the
-    records plus every subnet measured so far, `evolution_search`, measure its k best-predicted on validation);
-    the best measured (earlier rounds win ties) is the pick. Returns (last SearchResult, ranked measured
-    candidates)."""
-    from dataclasses import replace
-
-    from eqnet_plugin.search import evolution_search
-    xs, ys = [r.config for r in records], [r.accuracy for r in records]
-    measured: dict = {}
-    res = None
-    for r in range(p["rounds"]):
-        res = evolution_search(cqap.fit(xs, ys), space, cons, cost_model=cm, seed=seed + r,
-                               generations=p["generations"])
-        top = res.top[:p["k"]]
-        accs = [m["accuracy"] for m in measurer.many([c.config for c in top])]
-        ranked = sorted((replace(c, measured_accuracy=a) for c, a in zip(top, accs)),
-                        key=lambda c: -c.measured_accuracy)                   # measure_top's rule
-        for c in ranked:
-            if c.config not in measured:
-                measured[c.config] = c
-                xs.append(c.config)
-                ys.append(c.measured_accuracy)
-    ranked = sorted(measured.values(), key=lambda c: -c.measured_accuracy)
-    return res, ranked
+def refine(cqap, records, measurer: Measurers, space, cons, cm, p: dict):
+    """`refine_search` on the validation measurer (its k measurements per round run in parallel). Returns (last
+    SearchResult, ranked measured candidates)."""
+    from eqnet_plugin.search import EvolutionConfig, RefineConfig, refine_search
+    res = refine_search(cqap, records, measurer.val, space, cons,
+                        RefineConfig(p["rounds"], p["k"], EvolutionConfig(generations=p["generations"])), cost_model=cm)
+    return res, list(res.top)
 
 
-def _pick(label: str, cand, measurer: Measurer, cm, extra: dict | None = None) -> dict:
+def _pick(label: str, cand, measurer: Measurers, cm, extra: dict | None = None) -> dict:
     m = measurer.one(cand.config, test=True)
     costs = cm(cand.config).to_dict()
     return {"search": label, **costs, "predicted": cand.predicted_accuracy, "val": m["accuracy"],
@@ -328,16 +246,18 @@ def _pick(label: str, cand, measurer: Measurer, cm, extra: dict | None = None) -
 
 
 def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, eval_batch: int, log) -> dict:
-    from bench_search import equal_budget, tau_ceiling
+    from _search_stats import equal_budget, tau_ceiling
 
     from eqnet_plugin.search import (
         CQAP,
         CostModel,
+        EvolutionConfig,
+        RecordsConfig,
+        Regressor,
         SearchSpace,
         collect_records,
         evolution_search,
         kendall_tau,
-        refine_search,
     )
     from eqnet_plugin.search.records import load_records, sample_config, supernet_fingerprint
 
@@ -349,7 +269,7 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
     run_dir = RUN_DIR / f"{model}_seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     tag = f"{fp[:12]}_bn{ctx.n_bn}"               # a new supernet or BN recipe gets new files, never mixed
-    measurer = Measurer(ctx, jobs, run_dir / f"measured_{tag}.jsonl")
+    measurer = Measurers(ctx, jobs, run_dir, tag)
     cm = CostModel.from_supernet(sn, ctx.data["val"][0][:1])
     space = SearchSpace.from_supernet(sn)
     log(f"{model} seed {seed}: supernet {checkpoint_path(model, seed)} (fingerprint {fp[:12]}), BN recalibration "
@@ -360,19 +280,10 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
         rec_path = run_dir / f"records_{tag}.jsonl"
         have = len(load_records(rec_path)) if rec_path.exists() else 0
         t = time.perf_counter()
-        stream = measurer.iter([sample_config(space, RECORD_SEED, i) for i in range(have, n)])
-
-        def from_stream(_sn, cfg, _loader, _bn):
-            c, m = next(stream)
-            assert c == cfg, "records stream out of order"
-            return {k: v for k, v in m.items() if k not in ("test",)}
-        recs = collect_records(sn, ctx.val, ctx.bn, n, rec_path, seed=RECORD_SEED, cost_model=cm,
-                               evaluate_fn=from_stream, fingerprint=fp,
+        # the validation measurer learns the records' accuracies: the random pool reuses them
+        recs = collect_records(sn, measurer.val, n, rec_path, RecordsConfig(seed=RECORD_SEED, fingerprint=fp),
+                               cost_model=cm,
                                progress=lambda i, r: (i + 1) % 100 == 0 and log(f"records: {i + 1} of {n}"))
-        stream.close()
-        for r in recs:                                # records count as measurements (the random pool reuses them)
-            if "accuracy" not in measurer.cache.get(_key(r.config), {}):
-                measurer.cache.setdefault(_key(r.config), {}).update(accuracy=r.accuracy, **r.metrics)
         rec_seconds = time.perf_counter() - t
         new_recs = n - have
         cpu = [r.metrics.get("cpu_seconds", float("nan")) for r in recs[have:]]
@@ -386,15 +297,15 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
         ceiling = kendall_tau([r.metrics["acc_even"] for r in held], [r.metrics["acc_odd"] for r in held])
         prob_ceiling = kendall_tau([r.metrics["prob_even"] for r in held], [r.metrics["prob_odd"] for r in held])
         taus = []
-        for regressor in ("mlp", "gbt", "ensemble"):        # the ensemble (default) drives the searches
+        for regressor in (Regressor.MLP, Regressor.GBT, Regressor.ENSEMBLE):   # the default drives the searches
             for k in p["sizes"]:
                 t = time.perf_counter()
                 cq = CQAP(space, seed=0, regressor=regressor).fit([r.config for r in train_recs[:k]],
                                                                   [r.accuracy for r in train_recs[:k]])
                 fit_s = time.perf_counter() - t
                 taus.append({**cq.evaluate(held_cfg, held_acc), "records": k, "fit_seconds": fit_s,
-                             "regressor": regressor})
-                log(f"CQAP {regressor} n={k}: tau {taus[-1]['kendall_tau']:.3f} (noise ceiling: split-half tau "
+                             "regressor": regressor.value})
+                log(f"CQAP {regressor.value} n={k}: tau {taus[-1]['kendall_tau']:.3f} (noise ceiling: split-half tau "
                     f"{ceiling:.3f}, full-split ~{tau_ceiling(ceiling):.2f}) fit {fit_s:.1f} s")
         soft = CQAP(space, seed=0).fit([r.config for r in train_recs], [r.metrics["true_prob"] for r in train_recs])
         soft_m = soft.evaluate(held_cfg, [r.metrics["true_prob"] for r in held])
@@ -413,16 +324,10 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
         for b in (3, 4):
             cons = {"max_bitops": limits[b]}
             t = time.perf_counter()
-            ga = evolution_search(cq_all, space, cons, cost_model=cm, seed=0, generations=p["generations"])
+            ga = evolution_search(cq_all, space, cons, EvolutionConfig(generations=p["generations"]), cost_model=cm)
             ga_seconds.append(time.perf_counter() - t)
             _, ranked = refine(CQAP(space, seed=0), train_recs, measurer, space, cons, cm, p)
-            if smoke:                   # the parallel loop picks what refine_search picks (all measured: cached)
-                lib = refine_search(CQAP(space, seed=0), [r.config for r in train_recs],
-                                    [r.accuracy for r in train_recs], lambda c: measurer.one(c)["accuracy"], space,
-                                    cons, rounds=p["rounds"], k=p["k"], cost_model=cm, seed=0,
-                                    generations=p["generations"])
-                assert lib.best.config == ranked[0].config, "refine() disagrees with refine_search"
-            ga_label = f"W{b}A{b} budget, GA ({cq_all.regressor} CQAP-{len(train_recs)}), best predicted"
+            ga_label = f"W{b}A{b} budget, GA ({cq_all.regressor.value} CQAP-{len(train_recs)}), best predicted"
             main[b] = {"ga": _pick(ga_label, ga.best, measurer, cm,
                                    {"seconds": ga_seconds[-1], "evaluations": ga.evaluations}),
                        "refine": _pick(f"W{b}A{b} budget, refine ({p['rounds']} x {p['k']} measured)", ranked[0],
@@ -440,8 +345,8 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
         log(f"tensorrt, W4A8 budget: val {trt['val']:.4f} test {trt['test']:.4f}")
         front = []
         for b in FRONT_BITS:
-            res = evolution_search(cq_all, space, {"max_bitops": limits[b]}, cost_model=cm, seed=0,
-                                   generations=p["generations"])
+            res = evolution_search(cq_all, space, {"max_bitops": limits[b]},
+                                   EvolutionConfig(generations=p["generations"]), cost_model=cm)
             top = res.top[:p["front_k"]]
             accs = [m["accuracy"] for m in measurer.many([c.config for c in top])]
             best = top[int(np.argmax(accs))]                               # first (best predicted) wins ties
@@ -464,8 +369,8 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
         by_val = int(np.argmax(pool))
         rnd_best = measurer.one(pool_cfgs[by_val], test=True)
         rand_seconds = time.perf_counter() - t
-        rec_keys = {_key(r.config) for r in recs}
-        from_records = sum(1 for c in pool_cfgs if _key(c) in rec_keys)
+        rec_cfgs = {r.config for r in recs}
+        from_records = sum(1 for c in pool_cfgs if c in rec_cfgs)
         log(f"random: {len(pool_cfgs)} feasible of the first {i} stream subnets ({from_records} of them records) "
             f"in {rand_seconds:.0f} s; best val {pool[by_val]:.4f}, its test {rnd_best['test']:.4f}")
         w3 = [j for j, c in enumerate(pool_cfgs) if cm(c).bitops <= limits[3]]
@@ -517,7 +422,7 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
             "record_wall_seconds_all": float(sum(r.metrics.get("seconds", float("nan")) for r in recs)) / jobs,
             "taus": taus, "noise_ceiling_tau": ceiling, "noise_ceiling_full_tau": tau_ceiling(ceiling),
             "true_prob_cqap": {**soft_m, "ceiling_tau": prob_ceiling, "tau_vs_top1": soft_vs_acc,
-                               "regressor": soft.regressor},
+                               "regressor": soft.regressor.value},
             "limits": {f"W{b}A{b}": v for b, v in limits.items()}, "full_bitops": cm(sn.max_config()).bitops,
             "main": {f"W{b}A{b}": v for b, v in main.items()}, "tensorrt": trt, "front": front,
             "random": random_res, "uniform": uniform, "dedicated": dedicated,
@@ -528,7 +433,7 @@ def run(model: str, seed: int, jobs: int, smoke: bool, bn_batches: int | None, e
             "measured_this_run": measurer.count}
 
 
-# --- plot and report -------------------------------------------------------------------------------------------
+# --- plot ------------------------------------------------------------------------------------------------------
 def plot(res: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -567,191 +472,6 @@ def plot(res: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
-
-
-def _float_epochs(r: dict) -> int:
-    return r.get("supernet_float_epochs", FIRST_FLOAT_EPOCHS)      # results written before the field: 2
-
-
-def _budget_parts(r: dict) -> list[tuple[str, str]]:
-    """(file-name part, label part) for each part of a result's supernet budget that differs from the first one."""
-    parts = []
-    if r["supernet_steps"] != FIRST_STEPS:
-        parts.append((f"_s{r['supernet_steps']}", f", {r['supernet_steps']} steps"))
-    if _float_epochs(r) != FIRST_FLOAT_EPOCHS:
-        parts.append((f"_f{_float_epochs(r)}", f", {_float_epochs(r)} float epochs"))
-    if r.get("supernet_optimizer", "adam") == "subnet_adam":      # results written before the field: shared Adam
-        parts.append(("_sadam", ", Adam per subnet"))
-    return parts
-
-
-def _suffix(r: dict) -> str:
-    """File-name suffix of a result: its split seed, and its supernet's budget where it is not the first one."""
-    return ("" if r["seed"] == 0 else f"_seed{r['seed']}") + "".join(f for f, _ in _budget_parts(r))
-
-
-def plot_name(r: dict) -> str:
-    return f"pareto_fashion_{r['model']}{_suffix(r)}.png"
-
-
-def results_name(r: dict) -> str:
-    return f"bench_search_fashion_{r['model']}{_suffix(r)}.json"
-
-
-def _steps_note(r: dict) -> str:
-    """", N steps[, F float epochs]" for a result whose supernet had other than the first budget."""
-    return "".join(label for _, label in _budget_parts(r))
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
-
-
-def _met(ok: bool) -> str:
-    return "**met**" if ok else "**NOT met**"
-
-
-def _best_dedicated(r: dict, bits: str):
-    d = [r["dedicated"].get(f"{bits} {sch}") for sch in SCHEMES]
-    return max((x for x in d if x is not None), default=None)
-
-
-def _regressors(r: dict) -> tuple[str, ...]:
-    """The CQAP regressors a result measured (runs before the ensemble default measured gbt and the MLP only)."""
-    return tuple(reg for reg in ("ensemble", "gbt", "mlp") if any(t["regressor"] == reg for t in r["taus"]))
-
-
-def summary(results: list[dict]) -> list[str]:
-    """One row per (model, seed): the targets side by side (details in each run's own section below)."""
-    out = ["| model, seed | CQAP tau, 1000 records (ensemble / gbt / MLP; ceiling) | W3A3: searched / dedicated test | "
-           "W4A4: searched / dedicated test | GA - random (W4A4 test) | records + search (2 worker processes) |",
-           "|---|---|---|---|---|---|"]
-    for r in results:
-        best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1]["kendall_tau"] for reg in _regressors(r)}
-        cells = []
-        for b in ("W3A3", "W4A4"):
-            x, d = r["main"][b]["refine"]["test"], _best_dedicated(r, b)
-            cells.append(f"{_pct(x)} / {_pct(d)}" + ("" if d is None else f" ({100 * (x - d):+.2f})"))
-        rnd = r["main"]["W4A4"]["refine"]["test"] - r["random"]["test_of_best_val"]
-        s = r["seconds"]
-        if r["records_measured_this_run"] == r["n_records"]:
-            took = f"{(s['records'] + s['search']) / 60:.1f} min"
-        elif "record_cpu_seconds_all" in r:
-            took = f"~{(r['record_cpu_seconds_all'] / r['jobs'] + s['search']) / 60:.0f} min (est.: records reused)"
-        else:
-            took = "n/a"
-        ens = f"{best['ensemble']:.3f}" if "ensemble" in best else "n/a"
-        out.append(f"| {r['model']}, {r['seed']}{_steps_note(r)} | {ens} / {best['gbt']:.3f} / {best['mlp']:.3f}; "
-                   f"{r['noise_ceiling_full_tau']:.2f} | {cells[0]} | {cells[1]} | {100 * rnd:+.2f} | {took} |")
-    return out
-
-
-def report(results: list[dict]) -> str:
-    r0 = results[0]
-    wide = any(supernet_budget(r["model"]) == "fashion-x2" for r in results)
-    out = ["## Search on Fashion-MNIST (`benchmarks/bench_search.py --data fashion-mnist`)", "",
-           f"Machine: {r0['machine']}. Supernets: `bench_supernet.py --budget fashion --save-supernets "
-           f"[--supernet-only]`"
-           + (" (`--budget fashion-x2` for tiny_mobilenet_v2_x2, the capacity check's TinyMobileNetV2 with twice "
-              "the channels)" if wide else "")
-           + f" (28x28, stride-2 stem, the recorded recipe), one per model and split seed; the "
-           "dedicated runs compared against are bench_supernet_fashion's"
-           + (" (bench_supernet_fashion_x2's)" if wide else "")
-           + f" of the same model and seed as recorded when "
-           f"the search ran (kept in each result file with the supernet's fingerprint, since a rerun of "
-           f"bench_supernet on another machine trains slightly different models). "
-           f"Validation = {r0['val_images']} images held out of the "
-           f"60,000 training images (used for the records, the predictor and every choice); test = the official "
-           f"{r0['test_images']} t10k images, measured only for the chosen subnets. Every subnet is measured after "
-           f"BN recalibration on {r0['bn_batches']} fixed training batches of 64 (bench_supernet's). Accuracies in "
-           "%; one validation or test image is 0.01 points. Full space: 2..8 bits per group, both symmetries and "
-           "granularities (first/last layer 8-bit).", "", *summary(results), ""]
-    for r in results:
-        s = r["seconds"]
-        best = {reg: [t for t in r["taus"] if t["regressor"] == reg][-1] for reg in _regressors(r)}
-        tau = max(t["kendall_tau"] for t in best.values())
-        out += [f"### {r['model']}, seed {r['seed']}{_steps_note(r)}", "",
-                f"Supernet fingerprint {r['fingerprint'][:12]}, trained for {r['supernet_steps']} QAT steps "
-                f"from a float start of {_float_epochs(r)} epochs (as were its dedicated runs). "
-                f"{r['n_records']} records ({r['records_measured_this_run']} measured by the run that wrote this, "
-                f"{s['records']:.0f} s with {r['jobs']} worker processes of one thread; "
-                f"{r['record_cpu_seconds_mean'] or float('nan'):.2f} CPU s per subnet).", "",
-                f"| CQAP regressor | training records | Kendall tau ({r['settings']['held']} held-out) | noise "
-                "ceiling: split-half tau | full-split ceiling (est.) | Pearson | RMSE (points) | fit (s) |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|",
-                *[f"| {t['regressor']} | {t['records']} | {t['kendall_tau']:.3f} | {r['noise_ceiling_tau']:.3f} | "
-                  f"{r['noise_ceiling_full_tau']:.2f} | {t['pearson']:.3f} | {100 * t['rmse']:.2f} | "
-                  f"{t['fit_seconds']:.1f} |" for t in r["taus"]],
-                "",
-                f"* Target tau >= 0.85 with <= 1000 records: {_met(tau >= 0.85)} (best {tau:.3f}; the two "
-                f"validation halves of the same held-out subnets agree at tau {r['noise_ceiling_tau']:.3f}, which "
-                f"bounds what a predictor can reach against the full-split measurement at about "
-                f"{r['noise_ceiling_full_tau']:.2f}).",
-                f"* {r['true_prob_cqap'].get('regressor', 'gbt')} CQAP fitted to the mean true-class probability: "
-                f"tau {r['true_prob_cqap']['kendall_tau']:.3f} "
-                f"against that proxy (its split-half ceiling {r['true_prob_cqap']['ceiling_tau']:.3f}), "
-                f"{r['true_prob_cqap']['tau_vs_top1']:.3f} against top-1.",
-                "",
-                "Mixed precision vs the dedicated uniform LSQ QAT model of the same BitOps (bench_supernet, same "
-                "model and seed; best of its three schemes at that bit-width):", "",
-                "| budget (BitOps <=) | search | BitOps (M) | avg W / A bits | val | test | dedicated test "
-                "(sym/tensor, asym/tensor, sym/channel) | target |",
-                "|---|---|---:|---:|---:|---:|---|---|"]
-        for b in ("W3A3", "W4A4"):
-            d = [r["dedicated"].get(f"{b} {sch}") for sch in SCHEMES]
-            dbest = _best_dedicated(r, b)
-            for key in ("ga", "refine"):
-                x = r["main"][b][key]
-                tgt = "n/a" if dbest is None else _met(x["test"] >= dbest)
-                out.append(f"| {b}: {r['limits'][b] / 1e6:.2f} M | {x['search']} | {x['bitops'] / 1e6:.2f} | "
-                           f"{x['avg_weight_bits']:.2f} / {x['avg_act_bits']:.2f} | {_pct(x['val'])} | "
-                           f"{_pct(x['test'])} | {', '.join(_pct(v) for v in d)} | {tgt} |")
-        t = r["tensorrt"]
-        d8 = r["dedicated"].get("W8A8 sym/channel")
-        out += [f"| W4A8 (tensorrt's lowest uniform): {t['limit'] / 1e6:.2f} M | {t['search']} | "
-                f"{t['bitops'] / 1e6:.2f} | {t['avg_weight_bits']:.2f} / {t['avg_act_bits']:.2f} | {_pct(t['val'])} | "
-                f"{_pct(t['test'])} | W8A8 sym/channel (2x the BitOps): {_pct(d8)} | "
-                f"{'n/a' if d8 is None else _met(t['test'] >= d8)} |", ""]
-        rr, ref = r["random"], r["main"]["W4A4"]["refine"]
-        out += [f"GA vs random at the W4A4 budget: random = the first {rr['n']} subnets of the records' sampling "
-                f"stream that meet it ({rr['stream_draws']} draws; {rr['from_records']} of them are records), best "
-                f"by validation: val {_pct(rr['val_of_best_val'])}, test {_pct(rr['test_of_best_val'])}. "
-                f"refine_search: val {_pct(ref['val'])} (rank {rr['refine_val_rank']} of {rr['n'] + 1}), test "
-                f"{_pct(ref['test'])}: {_met(ref['test'] >= rr['test_of_best_val'])} on test. With as many "
-                f"validation measurements ({rr['equal_budget']['m']}) random search's best has median val "
-                f"{_pct(rr['equal_budget']['median_val'])}; refine_search is at least as good in "
-                f"{100 * rr['equal_budget']['p_val']:.0f}% of 2000 draws."
-                + (f" At the W3A3 budget ({rr['w3a3']['n']} of the pool meet it): random best-by-val test "
-                   f"{_pct(rr['w3a3']['test'])} vs refine_search {_pct(r['main']['W3A3']['refine']['test'])}."
-                   if rr.get("w3a3") else ""), "",
-                "| supernet subnet | BitOps (M) | val | test | dedicated LSQ QAT test |", "|---|---:|---:|---:|---:|",
-                *[f"| uniform {u['subnet']} | {u['bitops'] / 1e6:.2f} | {_pct(u['val'])} | {_pct(u['test'])} | "
-                  f"{_pct(r['dedicated'].get(u['subnet']))} |" for u in r["uniform"]],
-                *[f"| searched, {f['search']} | {f['bitops'] / 1e6:.2f} | {_pct(f['val'])} | {_pct(f['test'])} | |"
-                  for f in r["front"]],
-                "",
-                f"* Time (2 cores, {r['jobs']} worker processes): records {s['records']:.0f} s, searches "
-                f"{s['search']:.0f} s (GA {', '.join(f'{g:.1f}' for g in s['ga'])} s each), random pool "
-                f"{s['random']:.0f} s, uniform subnets {s['uniform']:.0f} s; whole run {s['total']:.0f} s "
-                f"({r['measured_this_run']} subnets measured by it). Target <= 25 min for records + search: "
-                + (f"{(s['records'] + s['search']) / 60:.1f} min, " + _met(s['records'] + s['search'] <= 1500)
-                   if r["records_measured_this_run"] == r["n_records"] else
-                   "not measured in one piece by this run (records reused)") + ".",
-                *([] if r["records_measured_this_run"] == r["n_records"] or "record_cpu_seconds_all" not in r else
-                  [f"* The records' own timings: {r['n_records']} records took {r['record_cpu_seconds_all']:.0f} CPU "
-                   f"s ({r['record_cpu_seconds_all'] / r['n_records']:.2f} per subnet) and about "
-                   f"{r['record_wall_seconds_all']:.0f} s wall with {r['jobs']} workers when they were measured; on "
-                   f"{r['jobs']} idle cores records + searches would take about "
-                   f"{(r['record_cpu_seconds_all'] / r['jobs'] + s['search']) / 60:.0f} min against the 25-minute "
-                   f"target: {_met(r['record_cpu_seconds_all'] / r['jobs'] + s['search'] <= 1500)} (estimate)."]),
-                "" if not r["bench_supernet_consistency"] else
-                f"* Check: the supernet's uniform subnets measured here vs bench_supernet's own numbers for the "
-                f"same checkpoint: largest difference "
-                f"{100 * max(abs(v) for v in r['bench_supernet_consistency'].values()):.2f} points.",
-                "",
-                f"![Pareto plot, {r['model']}]"
-                f"(benchmarks/results/{plot_name(r)})", ""]
-    return "\n".join(out)
 
 
 def speed(model: str, seed: int, n: int, jobs: int, log, bn_batches: int | None = None) -> dict:
@@ -797,7 +517,7 @@ def speed(model: str, seed: int, n: int, jobs: int, log, bn_batches: int | None 
     if jobs > 1:
         import tempfile
         with tempfile.TemporaryDirectory() as d:
-            ms = Measurer(ctx, jobs, Path(d) / "m.jsonl")
+            ms = Measurers(ctx, jobs, Path(d), "speed")
             try:
                 ms.many([sample_config(space, 54321, i) for i in range(jobs)])      # start the workers first
                 t = time.perf_counter()

@@ -5,6 +5,8 @@ W8A8 = unsigned 8-bit activations (asymmetric, uint8) and signed per-channel 8-b
 MobileNetV2 at 224x224, batch 1, 2 intra-op threads, ONNX Runtime's default optimizations. Variants are timed in
 interleaved rounds and the medians compared, because other processes may share the CPU.
 
+Command (budget: 15 interleaved rounds of 10 runs per variant and model; wall time on 2 cores about 3 min,
+estimated):
     python benchmarks/bench_export.py [--rounds 15] [--runs 10] [--models resnet18,mobilenet_v2]
 
 Writes the `bench_export` section of BENCHMARKS.md.
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, update_section  # noqa: E402
+from _report import headline, machine, update_section  # noqa: E402
 
 from eqnet_plugin import ElasticSpace, Supernet, elastic_backend_config, prepare_qat  # noqa: E402
 from eqnet_plugin.adapters._onnx import export_marked, replace_markers, save_model_atomic  # noqa: E402
@@ -138,7 +140,11 @@ def main(argv=None) -> int:
                   f"QLinearConv {r['qlinear_conv']}, float Conv {r['float_conv']}, "
                   f"top-1 agreement {r['top1_agree']:.2f} (setup {r['setup_s']:.0f} s)")
             rows.append(r)
-    md = [f"ONNX Runtime CPU latency, batch 1, 224x224, {THREADS} intra-op threads (not spinning when idle, for "
+    md = ["## bench_export", "", "ONNX Runtime latency of an exported W8A8 subnet vs the float ONNX of the same model.",
+          "", *[headline(f"ONNX Runtime CPU latency, {r['model']} 224x224, batch 1, {THREADS} threads: W8A8 export vs "
+                         "fp32", f"{r['speedup']:.2f}x faster ({r['w8a8_ms']:.2f} vs {r['fp32_ms']:.2f} ms)")
+                for r in rows], "",
+          f"ONNX Runtime CPU latency, batch 1, 224x224, {THREADS} intra-op threads (not spinning when idle, for "
           "both variants: interleaved sessions with spinning pools steal each other's cores), default graph "
           "optimizations; "
           f"median of {rows[0]['samples']} runs per variant in {args.rounds} interleaved rounds. W8A8 = `export_onnx` "

@@ -6,7 +6,7 @@ Variants (each its own copy of one exported graph, same weights, same batch, SGD
     fake-quant, Conv-BN folded by torchao's QAT fusion); the baseline of every ratio. torchao 0.18 cannot annotate
     ResNet's reused ReLU, so the exported graph first goes through `eqnet_plugin.frontends.pt2e.split_reused_modules`
     (annotation metadata only; the computation is unchanged).
-  * elastic W8A8: ``prepare_qat_pt2e(exported, ElasticQuantizer())``, ``PT2ESupernet``, calibrated,
+  * elastic W8A8: ``prepare_qat_pt2e(exported, ElasticQuantizer())``, ``Supernet``, calibrated,
     ``sn.uniform(8, 8, per_channel=True)``.
   * elastic random: the same, one random subnet (``sn.sample(torch.Generator().manual_seed(0))``).
 
@@ -14,7 +14,9 @@ The step is the same for all: forward, cross-entropy, backward, optimizer step (
 of the elastic quantizers and of the unfolded Conv-BN against torchao's own QAT graph). Timings are medians over
 steps; rounds interleave the variants so machine noise hits all of them alike.
 
-    python benchmarks/bench_pt2e.py [--threads 1] [--rounds 20] [--steps 1] [--no-write]
+Command (budget: 20 interleaved rounds of one step per variant; wall time on 2 cores about 2 min, estimated):
+    python benchmarks/bench_pt2e.py --threads 1             # writes the `bench_pt2e` section
+    python benchmarks/bench_pt2e.py [--rounds 20] [--steps 1] [--no-write]
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, update_section  # noqa: E402
+from _report import headline, machine, update_section  # noqa: E402
 
 BATCH, SIZE, CLASSES = 32, 32, 10
 
@@ -49,9 +51,10 @@ def build_torchao(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def build_elastic(exported: torch.fx.GraphModule, calib: torch.Tensor, config: str) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    from eqnet_plugin.frontends.pt2e import ElasticQuantizer, PT2ESupernet
+    from eqnet_plugin import Supernet
+    from eqnet_plugin.frontends.pt2e import ElasticQuantizer
     gm = prepare_qat_pt2e(copy.deepcopy(exported), ElasticQuantizer())
-    sn = PT2ESupernet(gm)
+    sn = Supernet(gm)
     sn.calibrate([calib])
     cfg = sn.uniform(8, 8, per_channel=True) if config == "w8a8" else sn.sample(torch.Generator().manual_seed(0))
     sn.apply(cfg)
@@ -115,16 +118,19 @@ def main(argv=None) -> None:
         "elastic W8A8 (sym, per-channel)": build_elastic(exported, x[:8], "w8a8"),
         "elastic random subnet": build_elastic(exported, x[:8], "random"),
     }
-    parts = []
+    parts, heads = [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         table, ratio = step_table(variants, x, y, args.rounds, args.steps, args.warmup)
+        heads.append(headline(f"PT2E QAT training step, ResNet-18, CPU, {threads} thread{'s' if threads > 1 else ''}: "
+                              "worst elastic variant vs torchao x86 QAT (target <= 1.10x)", f"{ratio:.2f}x"))
         print(f"{threads} thread(s)\n{table}\nelastic (worst of W8A8/random) = {ratio:.2f}x torchao x86 QAT "
               "(target <= 1.10x)")
         parts.append(f"**{threads} thread{'s' if threads > 1 else ''}** (worst elastic variant: {ratio:.2f}x "
                      f"torchao x86 QAT; target <= 1.10x)\n\n{table}\n")
     if not args.no_write:
-        md = (f"## bench_pt2e: one PT2E QAT training step, ResNet-18\n\n"
+        md = (f"## bench_pt2e\n\nOne PT2E QAT training step of ResNet-18: torchao's x86 QAT vs elastic.\n\n"
+              + "\n".join(heads) + "\n\n"
               f"torchvision ResNet-18 (num_classes={CLASSES}) exported with torch.export, {SIZE}x{SIZE} inputs, batch "
               f"{BATCH}, forward + cross-entropy + backward + SGD step, CPU. Median of {args.rounds * args.steps} "
               f"steps per variant ({args.rounds} interleaved rounds of {args.steps}, after {args.warmup} warm-up "

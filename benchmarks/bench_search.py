@@ -1,38 +1,38 @@
-"""Search on a digits supernet: CQAP ranking quality, genetic vs random search, search time, Pareto plot.
+"""Mixed-precision search on trained supernets: CQAP ranking quality, searched vs random and vs dedicated QAT, time.
 
-Steps (CPU, one thread). The trained supernet and the measured records are cached under runs/bench_search/<model>/,
-so a rerun redoes only the search and the random-subnet measurements; --fresh starts over:
-  1. TinyResNet(widths) on the embedded digits (8x8; validation = 40% of all images, taken from the non-test part,
-     i.e. held-out training data; test = 20%, untouched): float pretraining, calibration, sandwich-rule supernet
+Digits (default): TinyResNet on the embedded digits, trained here; the supernet and the measured records are cached
+under runs/bench_search/<model>/, so a rerun redoes only the search and the random-subnet measurements (--fresh
+starts over):
+  1. TinyResNet(widths) on the digits at 8x8 (validation = 40% of all images, taken from the non-test part, i.e.
+     held-out training data; test = 20%, untouched): float pretraining, calibration, sandwich-rule supernet
      training (`train_float`, `Supernet.calibrate`, `train_supernet`).
   2. `collect_records`: 1000 + 200 subnets drawn the paper's way, BN recalibrated on the whole training split (the
      same 6 batches for every subnet), measured on the validation split. CQAP (each regressor: the ensemble, the
      default; gradient-boosted trees alone; the paper's MLP) is fitted on the first 250 / 500 / 1000 and ranked on
-     the last 200.
-     Each record also stores the accuracy on the two halves of the validation split (even / odd images): their
-     Kendall tau is the measurement-noise ceiling, and the mean probability of the true class (a low-noise proxy
-     of accuracy) on which a second CQAP is fitted.
+     the last 200. Each record also stores the accuracy on the two halves of the validation split (even / odd
+     images): their Kendall tau is the measurement-noise ceiling.
   3. Constraint: BitOps <= the uniform W4A4 subnet's. `evolution_search` (paper defaults: population 100, 25%
      parents, 500 generations) with the accuracy CQAP, timed together with its fit; then `measure_top` measures
      its 10 best-predicted subnets on the validation split and keeps the best measured; `refine_search` repeats
      that for 3 rounds, refitting the CQAP on the records plus the subnets measured so far.
   4. 1000 random feasible subnets (`sample_feasible`, same constraint), measured on validation and test, against
-     the GA's subnet measured the same way; GA picks at other budgets and under the tensorrt / qnn profiles.
-Every model's numbers go to benchmarks/results/bench_search_<model>.json; the BENCHMARKS.md section is rebuilt
-from all such files, and the Pareto plot is drawn for the model given by --plot.
+     the searched subnets measured the same way; GA picks at other budgets and under the tensorrt / qnn profiles.
+Fashion-MNIST (`--data fashion-mnist`): the same steps on the supernets that `bench_supernet.py --budget fashion
+--save-supernets` trains, against bench_supernet's dedicated runs of the same model and seed; see
+benchmarks/_search_fashion.py.
 
-    python benchmarks/bench_search.py --widths 16,32,64      # the training issue's TinyResNet
-    python benchmarks/bench_search.py --widths 4,8,16        # a small one, where quantization costs accuracy
-    python benchmarks/bench_search.py --report-only          # rebuild the digits section from the results files
+Commands (budget; wall time on 2 cores):
+    python benchmarks/bench_search.py --widths 16,32,64      # 1200 records + 1000 random subnets; ~5 min (est.)
+    python benchmarks/bench_search.py --widths 4,8,16        # a small TinyResNet, where quantization costs accuracy
+    python benchmarks/bench_search.py --data fashion-mnist --models tiny_resnet --seed 0 --jobs 2
+                                                             # one (model, seed): 1200 records, 1000 random; 28-34 min
+    python benchmarks/bench_search.py --data fashion-mnist --smoke     # 24 records, 10 generations; writes nothing
+    python benchmarks/bench_search.py --data fashion-mnist --speed 4   # evaluation speed vs train.evaluate
+    python benchmarks/bench_search.py --report-only                    # rebuild the section; seconds
 
-Fashion-MNIST (`--data fashion-mnist`, on the supernets bench_supernet.py saves with --save-supernets; see
-benchmarks/_search_fashion.py for the steps): results in benchmarks/results/bench_search_fashion_<model>.json,
-the Pareto plot in benchmarks/results/pareto_fashion_<model>.png, its own BENCHMARKS.md section.
-
-    python benchmarks/bench_search.py --data fashion-mnist --models tiny_resnet --jobs 2
-    python benchmarks/bench_search.py --data fashion-mnist --smoke           # 24 records, 10 generations, no output
-    python benchmarks/bench_search.py --data fashion-mnist --speed 4         # evaluation speed vs train.evaluate
-    python benchmarks/bench_search.py --data fashion-mnist --report-only     # rebuild the section (+ notes file)
+Each run (a digits width, or a Fashion-MNIST model and seed) replaces its entry in benchmarks/results/bench_search.json
+(digits_<model>, fashion_<model>_seed<seed>), its Pareto plot goes to benchmarks/results/pareto_*.png, and the
+`bench_search` section of BENCHMARKS.md is rebuilt from every entry.
 """
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, machine, update_section  # noqa: E402
+from _report import RESULTS_DIR, ROOT, headline, load_results, machine, save_run, update_section  # noqa: E402
+from _search_stats import equal_budget, tau_ceiling  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 IMAGE_SIZE, VAL_FRACTION, N_TRAIN_RECORDS, N_HELDOUT, TOP_K, REFINE_ROUNDS = 8, 0.4, 1000, 200, 10, 3
 CURVE_ROUNDS = 6             # a longer refine_search: best measured subnet vs validation measurements spent
 BN_TAG = "bn-all-train"      # records and random measurements are cached per BN-recalibration setting
@@ -61,7 +61,7 @@ def build_supernet(run_dir: Path, widths: tuple[int, ...], epochs: int, float_ep
     import eqnet_plugin as eq
     from eqnet_plugin.app.data import digits_loaders
     from eqnet_plugin.app.models import TinyResNet
-    from eqnet_plugin.train import (bn_batches_from, cosine_scheduler, load_checkpoint, save_checkpoint,
+    from eqnet_plugin.train import (TrainConfig, bn_batches_from, cosine_scheduler, load_checkpoint, save_checkpoint,
                                     train_float, train_supernet)
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
@@ -88,7 +88,7 @@ def build_supernet(run_dir: Path, widths: tuple[int, ...], epochs: int, float_ep
         sn.calibrate(train, max_batches=4)
         opt = torch.optim.Adam(gm.parameters(), 1e-3)
         t = time.perf_counter()
-        train_supernet(sn, train, opt, epochs, scheduler=cosine_scheduler(opt, epochs * len(train)), progress=False,
+        train_supernet(sn, train, opt, TrainConfig(epochs=epochs), scheduler=cosine_scheduler(opt, epochs * len(train)),
                        generator=torch.Generator().manual_seed(0))
         info.update(supernet_seconds=time.perf_counter() - t, supernet_epochs=epochs)
         save_checkpoint(ckpt, sn, None, None, epochs * len(train), None)
@@ -130,8 +130,9 @@ def measure(sn, cfg, loaders, bn) -> tuple[float, float]:
 
 
 def run_model(args, widths: tuple[int, ...], log) -> dict:
-    from eqnet_plugin.search import (CQAP, CostModel, SearchSpace, collect_records, evolution_search, kendall_tau,
-                                     measure_top, random_search, refine_search, sample_feasible)
+    from eqnet_plugin.search import (CQAP, CostModel, RandomSearchConfig, RefineConfig, Regressor, SearchSpace,
+                                     collect_records, evolution_search, kendall_tau, measure_top, random_search,
+                                     refine_search, sample_feasible)
     name = "tiny_resnet_" + "-".join(map(str, widths))
     run_dir = ROOT / "runs" / "bench_search" / name
     if args.fresh and run_dir.exists():
@@ -143,9 +144,8 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
 
     # --- records and CQAP ranking ------------------------------------------------------------------------------
     t = time.perf_counter()
-    recs = collect_records(sn, loaders[1], bn, N_TRAIN_RECORDS + N_HELDOUT, run_dir / f"records_{BN_TAG}.jsonl",
-                           seed=0,
-                           cost_model=cm, evaluate_fn=record_metrics,
+    recs = collect_records(sn, lambda c: record_metrics(sn, c, loaders[1], bn), N_TRAIN_RECORDS + N_HELDOUT,
+                           run_dir / f"records_{BN_TAG}.jsonl", cost_model=cm,
                            progress=lambda i, r: (i + 1) % 200 == 0 and log(f"records: {i + 1} measured"))
     rec_seconds = time.perf_counter() - t
     train_recs, held = recs[:N_TRAIN_RECORDS], recs[N_TRAIN_RECORDS:]
@@ -153,15 +153,15 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
     held_acc = np.array([r.accuracy for r in held])
     ceiling = kendall_tau([r.metrics["acc_even"] for r in held], [r.metrics["acc_odd"] for r in held])
     taus = []
-    for regressor in ("mlp", "gbt", "ensemble"):            # the default last: its 1000-record fit drives the GA
+    for regressor in (Regressor.MLP, Regressor.GBT, Regressor.ENSEMBLE):   # the default last: it drives the GA
         for n in (250, 500, 1000):
             t = time.perf_counter()
             cqap = CQAP(space, seed=0, regressor=regressor).fit([r.config for r in train_recs[:n]],
                                                                 [r.accuracy for r in train_recs[:n]])
             fit_s = time.perf_counter() - t
             taus.append({**cqap.evaluate(held_cfg, held_acc), "records": n, "fit_seconds": fit_s,
-                         "regressor": regressor})
-            log(f"CQAP {regressor} n={n}: tau {taus[-1]['kendall_tau']:.3f} pearson {taus[-1]['pearson']:.3f} "
+                         "regressor": regressor.value})
+            log(f"CQAP {regressor.value} n={n}: tau {taus[-1]['kendall_tau']:.3f} pearson {taus[-1]['pearson']:.3f} "
                 f"fit {fit_s:.1f} s")
     soft = CQAP(space, seed=0).fit([r.config for r in train_recs], [r.metrics["true_prob"] for r in train_recs])
     soft_m = soft.evaluate(held_cfg, [r.metrics["true_prob"] for r in held])
@@ -172,7 +172,7 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
     # --- GA vs random at the W4A4 budget ---------------------------------------------------------------------
     limit = cm(sn.uniform(4, 4)).bitops
     cons = {"max_bitops": limit}
-    ga = evolution_search(cqap, space, cons, cost_model=cm, seed=0)
+    ga = evolution_search(cqap, space, cons, cost_model=cm)
     ga_val, ga_test = measure(sn, ga.best.config, loaders, bn)
     log(f"GA: {ga.evaluations} distinct subnets in {ga.seconds:.1f} s; predicted {ga.best.predicted_accuracy:.4f}, "
         f"val {ga_val:.4f}, test {ga_test:.4f}")
@@ -188,13 +188,13 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
     top_val, top_test = measured[top.best.config]
     log(f"GA + measure_top({TOP_K}): val {top_val:.4f}, test {top_test:.4f} ({top_seconds:.1f} s)")
     t = time.perf_counter()
-    ref = refine_search(CQAP(space, seed=0), [r.config for r in train_recs], [r.accuracy for r in train_recs], val,
-                        space, cons, rounds=REFINE_ROUNDS, k=TOP_K, cost_model=cm, seed=0)
+    ref = refine_search(CQAP(space, seed=0), train_recs, val, space, cons, RefineConfig(rounds=REFINE_ROUNDS, k=TOP_K),
+                        cost_model=cm)
     ref_seconds = time.perf_counter() - t
     ref_val, ref_test = measured[ref.best.config]
     log(f"refine_search({REFINE_ROUNDS} x {TOP_K}): val {ref_val:.4f}, test {ref_test:.4f} ({ref_seconds:.1f} s, "
         f"{len(ref.top)} measured)")
-    rnd_pred = random_search(cqap, space, cons, cost_model=cm, n=args.random, seed=1)
+    rnd_pred = random_search(cqap, space, cons, RandomSearchConfig(n=args.random, seed=1), cost_model=cm)
     rp_val, rp_test = measure(sn, rnd_pred.best.config, loaders, bn)
     t = time.perf_counter()
     rand_cfgs = sample_feasible(space, cm, cons, args.random, seed=1)
@@ -219,8 +219,8 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
         if c not in order:
             order.append(c)
         return val(c)
-    refine_search(CQAP(space, seed=0), [r.config for r in train_recs], [r.accuracy for r in train_recs], val_logged,
-                  space, cons, rounds=CURVE_ROUNDS, k=TOP_K, cost_model=cm, seed=0)
+    refine_search(CQAP(space, seed=0), train_recs, val_logged, space, cons, RefineConfig(rounds=CURVE_ROUNDS, k=TOP_K),
+                  cost_model=cm)
     curve = []
     for m in range(TOP_K, len(order) + 1, TOP_K):
         b = max(order[:m], key=lambda c: measured[c][0])          # first measured wins ties
@@ -233,7 +233,7 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
                                   ("W6A6 budget", None, (6, 6)), ("tensorrt, W4A8 budget", "tensorrt", (4, 8)),
                                   ("qnn, W4A8 budget", "qnn", (4, 8))]:
         lim = cm(sn.uniform(wb, ab)).bitops
-        r = evolution_search(cqap, SearchSpace.from_supernet(sn, prof), {"max_bitops": lim}, cost_model=cm, seed=0)
+        r = evolution_search(cqap, SearchSpace.from_supernet(sn, prof), {"max_bitops": lim}, cost_model=cm)
         r = measure_top(r, val, k=TOP_K)
         v, te = measured[r.best.config]
         picks.append({"search": label, "limit": lim, "bitops": r.best.costs["bitops"],
@@ -243,9 +243,9 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
                 **dict(zip(("val", "test"), measure(sn, sn.uniform(b, b, per_channel=True), loaders, bn)))}
                for b in (2, 3, 4, 8)]
     res = {"model": name, "widths": list(widths), "info": info, "machine": machine(), "n_records": len(recs),
-           "record_seconds_this_run": rec_seconds, "taus": taus, "ga_regressor": cqap.regressor,
-           "noise_ceiling_tau": ceiling, "true_prob_cqap": {**soft_m, "regressor": soft.regressor}, "limit": limit,
-           "full_bitops": cm(sn.max_config()).bitops,
+           "record_seconds_this_run": rec_seconds, "taus": taus, "ga_regressor": cqap.regressor.value,
+           "noise_ceiling_tau": ceiling, "true_prob_cqap": {**soft_m, "regressor": soft.regressor.value},
+           "limit": limit, "full_bitops": cm(sn.max_config()).bitops,
            "ga": {**ga.best.costs, "predicted": ga.best.predicted_accuracy, "val": ga_val, "test": ga_test,
                   "seconds": ga.seconds, "evaluations": ga.evaluations},
            "ga_top": {**top.best.costs, "predicted": top.best.predicted_accuracy, "val": top_val, "test": top_test,
@@ -267,11 +267,9 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
                                "ga_test_rank": int((rand[:, 1] > ga_test).sum()) + 1, "seconds": rand_seconds},
            "picks": picks, "uniform": uniform}
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"bench_search_{name}.json").write_text(json.dumps(res, indent=1, default=float))
+        save_run("bench_search", f"digits_{name}", res)
         if args.plot == ",".join(map(str, widths)):
-            ref.save(RESULTS / "search_digits.json")
-            ref.plot(RESULTS / "pareto_digits.png", title=f"digits, TinyResNet{tuple(widths)}: accuracy vs BitOps",
+            ref.plot(RESULTS_DIR / "pareto_digits.png", title=f"digits, TinyResNet{tuple(widths)}: accuracy vs BitOps",
                      ylabel="accuracy (front, star: predicted; markers: measured val)",
                      extra={"1000 random feasible, measured val": (rand_ops, rand[:, 0]),
                             "GA picks at other budgets, measured val": ([p["bitops"] for p in picks[:3]],
@@ -281,136 +279,146 @@ def run_model(args, widths: tuple[int, ...], log) -> dict:
     return res
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}"
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.2f}"
 
 
-def tau_ceiling(half_tau: float) -> float:
-    """Highest Kendall tau any predictor can reach against the full-split measurement, estimated from the tau of the
-    two half-split measurements: Greiner's relation (Pearson r = sin(pi tau / 2), bivariate normal), Spearman-Brown
-    for the doubled split, and a perfect predictor correlating sqrt(reliability) with a noisy measurement."""
-    r_half = np.sin(np.pi * max(half_tau, 0.0) / 2)
-    r_full = 2 * r_half / (1 + r_half)
-    return float(2 / np.pi * np.arcsin(np.sqrt(r_full)))
+def _taus(r: dict) -> dict:
+    """Each regressor's Kendall tau of its last (1000-record) fit."""
+    return {t["regressor"]: t["kendall_tau"] for t in r["taus"]}
 
 
-def equal_budget(rand: np.ndarray, m: int, ours: tuple[float, float], draws: int = 2000) -> dict:
-    """Random search with the same number of validation measurements as ours: `draws` times pick `m` of the measured
-    random subnets, keep the best by val; how often is ours at least as good (val; test of the val pick)?"""
-    rng = np.random.default_rng(0)
-    vals, tests = [], []
-    for _ in range(draws):
-        sub = rand[rng.choice(len(rand), m, replace=False)]
-        b = int(np.argmax(sub[:, 0]))
-        vals.append(sub[b, 0])
-        tests.append(sub[b, 1])
-    vals, tests = np.array(vals), np.array(tests)
-    return {"m": m, "median_val": float(np.median(vals)), "median_test": float(np.median(tests)),
-            "p_val": float((ours[0] >= vals).mean()), "p_test": float((ours[1] >= tests).mean())}
+def _tau_cell(r: dict) -> str:
+    t = _taus(r)
+    return f"{t['ensemble']:.3f} / {t['gbt']:.3f} / {t['mlp']:.3f}; ~{r['noise_ceiling_full_tau']:.2f}"
 
 
-def report(results: list[dict]) -> str:
-    """Markdown for every model's results file."""
-    out = ["## Search (`benchmarks/bench_search.py`)", "",
-           f"Machine: {results[0]['machine']}. Digits at 8x8 (1797 images): validation = 40% (held-out training "
-           "data, used for the records, the GA's predictor and `measure_top`), test = 20% (untouched); TinyResNet "
-           "supernets, full space (2..8 bits, both symmetries and granularities; first/last layer 8-bit). "
-           "Accuracies in %. Every subnet is measured after BN recalibration on the whole training split (718 "
-           "images). One validation image is 0.14 points, one test image 0.28 points.", ""]
+def digits_report(results: list[dict]) -> list[str]:
+    r0 = results[0]
+    out = [f"Machine: {r0['machine']}. Digits at 8x8 (1797 images): validation = 40% (held-out training data: the "
+           "records, the predictor, every choice), test = 20% (untouched); one validation image is 0.14 points, one "
+           "test image 0.28. Full space (2..8 bits, both symmetries and granularities; first/last layer 8-bit); "
+           f"BitOps <= the uniform W4A4 subnet's; {r0['n_records']} records, {r0['random_measured']['n']} random "
+           "feasible subnets. Accuracies in %.", "",
+           "| TinyResNet widths | CQAP tau, 200 held-out (ensemble / gbt / MLP; noise ceiling) | refine_search (30 "
+           "measured): val / test | GA + measure_top(10): val / test | best of 1000 random by val: val / test | "
+           "uniform W4A4 sym/channel: val / test | GA fit + 500 generations |",
+           "|---|---|---|---|---|---|---|"]
     for r in results:
-        ga, top, ref, rm, rp = r["ga"], r["ga_top"], r["refine"], r["random_measured"], r["random_predicted"]
-        ga_reg = r.get("ga_regressor", "gbt")          # results written before the ensemble default: gbt
-        best = {t["regressor"]: t for t in r["taus"]}                  # each regressor's last (1000-record) fit
-        tau = max(t["kendall_tau"] for t in best.values())
-        search_s = best[ga_reg]["fit_seconds"] + ga["seconds"]
-        info = r["info"]
-        out += [f"### TinyResNet widths {tuple(r['widths'])}", "",
-                f"Float {_pct(info.get('float_val_acc', float('nan')))} val after {info.get('float_epochs')} "
-                f"epochs; supernet {info.get('supernet_epochs')} sandwich epochs "
-                f"({info.get('supernet_seconds', 0):.0f} s). {r['n_records']} records measured.", "",
-                "| CQAP regressor | training records | Kendall tau (200 held-out) | Pearson | RMSE (points) "
-                "| fit (s) |",
-                "|---|---:|---:|---:|---:|---:|",
-                *[f"| {t['regressor']} | {t['records']} | {t['kendall_tau']:.3f} | {t['pearson']:.3f} | "
-                  f"{100 * t['rmse']:.2f} | {t['fit_seconds']:.1f} |" for t in r["taus"]],
-                "",
-                f"* Target tau >= 0.85 with <= 1000 records: **{'met' if tau >= 0.85 else 'NOT met'}** "
-                f"(best tau {tau:.3f}).",
-                f"* Measurement-noise ceiling: Kendall tau between the accuracies of the same 200 subnets on the two "
-                f"halves of the validation split = {r['noise_ceiling_tau']:.3f}. Extrapolated to the full split "
-                f"(Greiner's sin relation + Spearman-Brown, assuming normal noise), even a predictor that knew every "
-                f"subnet's true accuracy would reach tau ~{r['noise_ceiling_full_tau']:.2f} against these "
-                "measurements: the 0.85 target is above what top-1 accuracy on this validation split can repeat.",
-                f"* The {r['true_prob_cqap'].get('regressor', 'gbt')} CQAP fitted to the mean probability of the "
-                "true class (a low-noise proxy of accuracy): "
-                f"tau {r['true_prob_cqap']['kendall_tau']:.3f} against that proxy, Pearson "
-                f"{r['true_prob_cqap']['pearson']:.3f}.",
-                "",
-                f"Genetic vs random search at BitOps <= {r['limit'] / 1e6:.2f} M (the uniform W4A4 subnet's; "
-                f"W8A8: {r['full_bitops'] / 1e6:.2f} M). Validation measurements spent on the choice: GA + "
-                f"measure_top {top['k']}, refine_search {ref['measured']} ({ref['rounds']} rounds), random "
-                f"{rm['n']}.", "",
-                "| subnet | BitOps (M) | avg W / A bits | predicted | val | test |",
-                "|---|---:|---:|---:|---:|---:|",
-                f"| GA (100 / 25% / 500 generations), {ga_reg} CQAP-1000, best predicted | {ga['bitops'] / 1e6:.2f} | "
-                f"{ga['avg_weight_bits']:.2f} / {ga['avg_act_bits']:.2f} | {_pct(ga['predicted'])} | "
-                f"{_pct(ga['val'])} | {_pct(ga['test'])} |",
-                f"| GA + measure_top({top['k']}): best measured val of its top {top['k']} | {top['bitops'] / 1e6:.2f}"
-                f" | {top['avg_weight_bits']:.2f} / {top['avg_act_bits']:.2f} | {_pct(top['predicted'])} | "
-                f"{_pct(top['val'])} | {_pct(top['test'])} |",
-                f"| refine_search ({ref['rounds']} rounds x measure_top({ref['k']})): best measured val | "
-                f"{ref['bitops'] / 1e6:.2f} | {ref['avg_weight_bits']:.2f} / {ref['avg_act_bits']:.2f} | "
-                f"{_pct(ref['predicted'])} | {_pct(ref['val'])} | {_pct(ref['test'])} |",
-                f"| random search (best predicted of {rp['n']}) | {rp['bitops'] / 1e6:.2f} | "
-                f"{rp['avg_weight_bits']:.2f} / {rp['avg_act_bits']:.2f} | {_pct(rp['predicted'])} | "
-                f"{_pct(rp['val'])} | {_pct(rp['test'])} |",
-                f"| {rm['n']} random feasible: best by measured val | | | | {_pct(rm['val_of_best_val'])} | "
-                f"{_pct(rm['test_of_best_val'])} |",
-                f"| {rm['n']} random feasible: best measured test (oracle) | | | | | {_pct(rm['best_test'])} |",
-                f"| {rm['n']} random feasible: median | | | | {_pct(rm['median_val'])} | {_pct(rm['median_test'])} |",
-                *[f"| {u['subnet']} | {u['bitops'] / 1e6:.2f} | | | {_pct(u['val'])} | {_pct(u['test'])} |"
-                  for u in r["uniform"]],
-                "",
-                *[f"* Issue target, measured accuracy of the search's subnet >= best measured of {rm['n']} random "
-                  f"feasible subnets, {name}. On validation (where both choices are made): {_pct(x['val'])} vs "
-                  f"{_pct(rm['best_val'])}: **{'met' if x['val'] >= rm['best_val'] else 'NOT met'}** (rank "
-                  f"{x['val_rank']} of {rm['n'] + 1}). On test, against the random subnet chosen the same way (best "
-                  f"val): {_pct(x['test'])} vs {_pct(rm['test_of_best_val'])}: "
-                  f"**{'met' if x['test'] >= rm['test_of_best_val'] else 'NOT met'}**. Against the best test "
-                  f"accuracy of the {rm['n']} (an oracle that picks on test noise): {_pct(x['test'])} vs "
-                  f"{_pct(rm['best_test'])}: **{'met' if x['test'] >= rm['best_test'] else 'NOT met'}** (rank "
-                  f"{x['test_rank']} of {rm['n'] + 1})."
-                  for name, x in (("refine_search", ref), (f"GA + measure_top({top['k']})", top))],
-                f"* Same number of validation measurements ({r['equal_budget']['m']}) for random search: the best "
-                f"by val of {r['equal_budget']['m']} random feasible subnets (2000 draws from the 1000 measured) has "
-                f"median val {_pct(r['equal_budget']['median_val'])} and test "
-                f"{_pct(r['equal_budget']['median_test'])}; refine_search is at least as good in "
-                f"{100 * r['equal_budget']['p_val']:.0f}% of draws on val and {100 * r['equal_budget']['p_test']:.0f}%"
-                " on test.",
-                "",
-                f"Measurement budget: refine_search run for {len(r['curve'])} rounds; best measured subnet after each "
-                f"round vs random search with as many measurements (median of 2000 draws) and vs the best of all "
-                f"{rm['n']} random (val {_pct(rm['best_val'])}, its test {_pct(rm['test_of_best_val'])}):", "",
-                "| validation measurements | refine_search val | its test | random, same budget: val | its test | "
-                "P(refine >= random), val / test |",
-                "|---:|---:|---:|---:|---:|---:|",
-                *[f"| {c['measured']} | {_pct(c['val'])} | {_pct(c['test'])} | {_pct(c['random']['median_val'])} | "
-                  f"{_pct(c['random']['median_test'])} | {100 * c['random']['p_val']:.0f}% / "
-                  f"{100 * c['random']['p_test']:.0f}% |" for c in r["curve"]],
-                "",
-                f"* Search time: {ga_reg} CQAP fit {best[ga_reg]['fit_seconds']:.1f} s + 500 generations "
-                f"{ga['seconds']:.1f} s ({ga['evaluations']} distinct subnets) = {search_s:.1f} s; target < 60 s "
-                f"**{'met' if search_s < 60 else 'NOT met'}**; measure_top({top['k']}) adds {top['seconds']:.1f} s; "
-                f"refine_search in all {ref['seconds']:.1f} s.",
-                "",
-                "| GA + measure_top(10) at another budget / profile | BitOps limit (M) | BitOps (M) | predicted | val "
-                "| test |",
-                "|---|---:|---:|---:|---:|---:|",
-                *[f"| {p['search']} | {p['limit'] / 1e6:.2f} | {p['bitops'] / 1e6:.2f} | {_pct(p['predicted'])} | "
-                  f"{_pct(p['val'])} | {_pct(p['test'])} |" for p in r["picks"]],
-                ""]
-    out += ["![Pareto front](benchmarks/results/pareto_digits.png)"]
+        ref, top, rm = r["refine"], r["ga_top"], r["random_measured"]
+        u4 = next(u for u in r["uniform"] if u["subnet"].startswith("uniform W4A4"))
+        search_s = {t["regressor"]: t for t in r["taus"]}[r["ga_regressor"]]["fit_seconds"] + r["ga"]["seconds"]
+        out.append(f"| {tuple(r['widths'])} | {_tau_cell(r)} | {_pct(ref['val'])} / {_pct(ref['test'])} | "
+                   f"{_pct(top['val'])} / {_pct(top['test'])} | {_pct(rm['val_of_best_val'])} / "
+                   f"{_pct(rm['test_of_best_val'])} | {_pct(u4['val'])} / {_pct(u4['test'])} | {search_s:.0f} s |")
+    out += ["", "`refine_search` run for more rounds: its best measured subnet against random search with as many "
+            "validation measurements (median of 2000 draws from the measured random subnets):", "",
+            "| validation measurements | " + " | ".join(f"{tuple(r['widths'])}: refine_search val / test | random: "
+                                                        "val / test" for r in results) + " |",
+            "|---:|" + "---|---|" * len(results)]
+    for i, c0 in enumerate(results[0]["curve"]):
+        cells = [f"{_pct(c['val'])} / {_pct(c['test'])} | {_pct(c['random']['median_val'])} / "
+                 f"{_pct(c['random']['median_test'])}" for c in (r["curve"][i] for r in results)]
+        out.append(f"| {c0['measured']} | " + " | ".join(cells) + " |")
+    return out + ["", "![Pareto front, digits](benchmarks/results/pareto_digits.png)"]
+
+
+def _best_dedicated(r: dict, bits: str) -> tuple[float | None, str]:
+    d = {sch: r["dedicated"].get(f"{bits} {sch}") for sch in ("sym/tensor", "asym/tensor", "sym/channel")}
+    d = {k: v for k, v in d.items() if v is not None}
+    if not d:
+        return None, ""
+    k = max(d, key=d.get)
+    return d[k], k
+
+
+def _vs_dedicated(r: dict) -> list[tuple[str, float, float | None]]:
+    """(budget, searched test, best dedicated test) of the W3A3 and W4A4 refine_search picks."""
+    return [(b, r["main"][b]["refine"]["test"], _best_dedicated(r, b)[0]) for b in ("W3A3", "W4A4")]
+
+
+def _minutes(r: dict) -> float:
+    return (r["seconds"]["records"] + r["seconds"]["search"]) / 60
+
+
+def fashion_report(results: list[dict]) -> list[str]:
+    r0 = results[0]
+    out = [f"Machine: {r0['machine']}. Supernets and dedicated runs: bench_supernet's `--budget fashion` (one per "
+           f"model and split seed). Validation = {r0['val_images']} images held out of the 60,000 training images "
+           f"(the records, the predictor, every choice); test = the official {r0['test_images']} t10k images, "
+           "measured only for the chosen subnets (one image = 0.01 points). Every subnet is measured after BN "
+           f"recalibration on {r0['bn_batches']} fixed training batches. {r0['n_records']} records; "
+           "searches: `refine_search` (3 rounds x 10 measured) under BitOps <= the uniform W3A3, W4A4 and (tensorrt "
+           "profile) W4A8 subnet's; random: the best by validation of the first 1000 feasible subnets of the "
+           f"records' sampling stream. Records + searches in {r0['jobs']} worker processes. Accuracies in %.", "",
+           "| model, seed | CQAP tau, 200 held-out (ensemble / gbt / MLP; noise ceiling) | searched - best-by-val "
+           "random (W4A4, test) | records + searches (target 25 min) | whole run |",
+           "|---|---|---|---|---|"]
+    for r in results:
+        rnd = r["main"]["W4A4"]["refine"]["test"] - r["random"]["test_of_best_val"]
+        out.append(f"| {r['model']}, {r['seed']} | {_tau_cell(r)} | {100 * rnd:+.2f} | {_minutes(r):.1f} min | "
+                   f"{r['seconds']['total'] / 60:.0f} min |")
+    out += ["", "Searched mixed precision vs dedicated uniform LSQ QAT of the same BitOps (the best of its three "
+            "schemes at that bit-width; at the tensorrt budget, dedicated W8A8 sym/channel at twice the BitOps):", "",
+            "| model, seed | budget | searched: val / test | avg W / A bits | dedicated test (scheme) | "
+            "searched - dedicated |",
+            "|---|---|---|---|---|---|"]
+    for r in results:
+        rows = [(b, r["main"][b]["refine"], *_best_dedicated(r, b)) for b in ("W3A3", "W4A4")]
+        rows.append(("W4A8, tensorrt", r["tensorrt"], r["dedicated"].get("W8A8 sym/channel"), "W8A8 sym/channel"))
+        for b, x, d, sch in rows:
+            diff = "n/a" if d is None else f"{100 * (x['test'] - d):+.2f}"
+            out.append(f"| {r['model']}, {r['seed']} | {b} | {_pct(x['val'])} / {_pct(x['test'])} | "
+                       f"{x['avg_weight_bits']:.2f} / {x['avg_act_bits']:.2f} | {_pct(d)} ({sch}) | {diff} |")
+    links = " · ".join(f"[{r['model']}, seed {r['seed']}](benchmarks/results/{fashion_plot_name(r)})" for r in results)
+    return out + ["", f"Pareto plots (test accuracy vs BitOps: searched front, uniform and dedicated subnets): {links}"]
+
+
+def fashion_plot_name(r: dict) -> str:
+    return f"pareto_fashion_{r['model']}_seed{r['seed']}.png"
+
+
+def _headlines(digits: list[dict], fashion: list[dict]) -> list[str]:
+    out = []
+    if fashion:
+        taus = ", ".join(f"{r['model']} seed {r['seed']} {_taus(r)['ensemble']:.3f}" for r in fashion)
+        met = sum(_taus(r)["ensemble"] >= 0.85 for r in fashion)
+        out.append(headline("Fashion-MNIST search: default CQAP's Kendall tau on 200 held-out subnets from 1000 "
+                            "records (target 0.85)", f"{taus}: met on {met} of {len(fashion)}"))
+        vs = [100 * (x - d) for r in fashion for _, x, d in _vs_dedicated(r) if d is not None]
+        out.append(headline("Fashion-MNIST search: searched subnet vs the best dedicated uniform LSQ QAT run of the "
+                            "same BitOps (W3A3 and W4A4 budgets, test)",
+                            f"at or above it in {sum(v >= 0 for v in vs)} of {len(vs)}; {min(vs):+.2f} to "
+                            f"{max(vs):+.2f} points"))
+        mins = [_minutes(r) for r in fashion]
+        out.append(headline("Fashion-MNIST search: records + searches on 2 cores (target 25 min)",
+                            f"{min(mins):.1f}-{max(mins):.1f} min"))
+    if digits:
+        out.append(headline("Digits search: default CQAP's Kendall tau, 1000 records (target 0.85; noise ceiling)",
+                            ", ".join(f"TinyResNet{tuple(r['widths'])} {_taus(r)['ensemble']:.3f} (ceiling "
+                                      f"~{r['noise_ceiling_full_tau']:.2f})" for r in digits)))
+    return out
+
+
+def section(results: dict) -> str:
+    """The whole `bench_search` section from benchmarks/results/bench_search.json."""
+    digits = sorted((r for k, r in results.items() if k.startswith("digits_")), key=lambda r: -r["widths"][0])
+    fashion = sorted((r for k, r in results.items() if k.startswith("fashion_")),
+                     key=lambda r: (r["model"] != "tiny_resnet", r["model"], r["seed"]))
+    doc = __doc__.split("\n\n")
+    out = ["## bench_search", "", doc[0].strip(), "", "```", doc[2].strip(), "```", "", *_headlines(digits, fashion),
+           ""]
+    if fashion:
+        out += ["### Fashion-MNIST (`--data fashion-mnist`)", "", *fashion_report(fashion), ""]
+    if digits:
+        out += ["### Digits", "", *digits_report(digits), ""]
     return "\n".join(out)
+
+
+def write_section() -> None:
+    text = section(load_results("bench_search"))
+    print(text)
+    update_section("bench_search", text)
 
 
 def main() -> None:
@@ -424,7 +432,7 @@ def main() -> None:
     ap.add_argument("--plot", default="4,8,16", help="widths whose Pareto plot goes to pareto_digits.png")
     ap.add_argument("--data", choices=("digits", "fashion-mnist"), default="digits")
     ap.add_argument("--report-only", action="store_true",
-                    help="only rebuild the --data set's BENCHMARKS.md section from benchmarks/results (no measurement)")
+                    help="only rebuild the BENCHMARKS.md section from benchmarks/results/bench_search.json")
     fm = ap.add_argument_group("fashion-mnist")
     fm.add_argument("--models", default="tiny_resnet,tiny_mobilenet_v2", help="comma-separated")
     fm.add_argument("--seed", type=int, default=0, help="split seed of the bench_supernet supernet")
@@ -442,22 +450,18 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
-    if args.data == "fashion-mnist":
+    if args.report_only:
+        write_section()
+    elif args.data == "fashion-mnist":
         main_fashion(args, log)
-        return
-
-    if not args.report_only:
+    else:
         widths = tuple(int(w) for w in args.widths.split(","))
         res = run_model(args, widths, log)
         log(f"done: {res['model']}")
         if args.no_write:
-            print(report([res]))
+            print("\n".join(digits_report([res])))
             return
-    files = sorted((p for p in RESULTS.glob("bench_search_*.json") if not p.name.startswith("bench_search_fashion")),
-                   key=lambda p: -json.loads(p.read_text())["widths"][0])
-    text = report([json.loads(p.read_text()) for p in files])
-    print(text)
-    update_section("bench_search", text)
+        write_section()
 
 
 def main_fashion(args, log) -> None:
@@ -465,8 +469,6 @@ def main_fashion(args, log) -> None:
 
     import _search_fashion as fs
     _w.filterwarnings("ignore", module="torch.ao")
-    if args.report_only:
-        return write_fashion_section(fs)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in fs.MODELS]
     if unknown:
@@ -484,24 +486,12 @@ def main_fashion(args, log) -> None:
             out = fs.RUN_DIR / f"{m}_seed{args.seed}"
             (out / "smoke_result.json").write_text(json.dumps(res, indent=1, default=float))
             fs.plot(res, out / "smoke_pareto.png")
-            print(fs.report([res]))
+            print("\n".join(fashion_report([res])))
             continue
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / fs.results_name(res)).write_text(json.dumps(res, indent=1, default=float))
-        fs.plot(res, RESULTS / fs.plot_name(res))
-    if args.smoke:
-        return
-    write_fashion_section(fs)
-
-
-def write_fashion_section(fs) -> None:
-    """The BENCHMARKS.md section from every benchmarks/results/bench_search_fashion_*.json (`update_section` adds
-    the hand-written reading, bench_search_fashion_notes.md)."""
-    files = sorted(RESULTS.glob("bench_search_fashion_*.json"),
-                   key=lambda p: (fs.MODELS.index(json.loads(p.read_text())["model"]), p.name))
-    text = fs.report([json.loads(p.read_text()) for p in files])
-    print(text)
-    update_section("bench_search_fashion", text)
+        save_run("bench_search", f"fashion_{m}_seed{args.seed}", res)
+        fs.plot(res, RESULTS_DIR / fashion_plot_name(res))
+    if not args.smoke:
+        write_section()
 
 
 if __name__ == "__main__":

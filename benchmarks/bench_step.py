@@ -12,7 +12,10 @@ Variants (each its own model copy, same weights, same batch, SGD with momentum):
 
 Timings are medians over steps; rounds interleave the variants so machine noise hits all of them alike.
 
-    python benchmarks/bench_step.py [--threads 2 1] [--rounds 20] [--steps 1] [--no-write] [--no-fq]
+Command (budget: 20 interleaved rounds of one step per variant, per thread count; wall time on 2 cores about 3 min,
+estimated):
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_step.py --threads 2 1   # writes the `bench_step` section
+    python benchmarks/bench_step.py [--rounds 20] [--steps 1] [--no-write] [--no-fq]
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, update_section  # noqa: E402
+from _report import headline, machine, update_section  # noqa: E402
 
 BATCH, SIZE, CLASSES = 32, 32, 10
 
@@ -202,10 +205,12 @@ def main(argv=None) -> None:
         "elastic random subnet": build_elastic(model, ex, x, "random"),
     }
     n = args.rounds * args.steps
-    parts = []
+    parts, heads = [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         table, ratio = step_table(variants, x, y, args.rounds, args.steps, args.warmup)
+        heads.append(headline(f"FX QAT training step, ResNet-18, CPU, {threads} thread{'s' if threads > 1 else ''}: "
+                              "worst elastic variant vs torch.ao default QAT (target <= 1.10x)", f"{ratio:.2f}x"))
         print(f"{threads} threads\n{table}\nelastic (worst of W8A8/random) = {ratio:.2f}x torch.ao default QAT "
               "(target <= 1.10x)")
         parts.append(f"**{threads} thread{'s' if threads > 1 else ''}** (worst elastic variant: {ratio:.2f}x "
@@ -216,55 +221,15 @@ def main(argv=None) -> None:
             parts.append(f"One fake-quant alone at {threads} thread{'s' if threads > 1 else ''}, forward + backward "
                          f"with scale/zero-point gradients (median of {args.rounds * 2}, interleaved):\n\n{fq}\n")
     if not args.no_write:
-        md = (f"## bench_step: one QAT training step, ResNet-18\n\n"
+        md = (f"## bench_step\n\nOne FX QAT training step of ResNet-18: float vs torch.ao vs elastic.\n\n"
+              + "\n".join(heads) + "\n\n"
               f"torchvision ResNet-18 (num_classes={CLASSES}), {SIZE}x{SIZE} inputs, batch {BATCH}, forward + "
               f"cross-entropy + backward + SGD step, CPU. Median of {n} steps per variant ({args.rounds} interleaved "
               f"rounds of {args.steps}, after {args.warmup} warm-up steps); ratios are within one run.\n\n"
               f"Machine: {md_machine}; load average when the run started: {load}; OMP_WAIT_POLICY={policy}.\n\n"
               + "\n".join(parts) + f"\nRerun: `{'OMP_WAIT_POLICY=' + policy + ' ' if policy != 'unset' else ''}"
               f"python benchmarks/bench_step.py --threads {' '.join(map(str, args.threads))}`\n")
-        update_section("bench_step", md + _NOTES)
-
-
-_NOTES = """
-### What was tried (helper "core", development measurements)
-
-Development numbers below were taken on the shared 2-core machine while other jobs ran (load average 8-12), so they
-are CPU time (`time.process_time`, 1 thread, median/quartile of 10-30 repeats) rather than wall time: with that load
-two OpenMP threads mostly wait on each other, and every extra small op costs milliseconds of wall time.
-
-* **The fake-quant forward/backward** (`primitives._lsq_forward` / `_lsq_backward`). One fake-quant of a
-  32x64x32x32 tensor, forward + backward with the scale gradient: the first implementation (12 passes with
-  `torch.where` and boolean masks) 23.3 ms (asymmetric 27.7 ms); torch.ao's fused observer + fake-quant 11.3 ms;
-  now 6.1 ms (asymmetric 8.5 ms). A 512x512x3x3 per-channel weight: torch.ao 19.8 ms, elastic 11.1 ms. What did it:
-  - float 0/1 masks instead of boolean ones: `grad * bool_mask` 8.4 ms vs `grad * float_mask` 0.5 ms for 2M values;
-    `torch.where` with a boolean condition 7.4 ms; mixed-dtype ops are scalar loops on CPU;
-  - d x_hat/d s written as `clamp(round(x/s), qmin - z, qmax - z) - (x/s) * mask` (one `addcmul`), the mask as
-    `eq(clamped, rounded)` written into the rounded buffer, everything in place: 7 full-size passes and 3 buffers
-    (output, mask, d/ds), all needed; the backward pass is `grad * mask` plus one dot product / row sum;
-  - a learned zero point as `(r + z).clamp_(qmin, qmax) - z` (0.47 ms) instead of clamp with tensor bounds (1.36 ms);
-  - the zero point of symmetric cells passed as a Python int (no tensor, no gradient, scalar clamp bounds).
-* **Tried and dropped**: torch's own fused kernels (`fake_quantize_per_channel_affine_cachemask`,
-  `_fake_quantize_per_tensor_affine_cachemask_tensor_qparams`) give the same bits but are scalar loops on CPU:
-  21 ms (per-tensor) and 10 ms (per-channel) for the forward of 2M values, against 3.8 ms for the vectorized ops; they
-  also need an int32 zero point (the float one rounds `x/s + z`, a different formula) and the per-channel one syncs
-  the device to range-check it. One autograd Function over the scale tables (indexing, abs and clamp folded in):
-  about 200 us per call on tiny tensors either way, no gain, reverted.
-* **Busy machine, OpenMP waiting**: this machine's two cores are shared with other jobs. With OpenMP's default
-  (active) wait policy, an op split over two threads spins until the second thread gets a core, up to 8-16 ms per
-  op (`x * y` on 2.4M values: 0.6 ms on 1 thread, 8 ms on 2). Elastic issues about 7 vectorized full-size ops per
-  fake-quant forward, torch.ao 2-3 (scalar) ones, so on a busy machine the default policy penalizes elastic: the
-  same script with the policy unset measured between 0.90x and 1.42x (worst of W8A8 / random subnet, 2 threads) in
-  four runs at load averages 2-12, and 0.85x-0.94x on 1 thread. With `OMP_WAIT_POLICY=PASSIVE` (the table above) the waits go away
-  and 2 threads agree with 1 thread; on an idle machine the policy should not matter.
-* **Calibration** (`grid_search_qparams`): the candidate scales are evaluated in chunks of 2^20 values updated in
-  place (the temporaries stay in cache), and |e|^2.4 is computed as exp(2.4 log|e|) (a quarter faster than `pow`);
-  results unchanged on the test data. `Supernet.calibrate` on ResNet-18 (one batch of 8): 14.2 s -> 5.7 s CPU time
-  (1 thread, same run); the remaining time is mostly exp/log of the 2.4-norm. Chunks of 2^18 values were 20%
-  faster on an idle core but issue 4x more ops, which a busy machine punishes (see above), so 2^20 it is.
-* **Reference conversion**: `convert_reference` now copies the exact QAT folded weights into the converted convs
-  (torch.ao folds BN with `rsqrt`, QAT with `1/sqrt`, and about one weight in a million landed on another integer).
-"""
+        update_section("bench_step", md)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,23 @@ For every model (TinyResNet, TinyMobileNetV2) and every split seed:
       sym per-channel}, from the same calibrated start, with the same per-step recipe (Adam, lr, cosine schedule,
       batches in the same order, same number of steps), one forward per step, cross-entropy;
   (c) ablations of (a): one Adam over the summed gradient (the paper's optimizer; every config), without WDR,
-      without GPG (plain cross-entropy for every subnet), and with the first release's BatchNorm handling
-      (torch.ao's running-variance fold, running statistics from all three subnets), the last three evaluated on
-      the low-bit and per-channel configs.
+      without GPG (plain cross-entropy for every subnet), and with torch.ao's BatchNorm handling (its
+      running-variance fold, running statistics from all three subnets), the last three evaluated on the low-bit
+      and per-channel configs.
 Every subnet is evaluated on the test split after BN recalibration on fixed training batches. Wall times count
 training only (the float model and the calibration are shared by all runs).
 
-    python benchmarks/bench_supernet.py --budget fashion-small  # smoke run on Fashion-MNIST, writes nothing
-    python benchmarks/bench_supernet.py --budget fashion --jobs 2   # the recorded configuration (BENCHMARKS.md)
-    python benchmarks/bench_supernet.py --budget full           # the digits quick mode (BENCHMARKS.md)
-    python benchmarks/bench_supernet.py --budget fashion-x2 --jobs 2   # capacity check: TinyMobileNetV2 x2 width
+Commands (budget; wall time on 2 cores):
+    python benchmarks/bench_supernet.py --budget fashion --jobs 2      # 2 models x 2 seeds, 1500 steps; 66 min
+    python benchmarks/bench_supernet.py --budget fashion-x2 --jobs 2   # TinyMobileNetV2 at 2x width, 4 configs,
+                                                                       # 2 seeds; 47 min (12 of them float starts)
+    python benchmarks/bench_supernet.py --budget full --jobs 2         # digits, 2 models x 3 seeds; 14 min
+    python benchmarks/bench_supernet.py --budget fashion-small         # smoke run, writes nothing; ~2 min (est.)
+    python benchmarks/bench_supernet.py --report-only                  # rebuild the section; seconds
+
+A recorded budget's run replaces its entry (keyed by budget) in benchmarks/results/bench_supernet.json, and the
+`bench_supernet` section of BENCHMARKS.md is rebuilt from every entry. `--save-supernets` keeps the trained
+supernets in runs/bench_supernet/ for bench_search.
 """
 from __future__ import annotations
 
@@ -36,18 +43,29 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, update_section  # noqa: E402
+from _report import headline, load_results, machine, save_run, update_section  # noqa: E402
 
 from eqnet_plugin import Supernet, elastic_backend_config, elastic_qconfig_mapping  # noqa: E402
 from eqnet_plugin.quant.bn_fold import use_running_bn_fold  # noqa: E402
 from eqnet_plugin.app.data import digits_loaders, fashion_mnist_splits, make_loaders  # noqa: E402
 from eqnet_plugin.train.losses import WDRLoss  # noqa: E402
-from eqnet_plugin.app.models import TinyMobileNetV2, TinyResNet, build_model  # noqa: E402
+from eqnet_plugin.app.models import build_model  # noqa: E402
 from eqnet_plugin.train.optim import SubnetOptimizer  # noqa: E402
-from eqnet_plugin.train import (accuracy, bn_batches_from, cosine_scheduler, evaluate, evaluate_configs,  # noqa: E402
-                                lsq_qat, train_float, train_supernet)
+from eqnet_plugin.train import (QATConfig, SandwichConfig, TrainConfig, accuracy, bn_batches_from,  # noqa: E402
+                                cosine_scheduler, evaluate, evaluate_configs, lsq_qat, train_float, train_supernet)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class LatentWDR(WDRLoss):
+    """Test hook of the "old_bn" ablation: WDR on each layer's raw conv weight (before the BatchNorm fold) instead of
+    the tensor its weight quantizer sees; it overrides `WDRLoss.layer_weights`, the tensors the penalty reads."""
+
+    def layer_weights(self, supernet) -> list[torch.Tensor]:
+        layers = list(supernet.layers)[1 if self.exclude_first else 0:]
+        return [supernet.model.get_submodule(lay.name).weight for lay in layers]
+
+
 PARTIAL_DIR = Path(__file__).resolve().parent.parent / "runs"                                 # git-ignored
 SCHEMES = {"sym/tensor": (True, False), "asym/tensor": (False, False), "sym/channel": (True, True)}
 BITS = (2, 3, 4, 8)
@@ -67,12 +85,11 @@ BUDGETS = {
     "fashion": dict(data="fashion-mnist", models=("tiny_resnet", "tiny_mobilenet_v2"), seeds=(0, 1),
                     float_epochs=8, epochs=2, max_steps=1500, float_max_steps=None, stem_stride=2, bn_batches=16,
                     limit_test=None),
-    # capacity check: TinyMobileNetV2 with twice the channels, the 4 configs of tune_supernet, no ablations
+    # capacity check: TinyMobileNetV2 with twice the channels, 4 configs, no ablations
     "fashion-x2": dict(data="fashion-mnist", models=("tiny_mobilenet_v2_x2",), seeds=(0, 1), float_epochs=8, epochs=2,
                        max_steps=1500, float_max_steps=None, stem_stride=2, bn_batches=16, limit_test=None,
                        configs=("W8A8 sym/channel", "W4A4 sym/channel", "W3A3 sym/channel", "W2A2 sym/tensor"),
-                       no_ablations=True, section="bench_supernet_fashion_x2",
-                       title="Fashion-MNIST, TinyMobileNetV2 at twice the width"),
+                       no_ablations=True),
 }
 ABLATION_CONFIGS = ("W2A2 sym/tensor", "W2A2 asym/tensor", "W2A2 sym/channel", "W3A3 sym/tensor", "W3A3 sym/channel",
                     "W4A4 sym/channel", "W8A8 sym/channel")
@@ -90,21 +107,6 @@ def _prepare(model, example):
         from torch.ao.quantization.quantize_fx import prepare_qat_fx
         gm = prepare_qat_fx(copy.deepcopy(model), elastic_qconfig_mapping(), example, backend_config=bc)
     return Supernet(gm)
-
-
-def build_bench_model(name: str, stem_stride: int = 1) -> torch.nn.Module:
-    """A compact model by name; ``<name>_x<K>`` (e.g. ``tiny_mobilenet_v2_x2``) is the same model with K times the
-    channels in every layer, for the capacity check of BENCHMARKS.md (does a wider model close the gap?)."""
-    base, _, mult = name.rpartition("_x")
-    if not (base and mult.isdigit()):
-        return build_model(name, stem_stride=stem_stride)
-    k = int(mult)
-    if base == "tiny_resnet":
-        return TinyResNet(widths=tuple(k * w for w in TinyResNet.WIDTHS), stem_stride=stem_stride)
-    if base == "tiny_mobilenet_v2":
-        return TinyMobileNetV2(settings=tuple((k * c, s, e) for c, s, e in TinyMobileNetV2.SETTINGS),
-                               stem=k * TinyMobileNetV2.STEM, stem_stride=stem_stride)
-    raise ValueError(f"unknown model {name!r}: tiny_resnet or tiny_mobilenet_v2, optionally with _x<K>")
 
 
 def _copy(sn: Supernet) -> Supernet:
@@ -148,7 +150,7 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
     if cfg.get("eval_split", "test") == "val":
         test = val                    # tuning: every accuracy on the validation split, the test split untouched
     torch.manual_seed(seed)
-    model = build_bench_model(model_name, stem_stride=cfg.get("stem_stride", 1))
+    model = build_model(model_name, stem_stride=cfg.get("stem_stride", 1))
     cache = float_cache_path(model_name, seed, cfg, float_lr, batch_size, image_size)
     float_seconds = load_or_train_float(model, train, cfg, float_lr, cache)
     out = {"model": model_name, "seed": seed, "steps": steps, "float_seconds": float_seconds,
@@ -172,26 +174,23 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
     cpu_seconds: dict[str, float] = {}
     out["cpu_seconds"] = cpu_seconds
 
-    def supernet_run(key: str, old_bn: bool = False, shared_adam: bool = False, **kw) -> tuple[Supernet, float]:
-        if old_bn:                     # the first release: torch.ao's running-variance fold, BN from all subnets
-            gm = copy.deepcopy(base.model)
-            use_running_bn_fold(gm)
-            sn = Supernet(gm, base.space, bn_fold="running")
-        else:
-            sn = _copy(base)
+    def supernet_run(key: str, recipe: SandwichConfig, old_bn: bool = False, shared_adam: bool = False
+                     ) -> tuple[Supernet, float]:
+        sn = _copy(base)
+        if old_bn:                     # torch.ao's BN handling: running-variance fold, BN from all subnets
+            use_running_bn_fold(sn.model)          # the ablation hook (eqnet_plugin.quant.bn_fold)
         # the recipe: one Adam state per sandwich subnet; shared_adam: one Adam over the summed gradient (the
         # paper's and the official trainer's optimizer), as an ablation
         opt = (torch.optim.Adam(sn.model.parameters(), lr=lr) if shared_adam
                else SubnetOptimizer(sn.model.parameters(), torch.optim.Adam, lr=lr))
         fresh_loader_state()
         cpu = time.process_time()
-        h = train_supernet(sn, train, opt, cfg["epochs"], scheduler=cosine_scheduler(opt, steps),
-                           generator=torch.Generator().manual_seed(seed), max_steps=steps,
-                           progress=False, **kw)
+        h = train_supernet(sn, train, opt, TrainConfig(epochs=cfg["epochs"], recipe=recipe, max_steps=steps),
+                           scheduler=cosine_scheduler(opt, steps), generator=torch.Generator().manual_seed(seed))
         cpu_seconds[key] = time.process_time() - cpu
         return sn, h["seconds"]
 
-    sn, out["supernet_seconds"] = supernet_run("supernet", wdr=WDRLoss())
+    sn, out["supernet_seconds"] = supernet_run("supernet", SandwichConfig())
     out["supernet"] = evaluate_configs(sn, configs, test, bn)
     if cfg.get("save_dir"):           # the trained supernet, for bench_search (git-ignored runs/ folder)
         dest = Path(cfg["save_dir"]) / f"{model_name}_seed{seed}.pt"
@@ -211,17 +210,27 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
         opt = torch.optim.Adam(d.model.parameters(), lr=lr)
         fresh_loader_state()
         cpu = time.process_time()
-        h = lsq_qat(d, c, train, opt, cfg["epochs"],
-                    scheduler=cosine_scheduler(opt, steps), max_steps=steps)
+        h = lsq_qat(d, c, train, opt, QATConfig(epochs=cfg["epochs"], recipe=SandwichConfig(wdr=None), max_steps=steps),
+                    scheduler=cosine_scheduler(opt, steps))
         cpu_seconds[name] = time.process_time() - cpu
         out["dedicated_seconds"][name] = h["seconds"]
         out["dedicated"][name] = evaluate(d, c, test, bn)
-    ablations = (("shared_adam", dict(wdr=WDRLoss(), shared_adam=True)), ("no_wdr", dict(wdr=None)),
-                 ("no_gpg", dict(wdr=WDRLoss(), gpg=False)), ("old_bn", dict(wdr=WDRLoss(on="latent"), old_bn=True)))
+    ablations = (("shared_adam", dict(recipe=SandwichConfig(), shared_adam=True)),
+                 ("no_wdr", dict(recipe=SandwichConfig(wdr=None))),
+                 ("no_gpg", dict(recipe=SandwichConfig(lam=0.0))),              # label loss alone for R and L
+                 ("old_bn", dict(recipe=SandwichConfig(wdr=LatentWDR()), old_bn=True)))
     for key, kw in () if cfg.get("no_ablations") else ablations:
         sn, out[f"{key}_seconds"] = supernet_run(key, **kw)
         out[key] = evaluate_configs(sn, configs if key == "shared_adam" else low, test, bn)
     return out
+
+
+# The budgets recorded in BENCHMARKS.md, in the section's order: title, and whether only the summary table is shown
+RECORDED = {"fashion": ("Fashion-MNIST", False),
+            "fashion-x2": ("Fashion-MNIST, twice the width", False),
+            "full": ("digits, the quick check", True)}
+HEADLINE_BUDGETS = ("fashion", "fashion-x2")                     # the budgets in BENCHMARKS.md's summary table
+TARGETS = (("W4A4/W8A8", 0.3), ("W3A3", 1.0), ("W2A2", 2.0))     # worst gap (points) per bit-width group
 
 
 def _run_job(job: tuple) -> dict:
@@ -235,85 +244,124 @@ def _ms(values: list[float]) -> str:
     return f"{m:.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{m:.2f}"
 
 
-def summarize(runs: list[dict], budget: str, args, machine_line: str | None = None) -> str:
-    models = sorted({r["model"] for r in runs}, key=lambda m: m != "tiny_resnet")
+def _model_summary(rs: list[dict]) -> dict:
+    """Mean gap per config, worst gap per bit-width group, wall and CPU-time ratio of one model's runs."""
+    names = list(rs[0]["supernet"])
+    gaps = {n: statistics.fmean(100 * (r["dedicated"][n] - r["supernet"][n]) for r in rs) for n in names}
+    worst = {}
+    for group, _ in TARGETS:
+        vals = [v for k, v in gaps.items() if k.split()[0] in group.split("/")]
+        worst[group] = max(vals) if vals else float("nan")
+    t_a = statistics.fmean(r["supernet_seconds"] for r in rs)
+    t_b = statistics.fmean(sum(r["dedicated_seconds"].values()) for r in rs)
+    cpu = (statistics.fmean(r["cpu_seconds"]["supernet"] for r in rs)
+           / statistics.fmean(sum(r["cpu_seconds"][n] for n in r["dedicated_seconds"]) for r in rs))
+    return {"gaps": gaps, "worst": worst, "t_a": t_a, "t_b": t_b, "cpu": cpu, "n_ded": len(rs[0]["dedicated_seconds"])}
+
+
+def _models(runs: list[dict]) -> list[str]:
+    return sorted({r["model"] for r in runs}, key=lambda m: m != "tiny_resnet")
+
+
+def summarize(runs: list[dict], budget: str, recipe: dict, machine_line: str, compact: bool = False) -> str:
+    """The tables of one budget's runs (`compact`: the worst-gap and time table only)."""
     seeds = sorted({r["seed"] for r in runs})
     names = list(runs[0]["supernet"])
-    if BUDGETS[budget]["data"] == "fashion-mnist":
+    cfg = BUDGETS[budget]
+    if cfg["data"] == "fashion-mnist":
         r0 = runs[0]
-        data = (f"Fashion-MNIST at {args.image_size}x{args.image_size}: {r0['train_images']} training images "
-                f"(10,000 more held out for validation, chosen by the seed; unused here), test = the official "
-                f"{r0['test_images']} t10k images (one image = {100 / r0['test_images']:.2f} points); compact models "
-                f"with a stride-{BUDGETS[budget]['stem_stride']} stem; BN recalibrated on "
-                f"{BUDGETS[budget]['bn_batches']} fixed training batches per subnet")
+        data = (f"Fashion-MNIST at {recipe['image_size']}x{recipe['image_size']}: {r0['train_images']} training "
+                f"images, test = the official {r0['test_images']} t10k images (one image = "
+                f"{100 / r0['test_images']:.2f} points); stride-{cfg['stem_stride']} stem; BN recalibrated on "
+                f"{cfg['bn_batches']} fixed training batches per subnet")
     else:
-        data = (f"stratified train/val/test of the 1797 digits at {args.image_size}x{args.image_size}; test = 360 "
-                "images, so one image = 0.28 points")
-    lines = [f"Machine: {machine_line or machine()}. Budget `{budget}`: split seeds {seeds} ({data}), "
-             f"float pretraining {runs[0].get('recipe', BUDGETS[budget])['float_epochs']} epochs (Adam lr "
-             f"{args.float_lr}, cosine), QAT {runs[0]['steps']} steps (batch {args.batch_size}, Adam lr {args.lr}, "
-             "cosine) for the supernet and for each dedicated run"
-             + (" (the supernet: one Adam state per sandwich subnet, `SubnetOptimizer`; the dedicated runs have "
-                "one subnet, so one Adam). " if runs[0].get("recipe", {}).get("optimizer") == "subnet_adam" else
-                " (one Adam over the supernet's summed gradient). ")
-             + 
-             "Accuracies in %, mean ± std over the split seeds; gap = dedicated - supernet (positive: the "
-             "supernet is worse).", ""]
+        data = (f"stratified train/val/test of the 1797 digits at {recipe['image_size']}x{recipe['image_size']}; "
+                "test = 360 images, so one image = 0.28 points")
+    lines = [f"Machine: {machine_line}. Split seeds {seeds} ({data}); float pretraining {recipe['float_epochs']} "
+             f"epochs (Adam lr {recipe['float_lr']}, cosine); QAT {runs[0]['steps']} steps (batch "
+             f"{recipe['batch_size']}, Adam lr {recipe['lr']}, cosine) for the supernet (one Adam state per sandwich "
+             "subnet, `SubnetOptimizer`) and for each dedicated run. Accuracies in %, mean ± std over the split "
+             "seeds; gap = dedicated - supernet (positive: the supernet is worse).", ""]
     summary = []
-    for m in models:
+    for m in _models(runs):
         rs = [r for r in runs if r["model"] == m]
+        s = _model_summary(rs)
+        summary.append((m, s))
+        if compact:
+            continue
         shared = all(set(r.get("shared_adam", {})) == set(names) for r in rs)
         lines += [f"**{m}** (float: {_ms([r['float_acc'] for r in rs])})", "",
                   "| config | supernet subnet | dedicated LSQ QAT | gap (points) |"
                   + (" supernet, one shared Adam (ablation) | its gap |" if shared else ""),
                   "|---|---|---|---|" + ("---|---|" if shared else "")]
-        gaps = {}
         for n in names:
-            g = [100 * (r["dedicated"][n] - r["supernet"][n]) for r in rs]
-            gaps[n] = statistics.fmean(g)
             extra = ""
             if shared:
                 g2 = statistics.fmean(100 * (r["dedicated"][n] - r["shared_adam"][n]) for r in rs)
                 extra = f" {_ms([r['shared_adam'][n] for r in rs])} | {g2:+.2f} |"
             lines.append(f"| {n} | {_ms([r['supernet'][n] for r in rs])} | {_ms([r['dedicated'][n] for r in rs])} "
-                         f"| {gaps[n]:+.2f} |" + extra)
-        t_a = statistics.fmean(r["supernet_seconds"] for r in rs)
-        t_b = statistics.fmean(sum(r["dedicated_seconds"].values()) for r in rs)
-        cpu = None                    # runs recorded before CPU time was measured have wall time only
-        if all("cpu_seconds" in r for r in rs):
-            cpu = (statistics.fmean(r["cpu_seconds"]["supernet"] for r in rs)
-                   / statistics.fmean(sum(r["cpu_seconds"][n] for n in r["dedicated_seconds"]) for r in rs))
-        summary.append((m, gaps, t_a, t_b, cpu))
+                         f"| {s['gaps'][n]:+.2f} |" + extra)
+        lines.append("")
         if "no_wdr" not in rs[0]:
-            lines.append("")
             continue
-        lines += ["", "| ablation (supernet subnets) | " + " | ".join(k for k in rs[0]["no_wdr"]) + " | mean |",
-                  "|---|" + "---|" * (len(rs[0]["no_wdr"]) + 1)]
+        cols = list(rs[0]["no_wdr"])
+        lines += ["| ablation (supernet subnets) | " + " | ".join(cols) + " | mean |",
+                  "|---|" + "---|" * (len(cols) + 1)]
         rows = [("EQ-Net (GPG + WDR, fixed BN fold)", "supernet")]
         if shared:
             rows.append(("one shared Adam instead of one per subnet", "shared_adam"))
-        rows += [("without WDR", "no_wdr"),
-                ("without GPG (CE per subnet)", "no_gpg")]
+        rows += [("without WDR", "no_wdr"), ("without GPG (CE per subnet)", "no_gpg")]
         if "old_bn" in rs[0]:
-            rows.append(("first-release BN handling (running-variance fold)", "old_bn"))
+            rows.append(("torch.ao BN handling (running-variance fold)", "old_bn"))
         rows.append(("dedicated LSQ QAT (reference)", "dedicated"))
         for label, key in rows:
-            accs = [statistics.fmean(r[key][k] for r in rs) for k in rs[0]["no_wdr"]]
+            accs = [statistics.fmean(r[key][k] for r in rs) for k in cols]
             lines.append(f"| {label} | " + " | ".join(f"{100 * a:.2f}" for a in accs)
                          + f" | {100 * statistics.fmean(accs):.2f} |")
         lines.append("")
-    n_ded = len(runs[0]["dedicated_seconds"])
-    lines += ["| model | worst gap W4A4/W8A8 (target <= 0.3) | worst gap W3A3 (target <= 1.0) | worst gap W2A2 "
-              f"(target <= 2.0) | supernet wall time | sum of {n_ded} dedicated runs | ratio"
+    n_ded = summary[0][1]["n_ded"]
+    lines += ["| model | " + " | ".join(f"worst gap {g} (target <= {t})" for g, t in TARGETS)
+              + f" | supernet wall time | sum of {n_ded} dedicated runs | ratio"
               + (" (target <= 0.3)" if n_ded == 12 else " (the target counts 12 runs)") + " | CPU-time ratio |",
               "|---|---|---|---|---|---|---|---|"]
-    for m, gaps, t_a, t_b, cpu in summary:
-        worst = {p: max((v for k, v in gaps.items() if k.startswith(p)), default=float("nan"))
-                 for p in ("W4", "W8", "W3", "W2")}
-        lines.append(f"| {m} | {max(worst['W4'], worst['W8']):+.2f} | {worst['W3']:+.2f} | {worst['W2']:+.2f} | "
-                     f"{t_a:.0f} s | {t_b:.0f} s | {t_a / t_b:.2f}x | "
-                     + ("-" if cpu is None else f"{cpu:.2f}x") + " |")
+    for m, s in summary:
+        lines.append(f"| {m} | " + " | ".join(f"{s['worst'][g]:+.2f}" for g, _ in TARGETS)
+                     + f" | {s['t_a']:.0f} s | {s['t_b']:.0f} s | {s['t_a'] / s['t_b']:.2f}x | {s['cpu']:.2f}x |")
     return "\n".join(lines)
+
+
+def _headlines(budget: str, runs: list[dict]) -> list[str]:
+    """Summary-table rows: per model, the worst gaps against their targets and the time ratio."""
+    out = []
+    for m in _models(runs):
+        s = _model_summary([r for r in runs if r["model"] == m])
+        gaps = " · ".join(f"{s['worst'][g]:+.2f}" + ("" if s["worst"][g] <= t else " (not met)") for g, t in TARGETS)
+        ratio = s["t_a"] / s["t_b"]
+        time_ = (f"{ratio:.2f}x wall" + (" (not met)" if ratio > 0.3 else "") + f", {s['cpu']:.2f}x CPU"
+                 if s["n_ded"] == 12 else f"{ratio:.2f}x of {s['n_ded']} dedicated runs")
+        out.append(headline(f"{RECORDED[budget][0]}, {m}: worst gap to dedicated LSQ QAT at W4A4/W8A8 · W3A3 · W2A2 "
+                            "(targets 0.3 · 1.0 · 2.0 points); training time vs the dedicated runs (target 0.3x of 12)",
+                            f"{gaps}; {time_}"))
+    return out
+
+
+def section(results: dict) -> str:
+    """The whole `bench_supernet` section from benchmarks/results/bench_supernet.json (every recorded budget)."""
+    protocol = __doc__.split("\n\n")[1].strip()
+    commands = __doc__.split("\n\n")[2].strip()
+    out = ["## bench_supernet", "", "One EQ-Net supernet vs dedicated LSQ QAT per reference config.", "", protocol, "",
+           "```", commands, "```", ""]
+    for budget in HEADLINE_BUDGETS:
+        if budget in results:
+            out += _headlines(budget, results[budget]["runs"])
+    out.append("")
+    for budget, (title, compact) in RECORDED.items():
+        if budget not in results:
+            continue
+        saved = results[budget]
+        out += [f"### {title} (`--budget {budget}`)", "",
+                summarize(saved["runs"], budget, saved["recipe"], saved["machine"], compact), "", saved["footer"], ""]
+    return "\n".join(out)
 
 
 def _recipe(cfg: dict, args) -> dict:
@@ -326,16 +374,6 @@ def _recipe(cfg: dict, args) -> dict:
             **({"configs": list(cfg["configs"])} if cfg.get("configs") else {}),
             **({"no_ablations": True} if cfg.get("no_ablations") else {}),
             **({"supernet_only": True} if cfg.get("supernet_only") else {})}
-
-
-def _section_key(budget: str) -> str:
-    """BENCHMARKS.md section (and results file stem) of a budget's recorded run."""
-    fashion = BUDGETS[budget]["data"] == "fashion-mnist"
-    return BUDGETS[budget].get("section", "bench_supernet_fashion" if fashion else "bench_supernet")
-
-
-def _results_path(budget: str) -> Path:
-    return RESULTS_DIR / f"{_section_key(budget)}.json"
 
 
 def _partial_path(recipe: dict) -> Path:
@@ -388,19 +426,16 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--jobs", type=int, default=1, help="run (model, seed) pairs in this many processes")
     p.add_argument("--resume", action="store_true", help="reuse finished runs saved in runs/ by an interrupted run")
-    p.add_argument("--from-results", action="store_true",
-                   help="only rebuild the BENCHMARKS.md section from benchmarks/results (no training)")
-    p.add_argument("--write", action="store_true", help="record in BENCHMARKS.md (default for --budget full)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild the BENCHMARKS.md section from benchmarks/results/bench_supernet.json")
     args = p.parse_args(argv)
+    if args.report_only:
+        text = section(load_results("bench_supernet"))
+        print(text)
+        update_section("bench_supernet", text)
+        return
     if args.image_size is None:
         args.image_size = 28 if BUDGETS[args.budget]["data"] == "fashion-mnist" else 16
-    RESULTS = _results_path(args.budget)
-    if args.from_results:
-        saved = json.loads(RESULTS.read_text())
-        for k in ("lr", "float_lr", "batch_size", "image_size"):
-            setattr(args, k, saved["recipe"][k])
-        _report_section(saved["runs"], saved["budget"], args, saved["footer"], True, saved.get("machine"))
-        return
     if args.threads or args.jobs > 1:
         torch.set_num_threads(1 if args.jobs > 1 else args.threads)
     cfg = dict(BUDGETS[args.budget])
@@ -452,35 +487,16 @@ def main(argv=None) -> None:
               + (f" ({args.jobs} processes in parallel, 1 thread each)" if args.jobs > 1 else "")
               + (f", {len(done)} of the runs reused from an interrupted invocation (--resume)" if done else "")
               + f"; machine load average (5 min) at the end: {load:.1f} on {os.cpu_count()} cores.")
-    write = (args.write or args.budget in ("full", "fashion", "fashion-x2")) and args.eval_split == "test" \
-        and not args.configs
     if args.eval_split == "val":      # tuning results: kept in runs/, never recorded as a benchmark
         PARTIAL_DIR.mkdir(parents=True, exist_ok=True)
         (PARTIAL_DIR / f"bench_supernet_tune_{args.lr}_{cfg['float_epochs']}_{cfg['max_steps']}.json").write_text(
             json.dumps({"recipe": recipe, "runs": runs}, indent=1))
-    if write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"budget": args.budget, "recipe": recipe, "machine": machine(),
-                                       "footer": footer, "runs": runs}, indent=1))
-    _report_section(runs, args.budget, args, footer, write)
-
-
-def _report_section(runs: list[dict], budget: str, args, footer: str, write: bool,
-                    machine_line: str | None = None) -> None:
-    text = summarize(runs, budget, args, machine_line) + "\n\n" + footer + "\n"
-    print(text)
-    if write:
-        key = _section_key(budget)
-        title = BUDGETS[budget].get("title", "Fashion-MNIST" if BUDGETS[budget]["data"] == "fashion-mnist"
-                                    else "digits")
-        protocol = __doc__.split("\n\n")[1].strip()
-        if BUDGETS[budget].get("configs"):          # the capacity check: a subset of that protocol
-            protocol = (f"bench_supernet_fashion's protocol (float start, ONE supernet, a dedicated LSQ QAT run "
-                        f"per config from the same calibrated start with the same per-step recipe, test on all "
-                        f"10,000 images) for {', '.join(BUDGETS[budget]['models'])} (every layer with twice the "
-                        f"channels), on {len(BUDGETS[budget]['configs'])} reference configs only and without "
-                        f"ablations.")
-        update_section(key, f"## {key}: one supernet vs dedicated QAT ({title})\n\n" + protocol + "\n\n" + text)
+    print(summarize(runs, args.budget, recipe, machine()) + "\n\n" + footer)
+    if args.budget in RECORDED and args.eval_split == "test" and not args.configs and not args.models \
+            and args.seeds is None:
+        save_run("bench_supernet", args.budget, {"budget": args.budget, "recipe": recipe, "machine": machine(),
+                                                 "footer": footer, "runs": runs})
+        update_section("bench_supernet", section(load_results("bench_supernet")))
 
 
 if __name__ == "__main__":

@@ -9,25 +9,26 @@ torch.ao FX QAT, with search and export to TensorRT, Brevitas and Qualcomm QNN.
     frozen = freeze(sn, best_cfg)                                      # then eqnet_plugin.adapters.*
     eqnet_plugin.export_to_tensorrt(frozen, x, "model.onnx")          # or export_onnx / export_qnn / to_brevitas
 """
-__version__ = "0.1.0"
-
+from ._version import __version__
 from . import search
 from .quant.fake_quant import ElasticFakeQuantize
 from .export.freeze import FrozenSubnet, QParams, freeze
 from .frontends.fx import elastic_backend_config, elastic_qconfig_mapping, prepare_qat
+from .frontends.base import PlacementError
 from .train.losses import WDRLoss, gpg_losses
 from .train.optim import SubnetOptimizer
+from .quant.grid import Grid, Scheme
 from .quant.space import ElasticSpace, QuantChoice, SubnetConfig
 from .supernet import BatchNormStatsError, Supernet
-from .train import (SandwichConfig, evaluate, evaluate_configs, load_checkpoint, sandwich_step, save_checkpoint,
-                    train_supernet)
+from .train import (QATConfig, SandwichConfig, TrainConfig, evaluate, evaluate_configs, load_checkpoint,
+                    sandwich_step, save_checkpoint, train_supernet)
 
-__all__ = ["ElasticSpace", "QuantChoice", "SubnetConfig", "ElasticFakeQuantize", "elastic_qconfig_mapping",
-           "elastic_backend_config", "prepare_qat", "Supernet", "SubnetOptimizer", "SandwichConfig", "WDRLoss",
-           "gpg_losses", "sandwich_step", "evaluate", "evaluate_configs", "train_supernet", "save_checkpoint",
+__all__ = ["ElasticSpace", "QuantChoice", "SubnetConfig", "Grid", "Scheme", "ElasticFakeQuantize",
+           "elastic_qconfig_mapping", "elastic_backend_config", "prepare_qat", "Supernet", "SubnetOptimizer",
+           "SandwichConfig", "TrainConfig", "QATConfig", "WDRLoss", "gpg_losses", "sandwich_step", "evaluate", "evaluate_configs", "train_supernet", "save_checkpoint",
            "load_checkpoint", "freeze", "FrozenSubnet", "QParams", "search", "BatchNormStatsError", "adapters",
            "export_onnx", "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization",
-           "register_target", "get_target", "Target", "__version__"]
+           "register_target", "get_target", "Target", "PlacementError", "__version__"]
 
 _ADAPTER_EXPORTS = ("export_onnx", "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization",
                     "export_brevitas_qcdq", "export_brevitas_qonnx", "check_tensorrt_onnx", "register_target",

@@ -19,7 +19,6 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 import eqnet_plugin as eq                                                    # EQ-Net:
 from eqnet_plugin.app.data import digits_loaders
-from eqnet_plugin.train.losses import WDRLoss                                      # EQ-Net:
 from eqnet_plugin.app.models import TinyResNet
 from eqnet_plugin.train import bn_batches_from, evaluate, sandwich_step      # EQ-Net:
 
@@ -66,7 +65,7 @@ def main(argv=None) -> dict[str, float]:
     optimizer = eq.SubnetOptimizer(model_prepared.parameters(), torch.optim.Adam, lr=args.lr)  # EQ-Net: Adam per subnet
     steps = args.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    generator, wdr = torch.Generator().manual_seed(0), WDRLoss()            # EQ-Net: sampler + WDR
+    generator = torch.Generator().manual_seed(0)                             # EQ-Net: the subnet sampler
     model_prepared.train()
     step = 0
     for epoch in range(args.epochs):
@@ -79,7 +78,7 @@ def main(argv=None) -> dict[str, float]:
             # loss = F.cross_entropy(model_prepared(x), y)
             # loss.backward()
             # optimizer.step()
-            losses = sandwich_step(supernet, x, y, optimizer, generator=generator, wdr=wdr)   # EQ-Net:
+            losses = sandwich_step(supernet, x, y, optimizer, generator=generator)   # EQ-Net: H/R/L, GPG, WDR
             scheduler.step()
             step += 1
         print(f"epoch {epoch + 1}: loss(H, R, L) = {float(losses['h']):.3f} {float(losses['r']):.3f} "

@@ -25,7 +25,8 @@ import torch
 
 import eqnet_plugin as eq
 from eqnet_plugin.adapters import (check_tensorrt_onnx, export_brevitas_qcdq, export_brevitas_qonnx, export_onnx,
-                                   export_qnn, export_to_tensorrt, to_brevitas, to_pytorch_quantization)
+                                   UnsignedActivations, export_qnn, export_to_tensorrt, to_brevitas,
+                                   to_pytorch_quantization)
 from eqnet_plugin.adapters.qnn import ENCODING_VERSIONS
 from eqnet_plugin.app.data import digits_splits
 from eqnet_plugin.app.models import TinyResNet
@@ -94,7 +95,7 @@ def main(argv=None) -> list[dict]:
 
     # TensorRT: symmetric INT8, per-channel weights; unsigned post-ReLU activations rescaled to INT8
     frozen = freeze_with_bn(sn, sn.uniform(8, 8, symmetric=True, per_channel=True), batches)
-    path = export_to_tensorrt(frozen, ex, out("tensorrt", "w8a8_sym_pc.onnx"), unsigned_activations="rescale")
+    path = export_to_tensorrt(frozen, ex, out("tensorrt", "w8a8_sym_pc.onnx"), unsigned_activations=UnsignedActivations.RESCALE)
     assert not check_tensorrt_onnx(path)
     record("tensorrt", "W8A8 sym per-channel", path, frozen)
     pq = to_pytorch_quantization(frozen)                                      # quant_nn modules with amax

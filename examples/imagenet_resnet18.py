@@ -13,8 +13,9 @@ across ranks, so every rank starts from identical scales), then train with the s
 subnet per step) + Group Progressive Guidance + Weight Distribution Regularization, Adam lr 1e-3 with cosine decay.
 All ranks sample the same subnets (shared generator); only rank 0 writes checkpoints; an interrupted run resumes
 from OUT/supernet.pt exactly where it stopped. At the end rank 0 reports uniform subnets (BN re-estimated on
-training batches for each). Search and export then use the library API on the trained supernet (README, stages
-5-7): `collect_records` on a held-out part of the training set, `CQAP`, `evolution_search`, `freeze`, adapters.
+training batches for each). Search and export then use the library API on the trained supernet
+(docs/walkthrough.md, stages 5-7): `collect_records` on a held-out part of the training set, `CQAP`,
+`evolution_search`, `freeze`, adapters.
 """
 from __future__ import annotations
 
@@ -30,8 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import eqnet_plugin as eq
 from eqnet_plugin.train import distributed as D
-from eqnet_plugin.train.losses import WDRLoss
-from eqnet_plugin.train import bn_batches_from, cosine_scheduler, evaluate_configs, train_supernet
+from eqnet_plugin.train import TrainConfig, bn_batches_from, cosine_scheduler, evaluate_configs, train_supernet
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -134,10 +134,10 @@ def main(argv=None) -> dict:
     scheduler = cosine_scheduler(optimizer, steps)
     bn_batches = bn_batches_from(train_set, args.bn_batches, args.batch_size, seed=args.seed + 1)
     t0 = time.perf_counter()
-    history = train_supernet(sn, train_loader, optimizer, args.epochs, scheduler=scheduler,
-                             checkpoint_path=os.path.join(args.out, "supernet.pt"),
-                             checkpoint_every=args.checkpoint_every, generator=D.shared_generator(args.seed),
-                             model=ddp, wdr=WDRLoss(), max_steps=args.max_steps, progress=main_rank)
+    config = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, progress=main_rank,   # recipe: SandwichConfig()
+                         checkpoint_path=os.path.join(args.out, "supernet.pt"), checkpoint_every=args.checkpoint_every)
+    history = train_supernet(sn, train_loader, optimizer, config, scheduler=scheduler,
+                             generator=D.shared_generator(args.seed), model=ddp)
 
     # 4. uniform subnets, BN re-estimated on training batches for each (rank 0)
     result = {"steps": history["step"], "seconds": time.perf_counter() - t0, "accuracy": {}}

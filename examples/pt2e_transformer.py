@@ -3,7 +3,7 @@
     python examples/pt2e_transformer.py [--steps 20] [--out runs/pt2e_bert]
 
 1. ``torch.export`` the model, ``prepare_qat_pt2e(..., ElasticQuantizer(space))`` (torchao's own prepare; fake-quants
-   where torchao's x86 QAT recipe puts them, checked), ``PT2ESupernet`` over it.
+   where torchao's x86 QAT recipe puts them, checked), ``eqnet_plugin.Supernet`` over it.
 2. Calibrate, a few sandwich steps (H / R / L subnets with GPG and WDR) on a synthetic task, evaluate two subnets.
 3. ``convert_pt2e`` of one subnet: torchao's standard Q/DQ graph, compared with the supernet's eval output.
 4. ``freeze`` + ``export_onnx`` of the same subnet, run by ONNX Runtime.
@@ -73,15 +73,15 @@ def main(argv=None) -> None:
     space = eq.ElasticSpace(weight_bits=(2, 4, 8), act_bits=(4, 8))
     gm = prepare_qat_pt2e(copy.deepcopy(exported), ElasticQuantizer(space))
     check_placement(exported, gm)                     # where torchao's x86 QAT recipe puts its fake-quants
-    sn = eq.Supernet(gm)                              # a PT2E graph gets the PT2ESupernet subclass
+    sn = eq.Supernet(gm)                              # a PT2E graph gets the PT2E frontend
     print(sn)
 
     # 2. calibrate, train, evaluate
     sn.calibrate(train[:2])
     optimizer = eq.SubnetOptimizer(gm.parameters(), torch.optim.Adam, lr=1e-3)   # one Adam state per subnet
-    generator, wdr = torch.Generator().manual_seed(0), eq.WDRLoss()
+    generator = torch.Generator().manual_seed(0)
     for i, (x, y) in enumerate(train):
-        losses = eq.sandwich_step(sn, x, y, optimizer, generator=generator, wdr=wdr)
+        losses = eq.sandwich_step(sn, x, y, optimizer, generator=generator)      # GPG + WDR (SandwichConfig())
         if i % 5 == 0 or i == len(train) - 1:
             print(f"step {i:3d}  H {losses['h']:.3f}  R {losses['r']:.3f}  L {losses['l']:.3f}  "
                   f"WDR {losses['wdr']:.4f}")

@@ -1,4 +1,4 @@
-"""DDP worker for tests/test_pt2e.py::test_ddp_two_ranks_on_a_pt2e_graph, run as ``python
+"""DDP worker for tests/distributed/test_ddp.py::test_ddp_two_ranks_on_a_pt2e_graph, run as ``python
 tests/_ddp_pt2e_worker.py OUT_DIR STEPS``: the parent process imports torch, torchao and eqnet_plugin once and forks
 two ranks (gloo, a free local port) that inherit the imports, which is several seconds faster than
 ``torch.distributed.run`` importing them in every process. The parent runs no tensor op before forking.
@@ -25,8 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from eqnet_plugin import ElasticSpace, Supernet
 from eqnet_plugin.train.distributed import shared_generator
-from eqnet_plugin.train.losses import WDRLoss
-from eqnet_plugin.frontends.pt2e import PT2ESupernet, prepare_qat
+from eqnet_plugin.frontends.pt2e import PT2EFrontend, prepare_qat
 from eqnet_plugin.train import sample_sandwich, sandwich_step
 
 SPACE = ElasticSpace(weight_bits=(4, 8), act_bits=(4, 8))
@@ -67,11 +66,11 @@ def rank_main(rank: int, port: int, out_dir: str, steps: int) -> None:
         cfgs = sample_sandwich(sn, gen)
         configs.append([c.to_dict() for c in cfgs])
         out = sandwich_step(sn, x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH], opt, model=ddp,
-                            configs=cfgs, wdr=WDRLoss())
+                            configs=cfgs)                                   # the default recipe: with WDR
         losses.append(float(out["total"]))
     torch.save(gm.state_dict(), os.path.join(out_dir, f"after_{rank}.pt"))
     with open(os.path.join(out_dir, f"rank_{rank}.json"), "w") as f:
-        json.dump({"configs": configs, "losses": losses, "pt2e": type(sn) is PT2ESupernet,
+        json.dump({"configs": configs, "losses": losses, "pt2e": isinstance(sn.frontend, PT2EFrontend),
                    "wrapped": type(ddp.module).__name__, "layers": len(sn.layers)}, f)
     dist.destroy_process_group()
 

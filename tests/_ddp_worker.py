@@ -1,4 +1,4 @@
-"""DDP worker for tests/test_ddp.py, launched with ``python -m torch.distributed.run --standalone
+"""DDP worker for tests/distributed/test_ddp.py, launched with ``python -m torch.distributed.run --standalone
 --nproc_per_node 2 tests/_ddp_worker.py OUT_DIR STEPS``: trains the tiny supernet with DistributedDataParallel on the
 gloo backend, each rank on its own half of the data, and writes what the test compares across ranks."""
 from __future__ import annotations
@@ -13,7 +13,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from eqnet_plugin import SubnetOptimizer
 from eqnet_plugin.train.distributed import RankMismatchError, shared_generator
-from eqnet_plugin.train.losses import WDRLoss
 from eqnet_plugin.train import sample_sandwich, sandwich_step, save_checkpoint
 
 from _tiny import tiny_data, tiny_supernet
@@ -41,7 +40,7 @@ def main(out_dir: str, steps: int) -> None:
         j = (i * 32) % (len(x) - 32)
         cfgs = sample_sandwich(sn, gen)
         configs.append([c.to_dict() for c in cfgs])
-        out = sandwich_step(sn, x[j:j + 32], y[j:j + 32], opt, model=ddp, configs=cfgs, wdr=WDRLoss())
+        out = sandwich_step(sn, x[j:j + 32], y[j:j + 32], opt, model=ddp, configs=cfgs)    # with WDR (default)
         losses.append(float(out["total"]))
     wrote = save_checkpoint(os.path.join(out_dir, "ckpt.pt"), sn, opt, step=steps)
     torch.save(sn.model.state_dict(), os.path.join(out_dir, f"state_{rank}.pt"))

@@ -1,4 +1,4 @@
-"""Resume worker for tests/test_checkpoint.py: ``python tests/_resume_worker.py MODE CKPT OUT``.
+"""Resume worker for tests/unit/test_checkpoint.py: ``python tests/_resume_worker.py MODE CKPT OUT``.
 
 MODE "first": train the tiny supernet for STOP steps (stopping mid-epoch, checkpoint written), then, from scratch in
 the same process, the full run without interruption; saves the full run's final state to OUT.
@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from eqnet_plugin.train import cosine_scheduler, train_supernet
+from eqnet_plugin.train import TrainConfig, cosine_scheduler, train_supernet
 
 from _tiny import tiny_data, tiny_loader, tiny_supernet
 
@@ -24,14 +24,14 @@ def build():
     opt = torch.optim.Adam(sn.model.parameters(), lr=2e-3)
     sched = cosine_scheduler(opt, EPOCHS * len(loader))
     gen = torch.Generator().manual_seed(7)
-    kw = dict(scheduler=sched, val_loader=[val.tensors], eval_configs={"w2a2": sn.uniform(2, 2)},
-              generator=gen, progress=False, num_bn_batches=2)
-    return sn, loader, opt, sched, gen, kw
+    kw = dict(scheduler=sched, val_loader=[val.tensors], generator=gen)
+    config = dict(epochs=EPOCHS, eval_configs={"w2a2": sn.uniform(2, 2)}, num_bn_batches=2)
+    return sn, loader, opt, sched, gen, kw, config
 
 
 def run(ckpt: str | None, max_steps: int | None = None):
-    sn, loader, opt, sched, gen, kw = build()
-    hist = train_supernet(sn, loader, opt, EPOCHS, checkpoint_path=ckpt, max_steps=max_steps, **kw)
+    sn, loader, opt, sched, gen, kw, config = build()
+    hist = train_supernet(sn, loader, opt, TrainConfig(**config, checkpoint_path=ckpt, max_steps=max_steps), **kw)
     # an RNG draw after training: equal only if the global RNG state was restored exactly
     return {"model": sn.model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "generator": gen.get_state(), "loader_generator": loader.generator.get_state(),

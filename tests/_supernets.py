@@ -2,9 +2,6 @@
 BN fold in `freeze` (and every export after it) is exercised."""
 from __future__ import annotations
 
-import copy
-import functools
-
 import torch
 from torch import nn
 
@@ -60,8 +57,10 @@ def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
     return model
 
 
-@functools.lru_cache(maxsize=None)
-def _trained_torchvision(name: str, steps: int) -> nn.Module:
+def train_torchvision(name: str, steps: int = 30) -> nn.Module:
+    """Torchvision `name` (10 classes) after `steps` Adam steps on digits at 32x32 (3 channels): real features and
+    logit margins, unlike a random-init net, where any float-rounding change cascades over depth. Tests take it
+    through the session fixture ``trained_torchvision`` (conftest.py), which trains each model once."""
     import torchvision
 
     from eqnet_plugin.app.data import digits_splits
@@ -73,10 +72,3 @@ def _trained_torchvision(name: str, steps: int) -> nn.Module:
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(num_classes=10)
     return train_steps(model, x, y, steps)
-
-
-def trained_torchvision(name: str, steps: int = 30) -> nn.Module:
-    """A copy of torchvision `name` (10 classes) after `steps` Adam steps on digits at 32x32 (3 channels), trained
-    once per test session: real features and logit margins, unlike a random-init net, where any float-rounding
-    change cascades over depth."""
-    return copy.deepcopy(_trained_torchvision(name, steps))

@@ -1,4 +1,6 @@
-"""A tiny, deterministic supernet on 8x8 digits for the training tests and their subprocess workers."""
+"""A tiny, deterministic supernet on 8x8 digits for the training tests and their subprocess workers. Tests take the
+supernet through the session fixture ``tiny_digits_supernet`` (conftest.py), built once; the workers call
+`tiny_supernet` directly."""
 from __future__ import annotations
 
 import warnings

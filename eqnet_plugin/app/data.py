@@ -188,16 +188,16 @@ def make_loaders(splits: DataSplits, batch_size: int = 64, seed: int = 0, eval_b
 
 def digits_loaders(batch_size: int = 64, image_size: int = 16, seed: int = 0, split_seed: int = 0,
                    val_fraction: float = 0.15, test_fraction: float = 0.2, eval_batch_size: int | None = None,
-                   drop_last: bool = False, fold: int | None = None, num_folds: int = 5
-                   ) -> tuple[DataLoader, DataLoader, DataLoader]:
-    """(train, val, test) loaders over `digits_splits(image_size, split_seed, ...)`; `seed` seeds the shuffling.
+                   drop_last: bool = False) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """(train, val, test) loaders over `digits_splits(image_size, split_seed, val_fraction, test_fraction)`;
+    `seed` seeds the shuffling. For k-fold splits use `digits_splits(fold=...)` with `make_loaders`.
 
     Example:
         >>> train, val, test = digits_loaders(batch_size=64)
         >>> x, y = next(iter(train)); tuple(x.shape)
         (64, 1, 16, 16)
     """
-    splits = digits_splits(image_size, split_seed, val_fraction, test_fraction, fold=fold, num_folds=num_folds)
+    splits = digits_splits(image_size, split_seed, val_fraction, test_fraction)
     return make_loaders(splits, batch_size, seed, eval_batch_size, drop_last)
 
 

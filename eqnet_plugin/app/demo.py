@@ -106,8 +106,10 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, budget: str | DemoBudg
 
     t = stage(1, "float", f"float pretraining of {spec.model} on {spec.data} ({budget.float_epochs} epochs), "
                           "prepare + calibrate the supernet")
-    exp = P.build_experiment(spec, device=device, float_epochs=budget.float_epochs,
-                             calib_batches=budget.calib_batches, bn_batches=budget.bn_batches, progress=progress)
+    signed = P.signed_activations_for(targets)             # TensorRT in play: its export runs what was trained
+    exp = P.build_experiment(spec, P.BuildSettings(float_epochs=budget.float_epochs,
+                                                   calib_batches=budget.calib_batches, bn_batches=budget.bn_batches,
+                                                   signed_activations=signed), device=device, progress=progress)
     times["float + calibrate"] = time.perf_counter() - t
     summary["info"] = dict(exp.info)
     summary["supernet"] = repr(exp.supernet)
@@ -130,11 +132,11 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, budget: str | DemoBudg
     records = out / "records.jsonl"
     if records.exists():
         records.unlink()                    # records of an earlier supernet would be resumed: start fresh
-    main = P.search_experiment(exp, out / "search" / "brevitas", profile="brevitas",
-                               bitops_fraction=budget.bitops_fraction, records=budget.records,
-                               records_path=records, population=budget.population,
-                               generations=budget.generations, cqap_epochs=budget.cqap_epochs, seed=spec.seed,
-                               progress=progress)
+    main = P.search_experiment(exp, out / "search" / "brevitas",
+                               P.SearchSettings(profile="brevitas", bitops_fraction=budget.bitops_fraction,
+                                                records=budget.records, records_path=records,
+                                                population=budget.population, generations=budget.generations,
+                                                cqap_epochs=budget.cqap_epochs, seed=spec.seed), progress=progress)
     shutil.copyfile(main.files["plot"], out / "pareto.png")
     times["records + CQAP + search"] = time.perf_counter() - t
     summary["searches"] = {"brevitas": _search_summary(main, exp.supernet, out)}
@@ -147,9 +149,10 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, budget: str | DemoBudg
     cqap = CQAP.load(main.files["predictor"])
     chosen = {"brevitas": main.result.best.config}           # search profile -> its chosen subnet
     for prof in profiles:
-        res = P.search_experiment(exp, out / "search" / prof, profile=prof, predictor=cqap,
-                                  bitops_fraction=budget.target_bitops_fraction, population=budget.population,
-                                  generations=budget.generations, seed=spec.seed)
+        res = P.search_experiment(exp, out / "search" / prof,
+                                  P.SearchSettings(profile=prof, bitops_fraction=budget.target_bitops_fraction,
+                                                   population=budget.population, generations=budget.generations,
+                                                   seed=spec.seed), predictor=cqap)
         summary["searches"][prof] = _search_summary(res, exp.supernet, out)
         chosen[prof] = res.result.best.config
     times["target searches"] = time.perf_counter() - t
@@ -204,6 +207,15 @@ def describe_scheme(supernet, cfg) -> str:
     return ws + ", A " + ("mixed" if len(a) != 1 else ("sym" if next(iter(a)) else "asym"))
 
 
+def _activation_note(s: dict) -> str:
+    """The report's sentence on the activation grids (TensorRT runs only the signed INT8 grid)."""
+    if s["info"].get("signed_activations"):
+        return ("TensorRT: the supernet was calibrated with signed activations (every activation quantizer on the "
+                "signed INT8 grid with zero point 0, one bit less resolution on post-ReLU tensors), so the TensorRT "
+                "file computes exactly the trained subnet and passes `check_tensorrt_onnx`.")
+    return "Activations on the unsigned grid where the data is non-negative (no TensorRT target)."
+
+
 def _report(s: dict) -> str:
     """The Markdown report of a demo summary."""
     d = s["out"]
@@ -238,10 +250,8 @@ def _report(s: dict) -> str:
         agree = f"{e['ort_top1_agreement']:.4f}" if "ort_top1_agreement" in e else "n/a (float ONNX + encodings)"
         L.append(f"| {t} | {e['search']} | {files} | {agree} |")
     L += ["", "Each target exports the best subnet of the search under its profile (ONNX Runtime and Brevitas run "
-          "anything, so they take the main search's subnet). TensorRT: unsigned (post-ReLU) activations are written as "
-          "INT8 at twice their scale (`unsigned_activations=\"rescale\"`: one bit less resolution, so not bit-exact); "
-          "the file passes `check_tensorrt_onnx`. QNN: float ONNX plus AIMET encodings (version 1.0.0). The Brevitas "
-          "QONNX file uses QONNX `Quant` nodes, which ONNX Runtime does not run.", "", "## Time per stage", "",
+          "anything, so they take the main search's subnet). " + _activation_note(s) + " QNN: float ONNX plus AIMET "
+          "encodings (version 1.0.0). The Brevitas QONNX file uses QONNX `Quant` nodes, which ONNX Runtime does not run.", "", "## Time per stage", "",
           P.format_table([[k, f"{v:.1f}"] for k, v in s["seconds"].items()], ["stage", "seconds"], markdown=True), "",
           f"Next: `eqnet eval --checkpoint {d}/supernet.pt` (more subnets), `eqnet search --checkpoint "
           f"{d}/supernet.pt --profile qnn --max-size-bytes ...` (other constraints), `eqnet export --checkpoint "

@@ -1,13 +1,22 @@
-"""Compact FX-traceable models for the embedded digits data, tests and benchmarks.
+"""Models by name: the one model factory of the package (`build_model`), used by the pipeline, the CLI and the
+benchmarks.
 
 `TinyResNet` (residual adds, Conv-BN-ReLU) and `TinyMobileNetV2` (inverted residuals, depthwise convs, ReLU6) mirror
-the structure of torchvision's ResNet and MobileNetV2 at a size that trains in seconds on a CPU.
+the structure of torchvision's ResNet and MobileNetV2 at a size that trains in seconds on a CPU. `build_model` also
+builds them K times wider (``tiny_mobilenet_v2_x2``), any torchvision classification model by name, and
+``package.module:callable``.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+from typing import Callable
+
 from torch import nn
 
-__all__ = ["TinyResNet", "TinyMobileNetV2", "build_model"]
+__all__ = ["TinyResNet", "TinyMobileNetV2", "build_model", "model_in_channels", "COMPACT_MODELS"]
+
+COMPACT_MODELS = ("tiny_resnet", "tiny_mobilenet_v2")
 
 
 class _Block(nn.Module):
@@ -31,7 +40,7 @@ class _Block(nn.Module):
 
 class TinyResNet(nn.Module):
     """ResNet-style CNN: stem conv, `len(widths)` stages of one residual block each, global pool, linear head.
-    `stem_stride` 2 halves the feature maps at the stem (28x28 Fashion-MNIST: 4x less compute)."""
+    `stem_stride` 2 halves the feature maps at the stem (a quarter of the compute)."""
 
     WIDTHS = (16, 32, 64)                       # the default stage widths
 
@@ -93,11 +102,94 @@ class TinyMobileNetV2(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-def build_model(name: str, num_classes: int = 10, in_channels: int = 1, stem_stride: int = 1) -> nn.Module:
-    """A compact model by name: ``"tiny_resnet"`` or ``"tiny_mobilenet_v2"``."""
+def _compact(name: str, num_classes: int, in_channels: int, stem_stride: int) -> nn.Module | None:
+    """``tiny_resnet`` / ``tiny_mobilenet_v2``, optionally ``_x<K>`` (K times the channels of every layer)."""
+    base, _, mult = name.rpartition("_x")
+    if base in COMPACT_MODELS and mult.isdigit() and int(mult) >= 1:
+        name, k = base, int(mult)
+    elif name in COMPACT_MODELS:
+        k = 1
+    else:
+        return None
     if name == "tiny_resnet":
-        return TinyResNet(num_classes, in_channels, stem_stride=stem_stride)
-    if name == "tiny_mobilenet_v2":
-        return TinyMobileNetV2(num_classes, in_channels, stem_stride=stem_stride)
-    raise ValueError(f"unknown compact model {name!r}; choose 'tiny_resnet' or 'tiny_mobilenet_v2' "
-                     "(torchvision models are available through the CLI by name)")
+        return TinyResNet(num_classes, in_channels, widths=tuple(k * w for w in TinyResNet.WIDTHS),
+                          stem_stride=stem_stride)
+    return TinyMobileNetV2(num_classes, in_channels,
+                           settings=tuple((k * c, s, e) for c, s, e in TinyMobileNetV2.SETTINGS),
+                           stem=k * TinyMobileNetV2.STEM, stem_stride=stem_stride)
+
+
+def _torchvision_models() -> list[str]:
+    import torchvision
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _call_with_supported(fn: Callable, **kwargs) -> nn.Module:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return fn(**{k: v for k, v in kwargs.items() if var_kw or k in params})
+
+
+def _from_callable(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model {name!r}: cannot import module {module_name!r} ({e}); give "
+                         "package.module:callable of an importable module") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"model {name!r}: {module_name} has no callable {attr!r}")
+    model = _call_with_supported(fn, num_classes=num_classes, in_channels=in_channels)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int = 1, *, stem_stride: int = 1) -> nn.Module:
+    """A float model by name, randomly initialized (global torch RNG).
+
+    Args:
+        name: ``tiny_resnet`` or ``tiny_mobilenet_v2``, optionally with ``_x<K>`` for K times the channels in every
+            layer (``tiny_mobilenet_v2_x2``); a torchvision classification model (``resnet18``, ``mobilenet_v2``,
+            ...); or ``package.module:callable`` (called with ``num_classes=`` / ``in_channels=`` when it accepts
+            them).
+        num_classes, in_channels: the classifier's outputs and the stem's input channels.
+        stem_stride: stride of the compact models' stem convolution (2 halves the feature maps).
+
+    Raises:
+        ValueError: unknown name, a callable that cannot be imported or does not return an nn.Module, a
+            `stem_stride` other than 1 for a model that is not compact.
+    """
+    model = _compact(name, num_classes, in_channels, stem_stride)
+    if model is not None:
+        return model
+    if stem_stride != 1:
+        raise ValueError(f"model {name!r}: stem_stride={stem_stride} applies only to "
+                         f"{' and '.join(COMPACT_MODELS)}; omit it for other models")
+    if ":" in name:
+        return _from_callable(name, num_classes, in_channels)
+    try:
+        names = _torchvision_models()
+    except ImportError:
+        names = []
+    if name in names:
+        import torchvision
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    close = [n for n in names if n.startswith(name[:4])][:6]
+    raise ValueError(f"unknown model {name!r}: use {' or '.join(COMPACT_MODELS)} (optionally _x<K> for K times the "
+                     f"channels), a torchvision classification model (e.g. resnet18, mobilenet_v2"
+                     f"{', ' + ', '.join(close) if close else ''}) or package.module:callable")
+
+
+def model_in_channels(model: nn.Module) -> int | None:
+    """Input channels of the first conv layer (None when the model starts otherwise)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return int(m.in_channels)
+        if isinstance(m, nn.Linear):
+            return None
+    return None

@@ -25,12 +25,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..quant.exact_pool import ExactGlobalAvgPool, exact_global_avg_pool
-from ..quant.primitives import int_range
+from ..quant.grid import Grid
 from ..quant.space import SubnetConfig
 
-__all__ = ["QParams", "QuantPoint", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "FrozenLayer",
+__all__ = ["Grid", "QParams", "QuantPoint", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "FrozenLayer",
            "FrozenSubnet", "as_frozen", "as_example_inputs", "set_submodule", "PRODUCER"]
 
 PRODUCER = {"package": "eqnet_plugin", "version": __version__}
@@ -45,23 +45,48 @@ class QParams:
     Attributes:
         scale: float32 tensor, shape (C,) per-channel or (1,) per-tensor.
         zero_point: int32 tensor of the same shape, inside [qmin, qmax].
-        qmin, qmax: the integer grid; `signed` is ``qmin < 0``.
-        bits: bit-width.
-        axis: channel axis for per-channel tensors, None for per-tensor.
-        symmetric: the zero point is fixed at 0 (signed grid) / 0 (unsigned grid, non-negative data).
+        grid: the bound `Grid` (bits, symmetric, per_channel, signed); its integer range is [qmin, qmax].
+            Symmetric: the zero point is fixed at 0 (signed grid) / 0 (unsigned grid, non-negative data).
+        axis: channel axis for per-channel tensors, None for per-tensor (``grid.per_channel``).
+
+    `qmin`, `qmax`, `bits`, `symmetric`, `signed` and `per_channel` read the grid.
+
+    Raises:
+        ValueError: `grid` is not a bound `Grid`, or its per_channel disagrees with `axis`.
     """
 
     scale: torch.Tensor
     zero_point: torch.Tensor
-    qmin: int
-    qmax: int
-    bits: int
-    axis: int | None
-    symmetric: bool
+    grid: Grid
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grid, Grid) or self.grid.signed is None:
+            raise ValueError(f"QParams needs a bound Grid (signed True or False), got {self.grid!r}; e.g. "
+                             "Grid(8, symmetric=True, per_channel=False, signed=True)")
+        if self.grid.per_channel != (self.axis is not None):
+            raise ValueError(f"QParams: grid.per_channel={self.grid.per_channel} but axis={self.axis!r}; a "
+                             "per-channel grid needs its channel axis, a per-tensor grid axis=None")
+
+    @property
+    def qmin(self) -> int:
+        return self.grid.qmin
+
+    @property
+    def qmax(self) -> int:
+        return self.grid.qmax
+
+    @property
+    def bits(self) -> int:
+        return self.grid.bits
+
+    @property
+    def symmetric(self) -> bool:
+        return self.grid.symmetric
 
     @property
     def signed(self) -> bool:
-        return self.qmin < 0
+        return self.grid.signed
 
     @property
     def per_channel(self) -> bool:
@@ -96,21 +121,15 @@ class QParams:
 
     @classmethod
     def from_fake_quant(cls, fq) -> "QParams":
-        """The active cell of an elastic fake-quant module (`ElasticFakeQuantize`: its public ``cell``,
-        ``is_weight``, ``signed``, ``ch_axis`` and ``calculate_qparams()``), on the natural export grid (see the
-        module docstring)."""
+        """The active cell of an elastic fake-quant module (`ElasticFakeQuantize`: its public ``export_grid``,
+        ``ch_axis`` and ``calculate_qparams()``), on the natural export grid (see the module docstring)."""
         scale, zp = fq.calculate_qparams()
-        bits, symmetric, per_channel = fq.cell
+        grid = fq.export_grid
         scale = scale.detach().float().cpu()
         zp = zp.detach().to(torch.int32).cpu()
-        if fq.is_weight:
-            qmin, qmax = int_range(bits, signed=True)
-        elif symmetric and bool(fq.signed.item()):
-            qmin, qmax = int_range(bits, signed=True)
-            zp = torch.zeros_like(zp)
-        else:
-            qmin, qmax = int_range(bits, signed=False)
-        return cls(scale, zp, qmin, qmax, bits, fq.ch_axis if per_channel else None, symmetric)
+        if grid.symmetric and grid.signed:
+            zp = torch.zeros_like(zp)            # signed activations: zero point 2^(b-1) on the unsigned container
+        return cls(scale, zp, grid, fq.ch_axis if grid.per_channel else None)
 
 
 class QuantPoint(nn.Module):
@@ -278,8 +297,7 @@ def as_example_inputs(example_inputs) -> tuple:
 
 def as_frozen(model, cfg=None) -> FrozenSubnet:
     """What every exporter accepts as its first arguments: a `FrozenSubnet`, or a `Supernet` plus `cfg` (default
-    its active subnet), which is frozen here through its ``freeze(cfg)`` method; the older ``(supernet, cfg)``
-    tuple is still accepted.
+    its active subnet), which is frozen here through its ``freeze(cfg)`` method.
 
     Raises:
         TypeError: anything else, or a cfg given twice / with a FrozenSubnet.
@@ -290,10 +308,6 @@ def as_frozen(model, cfg=None) -> FrozenSubnet:
             raise TypeError("pass either a FrozenSubnet or a Supernet with cfg, not both: a FrozenSubnet already "
                             "holds its subnet")
         return model
-    if isinstance(model, tuple) and len(model) == 2 and callable(getattr(model[0], "freeze", None)):
-        if cfg is not None:
-            raise TypeError("pass either (supernet, cfg) or supernet with cfg=..., not both")
-        return model[0].freeze(model[1])
     if callable(getattr(model, "freeze", None)) and hasattr(model, "space"):
         return model.freeze(cfg)
     raise TypeError(f"expected a FrozenSubnet, or a Supernet with cfg=, got {type(model).__name__}; freeze a "

@@ -1,12 +1,20 @@
-"""The seam to torch.ao FX graph mode quantization: the only module that uses torch.ao's graph API.
+"""The FX frontend: the seam to torch.ao FX graph mode quantization, the only module that uses torch.ao's graph API.
+`FXFrontend` (`eqnet_plugin.frontends.fx_graph`) is what `Supernet` uses of such a graph.
+
+Entry points (the same pair as the PT2E frontend's, `eqnet_plugin.frontends.pt2e`):
+
+* `prepare_qat(model, example_inputs, space)`: prepare + the placement postcondition, with a clear error for
+  models FX cannot trace (`TraceError`).
+* `check_placement(model, prepared, example_inputs)`: raise `eqnet_plugin.frontends.base.PlacementError` unless
+  the fake-quants sit where torch.ao's own default x86 QAT mapping puts them.
+
+The pieces:
 
 * `elastic_qconfig_mapping(space)`: torch.ao's default x86 QAT mapping with every learnable-range fake-quant
   replaced by `ElasticFakeQuantize`; works with a plain `prepare_qat_fx(model, mapping, example_inputs)`.
 * `elastic_backend_config()`: the native backend config plus Conv(-BN)-ReLU6 patterns, so MobileNet-style models get
   one quantizer after ReLU6 instead of one observing both sides of it.
-* `prepare_qat(model, example_inputs, space)`: prepare + the placement postcondition, with a clear error for
-  models FX cannot trace.
-* `fake_quant_placement` / `check_placement`: where fake-quants sit, and the check against torch.ao's own mapping.
+* `fake_quant_placement`: where fake-quants sit.
 * `convert_reference(gm)`: the decomposed reference conversion, the one that keeps sub-8-bit ranges.
 
 torch.ao FX is deprecated upstream (torchao PT2E is the successor); its DeprecationWarnings are filtered in the test
@@ -34,16 +42,13 @@ from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_f
 from ..quant.bn_fold import export_weight, torch_classes
 from ..quant.fake_quant import ElasticFakeQuantize
 from ..quant.space import ElasticSpace
+from .base import PlacementError
 
 __all__ = ["elastic_qconfig_mapping", "elastic_backend_config", "prepare_qat", "fake_quant_placement",
            "check_placement", "convert_reference", "PlacementError", "TraceError"]
 
 WEIGHTED_QAT_TYPES = (nnqat.Conv1d, nnqat.Conv2d, nnqat.Conv3d, nnqat.Linear)  # nniqat fused types subclass these
 FLOAT_WEIGHTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-class PlacementError(RuntimeError):
-    """Elastic fake-quants are missing where torch.ao's default QAT mapping would put its own."""
 
 
 class TraceError(RuntimeError):

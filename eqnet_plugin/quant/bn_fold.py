@@ -44,8 +44,8 @@ import torch
 import torch.ao.nn.intrinsic.qat as nniqat
 from torch import nn
 
-__all__ = ["FixedFoldConvBnMixin", "use_fixed_bn_fold", "use_running_bn_fold", "torch_classes", "fold_weight",
-           "quantized_weight", "fold_to_export", "export_weight", "ConvertFxError", "fold_variance",
+__all__ = ["FixedFoldConvBnMixin", "use_fixed_bn_fold", "use_running_bn_fold", "running_fold_modules", "torch_classes",
+           "fold_weight", "quantized_weight", "fold_to_export", "export_weight", "ConvertFxError", "fold_variance",
            "DEAD_CHANNEL_VAR"]
 
 DEAD_CHANNEL_VAR = 1e-3     # a channel with running variance below this fraction of its layer's median is dead
@@ -109,17 +109,6 @@ class FixedFoldConvBnMixin:
                 "supernet quantizes a fixed-fold weight (and keeps sub-8-bit ranges); " + CONVERT_FX_ADVICE)
         return super().to_float()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        key = prefix + "fold_var"
-        if key not in state_dict:
-            # A checkpoint from before the fixed fold: its quantizers were trained on the running-variance fold.
-            var = state_dict.get(prefix + "bn.running_var")
-            if var is not None:
-                state_dict[key] = var.clone()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
 
 def _subclass(base: type) -> type:
     cls = type(base.__name__, (FixedFoldConvBnMixin, base), {"__module__": __name__,
@@ -168,7 +157,11 @@ def use_fixed_bn_fold(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def use_running_bn_fold(model: nn.Module) -> list[str]:
-    """Undo `use_fixed_bn_fold` (in place): torch.ao's own Conv-BN classes, folding with the running variance."""
+    """Undo `use_fixed_bn_fold` (in place): torch.ao's own Conv-BN classes, folding with the running variance.
+
+    The ablation hook for torch.ao's BatchNorm handling (benchmarks and tests only): call it on a supernet's model
+    after building the `Supernet`. `sandwich_step` then updates BatchNorm statistics with every subnet, as a fold
+    with the running variance needs (`running_fold_modules` tells it)."""
     out = []
     for name, m in model.named_modules():
         base = _TORCH.get(type(m))
@@ -177,6 +170,12 @@ def use_running_bn_fold(model: nn.Module) -> list[str]:
             m._buffers.pop("fold_var", None)
             out.append(name)
     return out
+
+
+def running_fold_modules(model: nn.Module) -> list[str]:
+    """The QAT Conv-BN modules of `model` that fold with the running variance (torch.ao's own classes)."""
+    torch_fold = tuple(set(_TORCH.values()))
+    return [name for name, m in model.named_modules() if type(m) in torch_fold]
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 torch.ao re-quantizes an average pool's output on its input's grid (one shared fake-quant). The pooled value of a
 quantized tensor is ``s * (sum of n codes) / n``, which sits exactly on a rounding tie of that grid whenever the sum
-of codes is an odd multiple of n/2 (about 1 pooled value in n for even n; 6% of TinyResNet's pooled features).
+of codes is an odd multiple of n/2 (about 1 pooled value in n for even n).
 A float32 mean lands a few ulps on either side of such a tie depending on the summation order, so torch (CPU or
 CUDA) and ONNX Runtime round it to different codes; at 4 bits one flipped pooled code moves the logits by many
 output LSBs (docs/design.md, section 7, has the measured effect on ONNX Runtime parity).

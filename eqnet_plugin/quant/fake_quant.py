@@ -4,12 +4,11 @@ A *cell* is (symmetric, per_channel, bits). Every cell has its own learnable sca
 learnable zero point, rounded to an integer in the forward pass), so each subnet keeps the range that suits it
 (paper Table 4). Each cell is its own Parameter, ``scale_<sym|asym>_<channel|tensor>_<bits>b`` (and
 ``zero_point_...``), of shape (C,) per-channel or (1,) per-tensor, so a training step that does not use a cell
-leaves its gradient None and optimizers with momentum (Adam) leave it alone. (One (C, n_bits) table per
-(symmetry, granularity), as in the first release, gave unused columns zero gradients, which Adam's momentum still
-moved: per-channel 8-bit scales drifted 0.03x-7x from calibration in TinyMobileNetV2 supernet training.)
-Switching the active cell is `set_cell`; state dicts of the table layout still load.
+leaves its gradient None and optimizers with momentum (Adam) leave it alone. Switching the active cell is
+`set_cell`; the active cell's `Grid` is `grid` (the integer container the forward pass uses) and `export_grid`
+(the natural grid an exporter writes).
 
-Integer grids (one source of truth: `primitives.int_range`):
+Integer grids (one source of truth: `grid.Grid` / `grid.int_range`):
   * weights: signed grid [-2^(b-1), 2^(b-1)-1]; symmetric cells have zero point 0.
   * activations: unsigned grid [0, 2^b-1] (dtype quint8, what torch.ao's default backend config accepts);
     symmetric cells use zero point 0 for non-negative data and 2^(b-1) for signed data, which is exactly the
@@ -29,7 +28,8 @@ import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from .bn_fold import CONVERT_FX_ADVICE, ConvertFxError, convert_allowed
-from .primitives import EPS, fake_quantize, grid_search_qparams, int_range, lsq_grad_factor
+from .grid import Grid, int_range
+from .primitives import EPS, fake_quantize, grid_search_qparams, lsq_grad_factor
 from .space import ElasticSpace
 
 __all__ = ["ElasticFakeQuantize"]
@@ -181,6 +181,18 @@ class ElasticFakeQuantize(FakeQuantizeBase):
         """(bits, symmetric, per_channel) of the active cell."""
         return self._bits, self._sym, self._pc
 
+    @property
+    def grid(self) -> Grid:
+        """The active cell's grid on this quantizer's integer container: signed for weights, unsigned for
+        activations (whose symmetric cells hold signed data with zero point 2^(b-1))."""
+        return Grid(self._bits, self._sym, self._pc, signed=self.is_weight)
+
+    @property
+    def export_grid(self) -> Grid:
+        """The active cell's natural export grid: signed for weights and for symmetric cells of signed activations
+        (zero point 0), unsigned otherwise."""
+        return Grid(self._bits, self._sym, self._pc, signed=self.is_weight or (self._sym and self._signed))
+
     def set_cell(self, bits: int, symmetric: bool = True, per_channel: bool = False) -> None:
         """Make (bits, symmetric, per_channel) the active cell; raises ValueError naming the valid choices."""
         if bits not in self.bit_choices:
@@ -205,8 +217,9 @@ class ElasticFakeQuantize(FakeQuantizeBase):
         self._fq_on = bool(self.fake_quant_enabled.item())
         self._observing = bool(self.observer_enabled.item())
 
-    def _grid(self, bits: int | None = None) -> tuple[int, int]:
-        return int_range(self._bits if bits is None else bits, signed=self.is_weight)
+    def _grid(self) -> tuple[int, int]:
+        """(qmin, qmax) of `grid`, without building a Grid (the forward pass reads it)."""
+        return int_range(self._bits, self.is_weight)
 
     def _fixed_zero_point(self, bits: int) -> int:
         """Zero point of a symmetric cell: 0, except signed activations on the unsigned grid (2^(b-1))."""
@@ -241,7 +254,7 @@ class ElasticFakeQuantize(FakeQuantizeBase):
             numel = x.numel() // max(x.shape[self.ch_axis], 1)
         else:
             numel = x.numel()
-        qmax_pos = qmax if not (self.is_weight or self._signed) else (1 << (bits - 1)) - 1
+        qmax_pos = int_range(bits, self.is_weight or self._signed)[1]                   # LSQ's Qp: the data's grid
         return fake_quantize(x, scale, zp, qmin, qmax, lsq_grad_factor(numel, qmax_pos))
 
     # --- per-channel cells ---------------------------------------------------------------------------------
@@ -258,14 +271,6 @@ class ElasticFakeQuantize(FakeQuantizeBase):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # State dicts of the first release hold one (C, n_bits) table per (symmetry, granularity): split them.
-        for sym in self.sym_choices:
-            for pc in self.pc_choices:
-                for kind in ("scale",) if sym else ("scale", "zero_point"):
-                    table = state_dict.pop(f"{prefix}{kind}_{_tag(sym, pc)}", None)
-                    if table is not None and table.dim() == 2 and table.shape[1] == len(self.bit_choices):
-                        for col, b in enumerate(self.bit_choices):
-                            state_dict[prefix + _cell(kind, _tag(sym, pc), b)] = table[:, col].clone()
         # Per-channel cells take the channel count of the checkpoint (a freshly prepared model has C = 1).
         for name, p in self.named_parameters(recurse=False):
             src = state_dict.get(prefix + name)
@@ -350,7 +355,7 @@ class ElasticFakeQuantize(FakeQuantizeBase):
                 if pc:
                     self.materialize(w.shape[0])
                 for b in self.bit_choices:
-                    s, z = grid_search_qparams(x, b, signed=True, symmetric=sym, per_channel=True)
+                    s, z = grid_search_qparams(x, Grid(b, sym, pc, signed=True))
                     getattr(self, _cell("scale", tag, b)).copy_(s)
                     if not sym:
                         getattr(self, _cell("zero_point", tag, b)).copy_(z)
@@ -369,7 +374,7 @@ class ElasticFakeQuantize(FakeQuantizeBase):
             for b in self.bit_choices:
                 # symmetric cells of a signed quantizer: signed grid (zero point fixed at 2^(b-1) on the
                 # unsigned container); everything else: the unsigned grid.
-                s, z = grid_search_qparams(x, b, signed=sym and signed, symmetric=sym, per_channel=False)
+                s, z = grid_search_qparams(x, Grid(b, sym, False, signed=sym and signed))
                 getattr(self, _cell("scale", tag, b)).copy_(s.reshape(1))
                 if not sym:
                     getattr(self, _cell("zero_point", tag, b)).copy_(z.reshape(1))

@@ -11,19 +11,14 @@ import math
 
 import torch
 
+from .grid import Grid, int_range
+
 __all__ = ["int_range", "lsq_grad_factor", "fake_quantize", "fake_quantize_reference", "grid_search_qparams",
            "CALIBRATION_NORM", "EPS"]
 
 EPS = 2.0 ** -20          # smallest scale a quantizer may use
 CALIBRATION_NORM = 2.4    # the paper's |x - Q(x)|^p calibration loss
 _CHUNK = 1 << 20          # values per grid-search chunk (4 MiB of float32: cache-sized, few ops)
-
-
-def int_range(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer grid of a `bits`-wide quantizer: [-2^(b-1), 2^(b-1)-1] when signed, else [0, 2^b-1]."""
-    if signed:
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return 0, (1 << bits) - 1
 
 
 def lsq_grad_factor(numel: int, qmax_positive: int) -> float:
@@ -76,8 +71,8 @@ def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point, qmin: int, qm
     With r = round(x/s) and the rounded zero point z, qc - z = clamp(r, qmin - z, qmax - z) exactly (integers in
     float), so x_hat = clamp(r, lo, hi) * s and d x_hat / d s = clamp(r, lo, hi) - (x/s) * mask: round(x/s) - x/s
     inside the grid, (qmin|qmax) - z outside. Seven vectorized passes (nine with a learned zero point) and three
-    buffers (x_hat, mask, d/ds), all of them needed; torch's own fake-quant kernels are scalar loops on CPU and
-    several times slower (benchmarks/bench_step.py measures both).
+    buffers (x_hat, mask, d/ds), all of them needed (torch's own fake-quant kernels are scalar loops on CPU;
+    benchmarks/bench_step.py compares the two).
     """
     xs = (x * scale.reciprocal()).clamp_(-_XS_LIMIT, _XS_LIMIT)            # x * (1/s), as torch's kernels do
     r = torch.round(xs)                                                   # round half to even
@@ -159,19 +154,22 @@ def fake_quantize_reference(x: float, scale: float, zero_point: float, qmin: int
 
 
 @torch.no_grad()
-def grid_search_qparams(x: torch.Tensor, bits: int, signed: bool, symmetric: bool, per_channel: bool,
-                        num_candidates: int = 24, refine: int = 12, min_ratio: float = 0.1,
-                        norm: float = CALIBRATION_NORM) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_search_qparams(x: torch.Tensor, grid: Grid, *, num_candidates: int = 24, refine: int = 12,
+                        min_ratio: float = 0.1, norm: float = CALIBRATION_NORM) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial (scale, zero_point) for one cell: the clipping ratio minimizing mean |x - Q(x)|^norm (the paper's
-    calibration). `x` is (C, N) for per-channel (one row a channel) and flattened otherwise.
+    calibration). `x` is (C, N) for a per-channel `grid` (one row a channel) and flattened otherwise.
 
     The ratio of the data range that the grid covers is searched coarse-to-fine: `num_candidates` ratios in
-    [min_ratio, 1], then `refine` ratios around the best one per channel. The grid is [qmin, qmax] =
-    `int_range(bits, signed)`; symmetric cells fix the zero point at 0. Returns float tensors of shape (C,).
+    [min_ratio, 1], then `refine` ratios around the best one per channel. The integer range is the bound `grid`'s
+    [qmin, qmax]; symmetric grids fix the zero point at 0. Returns float tensors of shape (C,).
+
+    Raises:
+        ValueError: `grid` is not bound (``signed`` None).
     """
+    qmin, qmax = grid.int_range
+    symmetric = grid.symmetric
     x = x.detach().float()
-    x = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
-    qmin, qmax = int_range(bits, signed)
+    x = x.reshape(x.shape[0], -1) if grid.per_channel else x.reshape(1, -1)
     lo = x.amin(dim=1).clamp(max=0.0)                                   # (C,)
     hi = x.amax(dim=1).clamp(min=0.0)
 

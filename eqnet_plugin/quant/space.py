@@ -1,8 +1,9 @@
 """The elastic search space and one policy drawn from it.
 
-`ElasticSpace` says which bit-widths, symmetries and granularities a supernet may use; `QuantChoice` is one
-quantizer group's setting; `SubnetConfig` maps every group of a supernet to its `QuantChoice` and serializes to
-versioned JSON. Strings are parsed once here (JSON, CLI); everything inside the library uses these typed values.
+`ElasticSpace` says which bit-widths, symmetries and granularities a supernet may use; `QuantChoice` (an unbound
+`Grid`) is one quantizer group's setting; `SubnetConfig` maps every group of a supernet to its `QuantChoice` and
+serializes to versioned JSON. Strings are parsed once here (JSON, CLI); everything inside the library uses these
+typed values.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from ..files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from .grid import MAX_BITS, MIN_BITS, Grid, Scheme
 
-__all__ = ["ElasticSpace", "QuantChoice", "SubnetConfig", "CONFIG_VERSION", "MIN_BITS", "MAX_BITS"]
+__all__ = ["ElasticSpace", "QuantChoice", "SubnetConfig", "Grid", "Scheme", "CONFIG_VERSION", "MIN_BITS",
+           "MAX_BITS"]
 
 CONFIG_VERSION = 1
-MIN_BITS, MAX_BITS = 2, 8
 
 
 def _check_bits(name: str, bits: Iterable[int]) -> tuple[int, ...]:
@@ -94,38 +96,9 @@ class ElasticSpace:
         return cls(**kw)
 
 
-@dataclass(frozen=True)
-class QuantChoice:
-    """One quantizer group's setting: bit-width, symmetry, and (weights only) per-channel granularity."""
-
-    bits: int
-    symmetric: bool = True
-    per_channel: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ValueError(f"bits={self.bits!r} is invalid; use an integer in [{MIN_BITS}, {MAX_BITS}]")
-        for name in ("symmetric", "per_channel"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool (true/false in JSON)")
-
-    def to_dict(self) -> dict:
-        return {"bits": self.bits, "symmetric": self.symmetric, "per_channel": self.per_channel}
-
-    @classmethod
-    def from_dict(cls, d: Mapping, where: str = "") -> "QuantChoice":
-        if not isinstance(d, Mapping):
-            raise ValueError(f"{where}: expected an object like {{'bits': 4, 'symmetric': true, "
-                             f"'per_channel': false}}, got {d!r}")
-        unknown = set(d) - {"bits", "symmetric", "per_channel"}
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid keys are bits, symmetric, per_channel")
-        if "bits" not in d:
-            raise ValueError(f"{where}: missing 'bits'")
-        try:
-            return cls(d["bits"], d.get("symmetric", True), d.get("per_channel", False))
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+QuantChoice = Grid
+"""One quantizer group's setting: bit-width, symmetry and (weights only) per-channel granularity, i.e. an unbound
+`Grid` (``signed`` None: the quantizer binds it)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +119,9 @@ class SubnetConfig:
                 raise ValueError(f"group names must be strings, got {k!r}")
             if not isinstance(v, QuantChoice):
                 raise ValueError(f"group {k!r} maps to {v!r}; expected a QuantChoice")
+            if v.signed is not None:
+                raise ValueError(f"group {k!r} maps to {v!r}, a bound grid; a SubnetConfig holds choices with "
+                                 "signed=None (the quantizer binds it): use grid.replace(signed=None)")
         object.__setattr__(self, "groups", dict(sorted(groups.items())))
 
     def __getitem__(self, name: str) -> QuantChoice:

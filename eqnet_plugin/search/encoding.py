@@ -20,7 +20,9 @@ import numpy as np
 from ..quant.space import MAX_BITS, QuantChoice, SubnetConfig
 from .profiles import BackendProfile, get_profile
 
-__all__ = ["Condition", "SearchSpace"]
+__all__ = ["Condition", "SearchSpace", "SPREAD"]
+
+SPREAD = 1.0            # default spread of sampled per-group bits around their target (`SearchSpace.sample_around`)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class SearchSpace:
     # --- construction ---------------------------------------------------------------------------------------
     @classmethod
     def from_supernet(cls, supernet, profile: str | BackendProfile | None = None) -> "SearchSpace":
-        """The supernet's space intersected with `profile` (None: the whole space).
+        """The supernet's space intersected with `profile`'s space (None: the whole supernet space).
 
         Raises:
             ValueError: the intersection is empty for some group or condition (e.g. the space's fixed_bits is not a
@@ -87,7 +89,7 @@ class SearchSpace:
             w = fq.is_weight
             bits = (space.fixed_bits,) if g in supernet.fixed_groups else (space.weight_bits if w else space.act_bits)
             if prof is not None:
-                allowed = prof.weight_bits if w else prof.act_bits
+                allowed = prof.space.weight_bits if w else prof.space.act_bits
                 kept = tuple(b for b in bits if b in allowed)
                 if not kept:
                     why = (f"it is fixed at fixed_bits={space.fixed_bits} (first/last layer or model output); build "
@@ -100,7 +102,7 @@ class SearchSpace:
             is_weight.append(w)
 
         def both(what, ours):
-            theirs = getattr(prof, what) if prof is not None else ours
+            theirs = getattr(prof.space, what) if prof is not None else ours
             kept = tuple(f for f in ours if f in theirs)
             if not kept:
                 raise ValueError(f"backend profile {prof.name!r} allows {what}={theirs} but the supernet's space has "
@@ -182,7 +184,7 @@ class SearchSpace:
         bits = self.table[np.arange(len(self.count))[None, :], idx]
         return bits, rng.integers(len(self.conditions), size=n)
 
-    def sample_around(self, n: int, rng: np.random.Generator, spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    def sample_around(self, n: int, rng: np.random.Generator, spread: float = SPREAD) -> tuple[np.ndarray, np.ndarray]:
         """n subnets the paper's way: a target average bit-width is drawn uniformly (one for weights, one for
         activations), then each group's bits around it (probability ~ exp(-(b - target)^2 / (2 spread^2))).
 

@@ -4,6 +4,7 @@ Each generation keeps the top `parents` fraction of the population, then breeds 
 `mutation_ratio` share by mutation (every searchable gene, including the global condition, is redrawn with
 probability `mutation_prob`) and the rest by uniform crossover of two random parents. Children that break a
 constraint are redrawn (at most `max_attempts` rounds, then parents fill the gaps), so every population is feasible.
+The settings are an `EvolutionConfig` (the paper's by default); `random_search` takes a `RandomSearchConfig`.
 Fitness is evaluated for the whole population in one batched predictor call.
 
 The predictor is either an object with ``predict_arrays(group_names, bits, flags) -> (N,)`` (e.g. `CQAP`; fast), or
@@ -12,25 +13,25 @@ any callable ``fn(list[SubnetConfig]) -> sequence of accuracies`` (each distinct
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping
 
 import numpy as np
 
 from ..quant.space import SubnetConfig, atomic_write_text
 from .cost import CostModel
-from .encoding import SearchSpace
+from .encoding import SPREAD, SearchSpace
 from .pareto import pareto_front, plot_pareto
 from .profiles import BackendProfile
 
-__all__ = ["Constraints", "Candidate", "SearchResult", "evolution_search", "random_search", "sample_feasible",
-           "RESULT_VERSION", "measure_top", "refine_search"]
+__all__ = ["Constraints", "Candidate", "SearchResult", "EvolutionConfig", "RandomSearchConfig", "evolution_search",
+           "random_search", "sample_feasible", "RESULT_VERSION"]
 
 RESULT_VERSION = 1
 TOP_K = 32                  # best-predicted candidates kept in a SearchResult for `measure_top`
+MAX_ATTEMPTS = 100          # rounds of redrawing infeasible random subnets (`random_search`, `sample_feasible`)
 _COST_KEYS = {"max_bitops": "bitops", "max_size_bytes": "size_bytes", "max_avg_weight_bits": "avg_weight_bits",
               "max_avg_act_bits": "avg_act_bits"}
 
@@ -156,7 +157,7 @@ class SearchResult:
             cand = Candidate.from_dict
             return cls(cand(d["best"]), tuple(cand(c) for c in d["pareto"]), tuple(d["history"]),
                        int(d["evaluations"]), float(d["seconds"]), Constraints(**d["constraints"]), str(d["profile"]),
-                       dict(d["settings"]), top=tuple(cand(c) for c in d.get("top", ())))
+                       dict(d["settings"]), top=tuple(cand(c) for c in d["top"]))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path!r}: malformed search result ({type(e).__name__}: {e})") from None
 
@@ -253,7 +254,8 @@ def _resolve(space, profile, cost_model, example_inputs) -> tuple[SearchSpace, C
         raise TypeError(f"expected a Supernet or a SearchSpace, got {type(space).__name__}")
     if cost_model is None:
         if example_inputs is None:
-            raise ValueError("pass example_inputs= (e.g. one input batch of size 1) or cost_model= so the search can "
+            raise ValueError("pass cost_model=CostModel.from_supernet(supernet, x[:1]) (evolution_search and "
+                             "random_search also take example_inputs=, one input batch of size 1) so the search can "
                              "compute BitOps and model size")
         cost_model = CostModel.from_supernet(space, example_inputs)
     return SearchSpace.from_supernet(space, profile), cost_model
@@ -278,7 +280,7 @@ def _draw_feasible(problem: _Problem, n: int, rng: np.random.Generator, max_atte
 
 
 def sample_feasible(space: SearchSpace, cost_model: CostModel, constraints: Constraints | Mapping | None, n: int,
-                    seed: int | np.random.Generator = 0, max_attempts: int = 100, spread: float = 1.0
+                    seed: int | np.random.Generator = 0, max_attempts: int = MAX_ATTEMPTS, spread: float = SPREAD
                     ) -> list[SubnetConfig]:
     """Up to `n` random subnets (paper sampling, `SearchSpace.sample_around`) that meet `constraints`.
 
@@ -329,12 +331,81 @@ def _finish(problem, arch_bits, arch_cond, arch_fit, history, evaluations, t0, s
         settings=settings, points=(ops, fit))
 
 
-def evolution_search(predictor, space, constraints: Constraints | Mapping | None = None, *,
-                     cost_model: CostModel | None = None, example_inputs=None,
-                     profile: str | BackendProfile | None = None, population: int = 100, parents: float = 0.25,
-                     mutation_ratio: float = 0.5, mutation_prob: float = 0.1, generations: int = 500,
-                     seed: int | np.random.Generator = 0, max_attempts: int = 50, spread: float = 1.0
-                     ) -> SearchResult:
+def _check_seed(owner: str, seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.random.Generator)):
+        raise TypeError(f"{owner}.seed must be an int or a numpy Generator, got {type(seed).__name__}")
+
+
+@dataclass(frozen=True)
+class EvolutionConfig:
+    """Settings of `evolution_search` (defaults: the paper's).
+
+    Attributes:
+        population: subnets per generation (>= 2). parents: fraction of the population kept as parents.
+        mutation_ratio: share of children bred by mutation (the rest by crossover).
+        mutation_prob: probability that a mutation redraws a gene (a group's bits or the condition).
+        generations: generations after the initial population (>= 0).
+        seed: int or numpy Generator; the same seed gives the same result.
+        max_attempts: rounds of redrawing per batch of infeasible children (bounds every loop).
+        spread: spread of the initial population's per-group bits around its random targets.
+    """
+
+    population: int = 100
+    parents: float = 0.25
+    mutation_ratio: float = 0.5
+    mutation_prob: float = 0.1
+    generations: int = 500
+    seed: int | np.random.Generator = 0
+    max_attempts: int = 50
+    spread: float = SPREAD
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.population, int) and self.population >= 2 and isinstance(self.generations, int)
+                and self.generations >= 0):
+            raise ValueError(f"EvolutionConfig: population must be an int >= 2 and generations an int >= 0; got "
+                             f"{self.population}, {self.generations}")
+        if not (0 < self.parents <= 1 and 0 <= self.mutation_ratio <= 1 and 0 <= self.mutation_prob <= 1
+                and isinstance(self.max_attempts, int) and self.max_attempts >= 1 and self.spread > 0):
+            raise ValueError("EvolutionConfig: need 0 < parents <= 1, 0 <= mutation_ratio <= 1, "
+                             "0 <= mutation_prob <= 1, an int max_attempts >= 1 and spread > 0")
+        _check_seed("EvolutionConfig", self.seed)
+
+    def settings(self) -> dict:
+        """The settings as stored in `SearchResult.settings` (a Generator seed is stored as None)."""
+        return {"population": self.population, "parents": self.parents, "mutation_ratio": self.mutation_ratio,
+                "mutation_prob": self.mutation_prob, "generations": self.generations,
+                "max_attempts": self.max_attempts, "seed": self.seed if isinstance(self.seed, int) else None}
+
+
+@dataclass(frozen=True)
+class RandomSearchConfig:
+    """Settings of `random_search`: `n` random feasible subnets (paper sampling) from `seed`, at most
+    `max_attempts` rounds of redrawing, per-group bits drawn with `spread`."""
+
+    n: int = 1000
+    seed: int | np.random.Generator = 0
+    max_attempts: int = MAX_ATTEMPTS
+    spread: float = SPREAD
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"RandomSearchConfig.n must be a positive integer, got {self.n!r}")
+        if not (isinstance(self.max_attempts, int) and self.max_attempts >= 1 and self.spread > 0):
+            raise ValueError("RandomSearchConfig: need an int max_attempts >= 1 and spread > 0")
+        _check_seed("RandomSearchConfig", self.seed)
+
+
+def _config(owner: str, config, cls):
+    if config is None:
+        return cls()
+    if not isinstance(config, cls):
+        raise TypeError(f"{owner}: config must be a {cls.__name__}, got {type(config).__name__}")
+    return config
+
+
+def evolution_search(predictor, space, constraints: Constraints | Mapping | None = None,
+                     config: EvolutionConfig | None = None, *, cost_model: CostModel | None = None,
+                     example_inputs=None, profile: str | BackendProfile | None = None) -> SearchResult:
     """Genetic search for the subnet with the best predicted accuracy under `constraints`.
 
     Args:
@@ -342,34 +413,25 @@ def evolution_search(predictor, space, constraints: Constraints | Mapping | None
         space: a `Supernet` (then `profile` restricts it and `example_inputs` builds the cost model) or a
             `SearchSpace` (with `cost_model`).
         constraints: `Constraints` or a dict such as ``{"max_bitops": 2e8}``.
+        config: `EvolutionConfig` (population, generations, seed, ...); default ``EvolutionConfig()``.
         cost_model / example_inputs: see `space`.
         profile: backend profile name or `BackendProfile`: only subnets the target runs are proposed.
-        population, parents, mutation_ratio, mutation_prob, generations: GA settings (paper: 100, 0.25, 500).
-        seed: int or numpy Generator; the same seed gives the same result.
-        max_attempts: rounds of redrawing per batch of infeasible children (bounds every loop).
-        spread: spread of the initial population's per-group bits around its random targets.
     Returns:
         `SearchResult` (best, Pareto front, history).
     Raises:
-        ValueError: infeasible constraints (checked first on the cheapest subnet), bad settings, a space/predictor
-            mismatch.
+        ValueError: infeasible constraints (checked first on the cheapest subnet), a space/predictor mismatch.
     """
-    if not (isinstance(population, int) and population >= 2 and isinstance(generations, int) and generations >= 0):
-        raise ValueError(f"population must be an int >= 2 and generations an int >= 0; got {population}, "
-                         f"{generations}")
-    if not (0 < parents <= 1 and 0 <= mutation_ratio <= 1 and 0 <= mutation_prob <= 1 and max_attempts >= 1):
-        raise ValueError("need 0 < parents <= 1, 0 <= mutation_ratio <= 1, 0 <= mutation_prob <= 1, "
-                         "max_attempts >= 1")
+    cfg = _config("evolution_search", config, EvolutionConfig)
+    population, generations, max_attempts = cfg.population, cfg.generations, cfg.max_attempts
+    mutation_prob, spread = cfg.mutation_prob, cfg.spread
     t0 = time.perf_counter()
     sp, cm = _resolve(space, profile, cost_model, example_inputs)
     problem = _Problem(sp, cm, Constraints.coerce(constraints), predictor)
     problem.check_feasible()
-    rng = _rng(seed)
-    n_par = max(1, int(round(parents * population)))
-    n_mut = int(round(mutation_ratio * population))
-    settings = {"population": population, "parents": parents, "mutation_ratio": mutation_ratio,
-                "mutation_prob": mutation_prob, "generations": generations, "max_attempts": max_attempts,
-                "seed": seed if isinstance(seed, int) else None}
+    rng = _rng(cfg.seed)
+    n_par = max(1, int(round(cfg.parents * population)))
+    n_mut = int(round(cfg.mutation_ratio * population))
+    settings = cfg.settings()
 
     pb, pc = _draw_feasible(problem, population, rng, max_attempts, lambda k: sp.sample_around(k, rng, spread))
     c = len(sp.conditions)
@@ -399,14 +461,14 @@ def evolution_search(predictor, space, constraints: Constraints | Mapping | None
     return _finish(problem, arch_b, arch_c, arch_f, history or [float(pf.max())], None, t0, settings)
 
 
-def random_search(predictor, space, constraints: Constraints | Mapping | None = None, *, n: int = 1000,
-                  cost_model: CostModel | None = None, example_inputs=None,
-                  profile: str | BackendProfile | None = None, seed: int | np.random.Generator = 0,
-                  max_attempts: int = 100, spread: float = 1.0) -> SearchResult:
-    """Baseline: score `n` random feasible subnets (paper sampling) and keep the best. Same arguments and result
-    as `evolution_search`; fewer than `n` subnets are scored when feasible ones are rare (`max_attempts` rounds)."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+def random_search(predictor, space, constraints: Constraints | Mapping | None = None,
+                  config: RandomSearchConfig | None = None, *, cost_model: CostModel | None = None,
+                  example_inputs=None, profile: str | BackendProfile | None = None) -> SearchResult:
+    """Baseline: score ``config.n`` random feasible subnets (paper sampling) and keep the best. Same arguments and
+    result as `evolution_search`, with a `RandomSearchConfig`; fewer than ``n`` subnets are scored when feasible
+    ones are rare (``max_attempts`` rounds)."""
+    cfg = _config("random_search", config, RandomSearchConfig)
+    n, max_attempts, spread, seed = cfg.n, cfg.max_attempts, cfg.spread, cfg.seed
     t0 = time.perf_counter()
     sp, cm = _resolve(space, profile, cost_model, example_inputs)
     problem = _Problem(sp, cm, Constraints.coerce(constraints), predictor)
@@ -421,75 +483,3 @@ def random_search(predictor, space, constraints: Constraints | Mapping | None = 
     fit = problem.fitness(bits, cond)
     settings = {"n": n, "max_attempts": max_attempts, "seed": seed if isinstance(seed, int) else None}
     return _finish(problem, [bits], [cond], [fit], [float(fit.max())], len(bits), t0, settings)
-
-
-def measure_top(result: SearchResult, evaluate: Callable[[SubnetConfig], float], k: int = 10) -> SearchResult:
-    """Measure the `k` best-predicted subnets of a search and return the result with the best MEASURED one as
-    `best` (ties: the better predicted). `top` then holds the measured candidates, by measured accuracy.
-
-    A predictor fitted on ~1000 noisy measurements ranks near-equal subnets poorly (BENCHMARKS.md); spending `k`
-    measurements on its top picks, on held-out training data (never the test set), makes the final choice on
-    measured accuracy. `evaluate` is called once per candidate, e.g. ``lambda c: evaluate(sn, c, val, bn)``.
-
-    Raises:
-        ValueError: `k` < 1, or the result holds no `top` candidates (a result loaded from a file of an earlier
-            release).
-    """
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if not result.top:
-        raise ValueError("this SearchResult holds no top candidates (written by an earlier release); rerun the "
-                         "search")
-    measured = []
-    for c in result.top[:k]:
-        acc = float(evaluate(c.config))
-        if not math.isfinite(acc):
-            raise ValueError(f"evaluate returned {acc} for a candidate; it must return a finite accuracy")
-        measured.append(replace(c, measured_accuracy=acc))
-    ranked = sorted(measured, key=lambda c: -c.measured_accuracy)          # stable: ties keep the predicted order
-    return replace(result, best=ranked[0], top=tuple(ranked))
-
-
-def refine_search(cqap, configs: Sequence[SubnetConfig], accuracies: Sequence[float],
-                  evaluate: Callable[[SubnetConfig], float], space, constraints: Constraints | Mapping | None = None,
-                  *, rounds: int = 3, k: int = 10, seed: int = 0, **search_kwargs) -> SearchResult:
-    """Search with re-measurement: `rounds` times (fit `cqap` on the records plus every subnet measured so far ->
-    `evolution_search` -> `measure_top`), then return the last round's result with the best MEASURED subnet of all
-    rounds as `best` and every measured candidate in `top` (by measured accuracy).
-
-    The genetic search exploits the predictor's errors: its best-predicted subnets are the ones the predictor
-    overrates most. Measuring them and refitting corrects the predictor exactly there (BENCHMARKS.md, section
-    bench_search, has the measured curve of validation accuracy against rounds). Measure on held-out training data,
-    never the test set. Each distinct subnet is measured once.
-
-    Args:
-        cqap: a `CQAP` (refit from scratch each round; its settings are kept).
-        configs, accuracies: the measured records.
-        evaluate: measures one subnet (e.g. ``lambda c: evaluate(sn, c, val_loader, bn_batches)``).
-        space, constraints, search_kwargs: as for `evolution_search` (cost_model, profile, population, ...).
-        rounds: search rounds (1 = one search + `measure_top`). k: subnets measured per round.
-        seed: round r searches with seed + r.
-    Raises:
-        ValueError: rounds < 1, plus whatever `evolution_search` and `measure_top` raise.
-    """
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
-    xs, ys = list(configs), [float(a) for a in accuracies]
-    cache: dict[SubnetConfig, float] = {}
-
-    def measure(cfg: SubnetConfig) -> float:
-        if cfg not in cache:
-            cache[cfg] = float(evaluate(cfg))
-        return cache[cfg]
-
-    measured: dict[SubnetConfig, Candidate] = {}
-    for r in range(rounds):
-        res = measure_top(evolution_search(cqap.fit(xs, ys), space, constraints, seed=seed + r, **search_kwargs),
-                          measure, k=k)
-        for c in res.top:
-            if c.config not in measured:
-                measured[c.config] = c
-                xs.append(c.config)
-                ys.append(c.measured_accuracy)
-    ranked = sorted(measured.values(), key=lambda c: -c.measured_accuracy)    # stable: earlier rounds win ties
-    return replace(res, best=ranked[0], top=tuple(ranked))

@@ -4,21 +4,17 @@ Input encoding (one row per subnet): three condition bits (weight per-channel, w
 symmetric), then for every searchable group (weights and activations; fixed groups carry no information) a one-hot
 vector over that group's bit choices in the supernet's space.
 
-Three regressors read that encoding:
+Three regressors (`Regressor`) read that encoding:
 
-* ``"ensemble"`` (default): the mean prediction of the MLP below and of four tree models that differ only in
-  shape (``GBT_SHAPES``: unlimited depth with 31 leaves, i.e. ``"gbt"``, and depth 1, 2 and 3). Which shape ranks
-  best differs between supernets (depth 1, an additive model, on TinyResNet; depth 3 on TinyMobileNetV2), and
-  cross-validation on 1000 records cannot tell them apart reliably. Averaged, they rank held-out subnets better
-  than the ``"gbt"`` trees alone in 20 of 21 comparisons of BENCHMARKS.md's bench_cqap section (Fashion-MNIST
-  records of seven supernets, 250 / 500 / 1000 training records: Kendall tau -0.012 to +0.033, mean +0.011).
-* ``"gbt"``: gradient-boosted regression trees (scikit-learn's `HistGradientBoostingRegressor`, 500
+* ``Regressor.ENSEMBLE`` (default): the mean prediction of the MLP below and of four tree models that differ only
+  in shape (``GBT_SHAPES``: unlimited depth with 31 leaves, i.e. ``Regressor.GBT``, and depth 1, 2 and 3). Which
+  shape ranks best differs between supernets, and cross-validation on a thousand records cannot tell them apart
+  reliably; their average ranks held-out subnets better than the trees alone (BENCHMARKS.md, bench_search).
+* ``Regressor.GBT``: gradient-boosted regression trees (scikit-learn's `HistGradientBoostingRegressor`, 500
   rounds, learning rate 0.05, seeded) on the same information with each group's bit-width as one ordinal column.
-  On both digits supernets of BENCHMARKS.md it ranks held-out subnets better than the MLP with 500 and 1000
-  records (Kendall tau with 1000 records: 0.774 vs 0.720 and 0.476 vs 0.444): a subnet's accuracy collapses when one
-  sensitive layer drops to 2 bits under one condition, an interaction that tree splits capture from 1000 records
-  and the MLP does not.
-* ``"mlp"``: the paper's MLP (ReLU hidden layers, one output) trained with MSE on standardized accuracies; Adam
+  A subnet's accuracy collapses when one sensitive layer drops to 2 bits under one condition, an interaction that
+  tree splits capture from a thousand records and the MLP does not (BENCHMARKS.md, bench_search).
+* ``Regressor.MLP``: the paper's MLP (ReLU hidden layers, one output) trained with MSE on standardized accuracies; Adam
   with cosine learning-rate decay, seeded `torch.Generator` for initialization and shuffling.
 
 Every fit is deterministic on CPU. A saved predictor stores the trees' training encoding and targets and refits them
@@ -27,6 +23,7 @@ and the MLP's weights.
 """
 from __future__ import annotations
 
+import enum
 import io
 import math
 import os
@@ -39,11 +36,23 @@ from torch import nn
 from ..quant.space import MAX_BITS, SubnetConfig, atomic_write_bytes
 from .encoding import SearchSpace
 
-__all__ = ["CQAP", "kendall_tau", "pearson", "PREDICTOR_VERSION", "REGRESSORS", "GBT_SHAPES"]
+__all__ = ["CQAP", "Regressor", "kendall_tau", "pearson", "PREDICTOR_VERSION", "GBT_SHAPES"]
 
 PREDICTOR_VERSION = 3
-_READABLE_VERSIONS = (1, 2, 3)     # version 1: MLP-only files; version 2: "gbt" or "mlp" (no ensemble)
-REGRESSORS = ("ensemble", "gbt", "mlp")
+
+
+class Regressor(enum.Enum):
+    """The CQAP's regressor (see the module docstring). ``Regressor("gbt")`` parses the CLI / JSON spelling."""
+
+    ENSEMBLE = "ensemble"
+    GBT = "gbt"
+    MLP = "mlp"
+
+    @classmethod
+    def _missing_(cls, value):
+        raise ValueError(f"unknown CQAP regressor {value!r}; choose one of {[r.value for r in cls]}")
+
+
 GBT_DEFAULTS = {"max_iter": 500, "learning_rate": 0.05}
 GBT_SHAPES = (                     # the ensemble's trees: same data, different depth (rounds scaled to match)
     GBT_DEFAULTS,
@@ -102,11 +111,11 @@ class CQAP:
     Args:
         space: the supernet's (unrestricted) `SearchSpace`: fixes the encoding. Subnets of a profile-restricted
             space of the same supernet can be scored too.
-        hidden: hidden layer widths of the MLP (``regressor="mlp"`` or ``"ensemble"``).
+        hidden: hidden layer widths of the MLP (``Regressor.MLP`` or ``Regressor.ENSEMBLE``).
         seed: seed of the MLP's initialization and shuffling generator, and of the trees' random state.
-        regressor: ``"ensemble"`` (trees of four shapes and the MLP, averaged; default), ``"gbt"`` (gradient-boosted
-            trees) or ``"mlp"`` (the paper's); see the module docstring.
-        gbt_params: keyword arguments of `HistGradientBoostingRegressor` for ``regressor="gbt"`` (default
+        regressor: a `Regressor`: ``ENSEMBLE`` (trees of four shapes and the MLP, averaged; default), ``GBT``
+            (gradient-boosted trees) or ``MLP`` (the paper's); see the module docstring.
+        gbt_params: keyword arguments of `HistGradientBoostingRegressor` for ``Regressor.GBT`` (default
             ``GBT_DEFAULTS``); the ensemble's trees are ``GBT_SHAPES``.
 
     Example:
@@ -115,11 +124,12 @@ class CQAP:
     """
 
     def __init__(self, space: SearchSpace, hidden: Sequence[int] = (400, 400, 400), seed: int = 0,
-                 regressor: str = "ensemble", gbt_params: Mapping | None = None) -> None:
+                 regressor: Regressor = Regressor.ENSEMBLE, gbt_params: Mapping | None = None) -> None:
         if not isinstance(space, SearchSpace):
             raise TypeError(f"CQAP needs a SearchSpace (SearchSpace.from_supernet(sn)), got {type(space).__name__}")
-        if regressor not in REGRESSORS:
-            raise ValueError(f"unknown CQAP regressor {regressor!r}; choose one of {REGRESSORS}")
+        if not isinstance(regressor, Regressor):
+            raise TypeError(f"CQAP regressor must be a Regressor, got {regressor!r}; parse a name with "
+                            f"Regressor({regressor!r})")
         self.space = space
         self.hidden = tuple(int(h) for h in hidden)
         self.seed = int(seed)
@@ -176,18 +186,17 @@ class CQAP:
     def _features(self, bits: np.ndarray, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The regressors' inputs: the one-hot encoding (MLP), and for the trees the same information with each
         searchable group's bit-width as one ordinal column ((N, 3 + searchable groups) condition bits, then bits):
-        a tree reaches "bits <= k" in one split instead of k one-hot splits (Kendall tau 0.763 vs 0.736 on the
-        records of an earlier digits TinyResNet(4, 8, 16) supernet)."""
+        a tree reaches "bits <= k" in one split instead of k one-hot splits."""
         x = self.encode_arrays(bits, flags)                      # validates the bits against the space
         return x, np.concatenate([x[:, :3], np.asarray(bits, dtype=np.float32)[:, self.space.searchable]], axis=1)
 
     @property
     def _uses_trees(self) -> bool:
-        return self.regressor in ("gbt", "ensemble")
+        return self.regressor in (Regressor.GBT, Regressor.ENSEMBLE)
 
     @property
     def _uses_mlp(self) -> bool:
-        return self.regressor in ("mlp", "ensemble")
+        return self.regressor in (Regressor.MLP, Regressor.ENSEMBLE)
 
     # --- fit / predict --------------------------------------------------------------------------------------
     def fit(self, configs: Sequence[SubnetConfig], accuracies: Sequence[float], *, epochs: int = 100,
@@ -239,7 +248,7 @@ class CQAP:
 
     def _fit_gbt(self, x: np.ndarray, y: np.ndarray) -> None:
         from sklearn.ensemble import HistGradientBoostingRegressor
-        shapes = GBT_SHAPES if self.regressor == "ensemble" else (self.gbt_params,)
+        shapes = GBT_SHAPES if self.regressor is Regressor.ENSEMBLE else (self.gbt_params,)
         self._gbts = [HistGradientBoostingRegressor(**{"early_stopping": False, **params, "random_state": self.seed})
                       .fit(x, y) for params in shapes]
         self._train_xy = (x, y)
@@ -259,7 +268,7 @@ class CQAP:
 
     def predict(self, configs: Sequence[SubnetConfig]) -> np.ndarray:
         """Predicted accuracies (N,) of SubnetConfigs. Not clipped: they rank subnets, and a regressor fitted on a
-        few hundred records can overshoot the measured range (`eqnet demo` has shown 1.017 for accuracy)."""
+        few hundred records can overshoot the measured range (an accuracy above 1 is possible)."""
         return self._predict_x(self._features(*self._arrays(configs)))
 
     def predict_arrays(self, group_names: Sequence[str], bits: np.ndarray, flags: np.ndarray) -> np.ndarray:
@@ -281,7 +290,7 @@ class CQAP:
         scaling, and the trees' training encoding and targets (refit on load)."""
         self._require_fitted()
         state = {"version": PREDICTOR_VERSION, "space": self.space.to_dict(), "hidden": list(self.hidden),
-                 "seed": self.seed, "regressor": self.regressor, "y_mean": self.y_mean, "y_std": self.y_std}
+                 "seed": self.seed, "regressor": self.regressor.value, "y_mean": self.y_mean, "y_std": self.y_std}
         if self._uses_trees:
             x, y = self._train_xy
             state.update(gbt_params=dict(self.gbt_params), train_x=torch.from_numpy(x.astype(np.uint8)),
@@ -306,14 +315,13 @@ class CQAP:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{path!r} is not a CQAP file written by CQAP.save ({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict) or state.get("version") not in _READABLE_VERSIONS:
+        if not isinstance(state, dict) or state.get("version") != PREDICTOR_VERSION:
             got = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"{path!r}: CQAP file version {got!r} is not supported; this release reads versions "
-                             f"{_READABLE_VERSIONS} (refit and save the predictor)")
+            raise ValueError(f"{path!r}: CQAP file version {got!r} is not supported; this release reads version "
+                             f"{PREDICTOR_VERSION} (refit and save the predictor)")
         try:
-            regressor = state.get("regressor", "mlp")
-            obj = cls(SearchSpace.from_dict(state["space"]), state["hidden"], state["seed"], regressor,
-                      state.get("gbt_params"))
+            obj = cls(SearchSpace.from_dict(state["space"]), state["hidden"], state["seed"],
+                      Regressor(state["regressor"]), state.get("gbt_params"))
             if obj._uses_trees:
                 x, y = state["train_x"].numpy().astype(np.float32), state["train_y"].numpy()
                 width = 3 + int(obj.space.searchable.sum())
@@ -330,6 +338,6 @@ class CQAP:
         return obj
 
     def __repr__(self) -> str:
-        detail = {"mlp": f"hidden={self.hidden}", "gbt": f"{self.gbt_params}",
-                  "ensemble": f"{len(GBT_SHAPES)} tree shapes + MLP hidden={self.hidden}"}[self.regressor]
-        return f"CQAP({self.regressor}, {self.n_features} features, {detail}, fitted={self.fitted})"
+        detail = {Regressor.MLP: f"hidden={self.hidden}", Regressor.GBT: f"{self.gbt_params}",
+                  Regressor.ENSEMBLE: f"{len(GBT_SHAPES)} tree shapes + MLP hidden={self.hidden}"}[self.regressor]
+        return f"CQAP({self.regressor.value}, {self.n_features} features, {detail}, fitted={self.fitted})"

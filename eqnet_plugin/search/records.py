@@ -12,16 +12,17 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable
 
 import numpy as np
 
 from ..quant.space import SubnetConfig
 from .cost import CostModel
-from .encoding import SearchSpace
+from .encoding import SPREAD, SearchSpace
+from .measure import Evaluate, SubnetMeasurer, as_measurer
 from .profiles import BackendProfile
 
-__all__ = ["Record", "collect_records", "load_records", "sample_config", "supernet_fingerprint",
+__all__ = ["Record", "RecordsConfig", "collect_records", "load_records", "sample_config", "supernet_fingerprint",
            "RecordsMismatchError", "RECORDS_VERSION"]
 
 RECORDS_VERSION = 1
@@ -71,7 +72,7 @@ def supernet_fingerprint(supernet) -> str:
     return h.hexdigest()
 
 
-def sample_config(space: SearchSpace, seed: int, index: int, spread: float = 1.0) -> SubnetConfig:
+def sample_config(space: SearchSpace, seed: int, index: int, spread: float = SPREAD) -> SubnetConfig:
     """Record `index`'s subnet: the paper's sampling (`SearchSpace.sample_around`) from rng([seed, index])."""
     bits, cond = space.sample_around(1, np.random.default_rng([seed, index]), spread)
     return space.decode(bits[0], cond[0])
@@ -131,72 +132,87 @@ def load_records(path: str | os.PathLike) -> list[Record]:
     return _read(path, repair=False)
 
 
-def collect_records(supernet, loader: Iterable, bn_batches, n: int, path: str | os.PathLike, *, seed: int = 0,
-                    profile: str | BackendProfile | None = None, cost_model: CostModel | None = None,
-                    evaluate_fn: Callable | None = None, spread: float = 1.0,
-                    progress: Callable[[int, Record], None] | None = None,
-                    fingerprint: str | None = None) -> list[Record]:
-    """Measure `n` sampled subnets and append them to the JSON-lines file `path` (resumable).
+@dataclass(frozen=True)
+class RecordsConfig:
+    """How `collect_records` draws its subnets.
 
-    Subnets are drawn the paper's way (a uniform target average bit-width, per-group bits around it; one global
-    condition per subnet) from the supernet's space restricted by `profile`. Each is measured with
-    ``evaluate_fn(supernet, cfg, loader, bn_batches)`` (default `eqnet_plugin.train.evaluate`: BN recalibrated on
-    `bn_batches`, then accuracy on `loader`).
-
-    Args:
-        supernet: a calibrated, trained `Supernet`.
-        loader: held-out part of the TRAINING data (a validation split), never the test set.
-        bn_batches: training batches for BatchNorm re-estimation.
-        n: total number of records wanted in the file (existing ones count).
-        path: the JSON-lines file; appended to, one flushed line per record.
+    Attributes:
         seed: sampling seed (must match the file's when resuming).
         profile: restrict sampling to a backend profile (None: the whole space).
-        cost_model: for the costs stored with each record; default: built from the first batch of `loader`.
-        evaluate_fn: accuracy function with `eqnet_plugin.train.evaluate`'s signature; it may return a float or a
-            mapping with an ``"accuracy"`` key and other metrics (stored in `Record.metrics`).
         spread: spread of per-group bits around the target (`SearchSpace.sample_around`).
-        progress: called as ``progress(i, record)`` after each new record.
         fingerprint: `supernet_fingerprint(supernet)` (or any string naming the supernet), stored with every new
             record; an existing file is resumed only if all its records carry the same one (None: not checked, not
             stored).
+    """
+
+    seed: int = 0
+    profile: str | BackendProfile | None = None
+    spread: float = SPREAD
+    fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"RecordsConfig.seed must be an int, got {self.seed!r}")
+        if isinstance(self.spread, bool) or not isinstance(self.spread, (int, float)) or not self.spread > 0:
+            raise ValueError(f"RecordsConfig.spread must be a positive number, got {self.spread!r}")
+        if self.fingerprint is not None and not isinstance(self.fingerprint, str):
+            raise TypeError("RecordsConfig.fingerprint must be a string (supernet_fingerprint(supernet)) or None")
+
+
+def collect_records(supernet, measure: SubnetMeasurer | Evaluate, n: int, path: str | os.PathLike,
+                    config: RecordsConfig | None = None, *, cost_model: CostModel,
+                    progress: Callable[[int, Record], None] | None = None) -> list[Record]:
+    """Measure `n` sampled subnets and append them to the JSON-lines file `path` (resumable).
+
+    Subnets are drawn the paper's way (a uniform target average bit-width, per-group bits around it; one global
+    condition per subnet) from the supernet's space restricted by ``config.profile``, and measured by `measure`.
+
+    Args:
+        supernet: a calibrated, trained `Supernet`.
+        measure: a `SubnetMeasurer` (parallel and cached; it also learns the stored records, so a later
+            `refine_search` with it does not measure them again) or an evaluation function
+            ``cfg -> accuracy or {"accuracy": ..., other metrics}``, e.g.
+            ``lambda cfg: evaluate(sn, cfg, val_loader, bn_batches)`` on held-out TRAINING data, never the test set.
+            Other metrics are stored in `Record.metrics`.
+        n: total number of records wanted in the file (existing ones count).
+        path: the JSON-lines file; appended to, one flushed line per record.
+        config: `RecordsConfig` (seed, profile, spread, fingerprint); default ``RecordsConfig()``.
+        cost_model: for the costs stored with each record (`CostModel.from_supernet(supernet, x[:1])`).
+        progress: called as ``progress(i, record)`` after each new record.
     Returns:
         all n records (stored and new), in index order.
     Raises:
-        RecordsMismatchError: with `fingerprint`, the file holds records of another supernet or records without
+        RecordsMismatchError: with a fingerprint, the file holds records of another supernet or records without
             a fingerprint (nothing is measured or written).
         ValueError: the file holds records of another seed/supernet/profile, or a corrupt line before the last.
     """
-    from ..supernet import batch_inputs
-    if not isinstance(n, int) or n < 1:
+    config = RecordsConfig() if config is None else config
+    if not isinstance(config, RecordsConfig):
+        raise TypeError(f"config must be a RecordsConfig, got {type(config).__name__}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    path = os.fspath(path)
-    space = SearchSpace.from_supernet(supernet, profile)
-    if evaluate_fn is None:
-        from ..train import evaluate as evaluate_fn
+    if not isinstance(cost_model, CostModel):
+        raise TypeError("collect_records needs cost_model=CostModel.from_supernet(supernet, x[:1])")
+    measurer = as_measurer(measure)
+    path, seed, fingerprint = os.fspath(path), config.seed, config.fingerprint
+    space = SearchSpace.from_supernet(supernet, config.profile)
     if fingerprint is not None and os.path.exists(path):
         _check_fingerprint(path, _read(path, repair=False), fingerprint)
     records = _read(path, repair=True) if os.path.exists(path) else []
     for i, r in enumerate(records[:n]):
-        if r.index != i or r.config != sample_config(space, seed, i, spread):
+        if r.index != i or r.config != sample_config(space, seed, i, config.spread):
             raise ValueError(f"{path}: record {i} does not match seed={seed} for this supernet/profile (index "
                              f"{r.index}); resume with the seed, profile and supernet that wrote it, or use a new path")
+    for r in records:
+        measurer.remember(r.config, {"accuracy": r.accuracy, **r.metrics})
     if len(records) >= n:
         return records[:n]
-    if cost_model is None:
-        cost_model = CostModel.from_supernet(supernet, batch_inputs(next(iter(loader)))[:1])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cfgs = [sample_config(space, seed, i, config.spread) for i in range(len(records), n)]
     with open(path, "a") as f:
-        for i in range(len(records), n):
-            cfg = sample_config(space, seed, i, spread)
-            out = evaluate_fn(supernet, cfg, loader, bn_batches)
-            if isinstance(out, Mapping):
-                if "accuracy" not in out:
-                    raise ValueError("evaluate_fn returned a mapping without an 'accuracy' key")
-                metrics = {str(k): float(v) for k, v in out.items() if k != "accuracy"}
-                out = out["accuracy"]
-            else:
-                metrics = {}
-            rec = Record(i, cfg, float(out), cost_model(cfg).to_dict(), metrics, fingerprint)
+        for i, (cfg, metrics) in enumerate(measurer.iter(cfgs), start=len(records)):
+            rec = Record(i, cfg, metrics["accuracy"], cost_model(cfg).to_dict(),
+                         {k: v for k, v in metrics.items() if k != "accuracy"}, fingerprint)
             f.write(rec.to_json_line(seed))
             f.flush()
             os.fsync(f.fileno())
@@ -211,8 +227,7 @@ def _check_fingerprint(path: str, records: list[Record], fingerprint: str) -> No
     other = sorted({r.supernet for r in records if r.supernet != fingerprint}, key=str)
     if not other:
         return
-    why = ("records without a supernet fingerprint (written by an earlier release), so they may belong to another "
-           "supernet" if None in other else
+    why = ("records without a supernet fingerprint, so they may belong to another supernet" if None in other else
            f"records of another supernet (fingerprint {str(other[0])[:12]}..., this one {fingerprint[:12]}...)")
     raise RecordsMismatchError(f"{path} holds {why}; their accuracies would be reused for this one. Write the records "
                                f"to a new file (eqnet search: a new --out) or delete {path}")

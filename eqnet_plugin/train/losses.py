@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.bn_fold import quantized_weight
+
 __all__ = ["skewness", "kurtosis", "wdr_penalty", "WDRLoss", "distill_kl", "gpg_term", "gpg_losses",
            "UNIFORM_KURTOSIS"]
 
@@ -69,12 +71,11 @@ class WDRLoss(nn.Module):
         kurt_weight: coefficient of (Kurt - target)^2 (paper/official code: 0.015).
         target_kurtosis: 1.8, the kurtosis of a uniform distribution.
         exclude_first: leave out the first weighted layer (it stays at 8 bits), as the paper does.
-        on: "quantized" (default): the tensor each layer's weight quantizer sees (for Conv-BN layers the weight
-            with BatchNorm folded in, ``w * gamma / sqrt(fold_var + eps)``; the official code, which does not
-            fold, regularizes the quantized tensor too); "latent": the conv weight before folding (the first
-            release's choice, kept for ablations).
 
-    `forward(supernet)` reads the weight of every layer in `supernet.layers` and returns the scalar penalty.
+    `forward(supernet)` reads the tensor each layer of `supernet.layers` hands its weight quantizer (for Conv-BN
+    layers the weight with BatchNorm folded in, ``w * gamma / sqrt(fold_var + eps)``; the official code, which does
+    not fold, regularizes the quantized tensor too) and returns the scalar penalty. `layer_weights(supernet)` lists
+    those tensors; a subclass may override it to regularize others.
 
     Example:
         >>> wdr = WDRLoss()
@@ -82,12 +83,8 @@ class WDRLoss(nn.Module):
     """
 
     def __init__(self, skew_weight: float = 1.0, kurt_weight: float = 0.015,
-                 target_kurtosis: float = UNIFORM_KURTOSIS, exclude_first: bool = True, on: str = "quantized"
-                 ) -> None:
+                 target_kurtosis: float = UNIFORM_KURTOSIS, exclude_first: bool = True) -> None:
         super().__init__()
-        if on not in ("quantized", "latent"):
-            raise ValueError(f"on={on!r}: use 'quantized' (the tensor the weight quantizer sees) or 'latent'")
-        self.on = on
         for name, v in (("skew_weight", skew_weight), ("kurt_weight", kurt_weight)):
             if not v >= 0:
                 raise ValueError(f"{name}={v!r} must be >= 0")
@@ -95,20 +92,19 @@ class WDRLoss(nn.Module):
         self.target_kurtosis, self.exclude_first = float(target_kurtosis), bool(exclude_first)
 
     def layer_weights(self, supernet) -> list[torch.Tensor]:
-        """The weights the penalty is computed on, in layer order."""
-        from ..quant.bn_fold import quantized_weight
+        """The weights the penalty is computed on (what each weight quantizer sees), in layer order."""
         layers = list(supernet.layers)
         if self.exclude_first:
             layers = layers[1:]
         mods = [supernet.model.get_submodule(lay.name) for lay in layers]
-        return [quantized_weight(m) if self.on == "quantized" else m.weight for m in mods]
+        return [quantized_weight(m) for m in mods]
 
     def forward(self, supernet) -> torch.Tensor:
         return wdr_penalty(self.layer_weights(supernet), self.skew_weight, self.kurt_weight, self.target_kurtosis)
 
     def extra_repr(self) -> str:
         return (f"skew_weight={self.skew_weight}, kurt_weight={self.kurt_weight}, "
-                f"target_kurtosis={self.target_kurtosis}, exclude_first={self.exclude_first}, on={self.on!r}")
+                f"target_kurtosis={self.target_kurtosis}, exclude_first={self.exclude_first}")
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -2,18 +2,15 @@
 
 `sandwich_step` runs three subnets per step (H: the widest, R: a random one, L: the narrowest) and sums their
 gradients. With one Adam over that sum, Adam's per-coordinate normalization is shared: the subnet with the largest
-gradient sets every weight's step size, and the others move the weights by a fraction of the learning rate. On
-TinyMobileNetV2 L's gradient is 2-2.5x H's, so the widest subnet, which needs the least change from the float
-start, is trained with an effective learning rate about a third of the recipe's, while the narrow subnets pull
-the shared weights their way. (Plain SGD has no such coupling: the summed step is the sum of each subnet's step.)
+gradient sets every weight's step size, and the others move the weights by a fraction of the learning rate. When
+L's gradient is larger than H's, the widest subnet, which needs the least change from the float start, is trained
+with a smaller effective learning rate than the recipe's, while the narrow subnets pull the shared weights their
+way. (Plain SGD has no such coupling: the summed step is the sum of each subnet's step.)
 
 `SubnetOptimizer` keeps one inner optimizer (and so one Adam state) per subnet. `sandwich_step` hands it each
 subnet's gradient separately (`stash`, no copy: the gradient tensors change hands), then each inner optimizer takes
 its step with its own moments, at the learning rate the outer optimizer's param groups hold (LR schedulers drive
-the outer one, as with any optimizer). Gradient clipping and DDP's all-reduce apply per subnet. Measured on
-Fashion-MNIST (BENCHMARKS.md, bench_supernet_fashion, 2 seeds): it narrows TinyMobileNetV2's gaps to dedicated QAT
-by 0.5-1.3 points at 3, 4 and 8 bits (W2A2 moves both ways), and TinyResNet's by 0.3-0.6 at 2 bits (elsewhere
-it moves them by 0.23 at most).
+the outer one, as with any optimizer). Gradient clipping and DDP's all-reduce apply per subnet.
 
 Cost: the inner optimizers' states (Adam: two tensors per parameter each, so three Adams hold 6x the parameters'
 memory instead of 2x) and three optimizer steps per training step instead of one.
@@ -23,7 +20,7 @@ the whole gradient goes to the first inner optimizer.
 
 Example:
     >>> opt = SubnetOptimizer(sn.model.parameters(), torch.optim.Adam, lr=1e-3)       # doctest: +SKIP
-    >>> train_supernet(sn, loader, opt, epochs, scheduler=cosine_scheduler(opt, steps))   # doctest: +SKIP
+    >>> train_supernet(sn, loader, opt, TrainConfig(epochs), scheduler=cosine_scheduler(opt, steps))  # doctest: +SKIP
 """
 from __future__ import annotations
 

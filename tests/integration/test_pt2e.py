@@ -1,21 +1,17 @@
-"""The PT2E flow (torchao): `ElasticQuantizer` placement against torchao's x86 QAT recipe, `PT2ESupernet` training
-and evaluation through the core functions (also under DistributedDataParallel), BatchNorm kept unfolded, exact
+"""The PT2E flow (torchao): `ElasticQuantizer` placement against torchao's x86 QAT recipe, `Supernet` training
+and evaluation through the core functions, BatchNorm kept unfolded, exact
 `convert_pt2e` parity and ONNX Runtime parity of a frozen subnet, the search cost model (against the FX flow) and
 a search, on torchvision resnet18 / mobilenet_v2 and Hugging Face BERT / ViT built offline from tiny configs (random
 weights, nothing downloaded).
 
 Models are exported and prepared once per module (the exact call of the docs:
 ``prepare_qat_pt2e(torch.export.export(model, ex).module(), ElasticQuantizer(space))``), calibrated once, and every
-test works on a deep copy.
+test works on a deep copy (the `pt2e` fixture).
 """
 from __future__ import annotations
 
 import copy
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -30,11 +26,12 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (X86Induc
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
 import eqnet_plugin as eq
-from eqnet_plugin.adapters import export_onnx
+from eqnet_plugin.adapters import UnsignedActivations, export_onnx
 from eqnet_plugin.frontends.fx import prepare_qat as prepare_qat_fx_flow
-from eqnet_plugin.frontends.pt2e import (ElasticPT2EFakeQuantize, ElasticQuantizer, PlacementError, PT2ESupernet,
+from eqnet_plugin.frontends.pt2e import (ElasticPT2EFakeQuantize, ElasticQuantizer, PlacementError, PT2EFrontend,
                                check_placement, fake_quant_placement, reference_placement, split_reused_modules)
-from eqnet_plugin.search import CostModel, Costs, evolution_search, random_search
+from eqnet_plugin.search import (CostModel, Costs, EvolutionConfig, RandomSearchConfig, evolution_search,
+                                 random_search)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -86,43 +83,51 @@ MODELS = {
     "vit": (_vit, _image, 10, TF_SPACE, 14),
 }
 EXAMPLE_BATCH = 4
-_PREPARED: dict[str, tuple] = {}
-_CALIBRATED: dict[str, PT2ESupernet] = {}
-
-
 def batches(name: str, n: int = 2, b: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     _, make_input, classes, _, _ = MODELS[name]
     g = torch.Generator().manual_seed(seed)
     return [(make_input(g, b), torch.randint(classes, (b,), generator=g)) for _ in range(n)]
 
 
-def prepared(name: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, tuple]:
-    """(exported graph, a deep copy of the prepared graph, example inputs), built once per model."""
-    if name not in _PREPARED:
-        make_model, make_input, _, space, _ = MODELS[name]
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = make_model().train()
-        example = (make_input(torch.Generator().manual_seed(0), EXAMPLE_BATCH),)
-        exported = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
-        gm = prepare_qat_pt2e(copy.deepcopy(exported), ElasticQuantizer(space))
-        _PREPARED[name] = (exported, gm, example)
-    exported, gm, example = _PREPARED[name]
-    return exported, copy.deepcopy(gm), example
+class PT2EModels:
+    """The models of MODELS exported and prepared once, calibrated once (the `pt2e` fixture); every call returns a
+    deep copy, so a test may train or modify what it gets."""
+
+    def __init__(self) -> None:
+        self._prepared: dict[str, tuple] = {}
+        self._calibrated: dict[str, eq.Supernet] = {}
+
+    def prepared(self, name: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, tuple]:
+        """(exported graph, a deep copy of the prepared graph, example inputs)."""
+        if name not in self._prepared:
+            make_model, make_input, _, space, _ = MODELS[name]
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = make_model().train()
+            example = (make_input(torch.Generator().manual_seed(0), EXAMPLE_BATCH),)
+            exported = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+            gm = prepare_qat_pt2e(copy.deepcopy(exported), ElasticQuantizer(space))
+            self._prepared[name] = (exported, gm, example)
+        exported, gm, example = self._prepared[name]
+        return exported, copy.deepcopy(gm), example
+
+    def supernet(self, name: str, calibrate: bool = True) -> eq.Supernet:
+        """A fresh Supernet (deep copy), calibrated on two random batches unless `calibrate` is False."""
+        if not calibrate:
+            return eq.Supernet(self.prepared(name)[1])
+        if name not in self._calibrated:
+            sn = eq.Supernet(self.prepared(name)[1])
+            sn.calibrate(batches(name, seed=0))
+            self._calibrated[name] = sn
+        return eq.Supernet(copy.deepcopy(self._calibrated[name].model))
 
 
-def supernet(name: str, calibrate: bool = True) -> PT2ESupernet:
-    """A fresh PT2ESupernet (deep copy), calibrated on two random batches unless `calibrate` is False."""
-    if not calibrate:
-        return PT2ESupernet(prepared(name)[1])
-    if name not in _CALIBRATED:
-        sn = PT2ESupernet(prepared(name)[1])
-        sn.calibrate(batches(name, seed=0))
-        _CALIBRATED[name] = sn
-    return PT2ESupernet(copy.deepcopy(_CALIBRATED[name].model))
+@pytest.fixture(scope="module")
+def pt2e() -> PT2EModels:
+    return PT2EModels()
 
 
-def eval_output(sn: PT2ESupernet, cfg: eq.SubnetConfig, x: torch.Tensor) -> torch.Tensor:
+def eval_output(sn: eq.Supernet, cfg: eq.SubnetConfig, x: torch.Tensor) -> torch.Tensor:
     sn.model.eval()
     with torch.no_grad(), sn.activate(cfg):
         return sn.model(x)
@@ -130,8 +135,8 @@ def eval_output(sn: PT2ESupernet, cfg: eq.SubnetConfig, x: torch.Tensor) -> torc
 
 # --- placement -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(MODELS))
-def test_placement_is_the_x86_qat_recipe(name):
-    exported, gm, _ = prepared(name)
+def test_placement_is_the_x86_qat_recipe(pt2e, name):
+    exported, gm, _ = pt2e.prepared(name)
     check_placement(exported, gm)                                    # the postcondition, raises PlacementError
     want = reference_placement(exported)
     got = fake_quant_placement(gm)
@@ -141,16 +146,16 @@ def test_placement_is_the_x86_qat_recipe(name):
     assert fqs and all(isinstance(m, ElasticPT2EFakeQuantize) for m in fqs)
 
 
-def test_placement_check_refuses_foreign_fake_quants():
-    exported, _, _ = prepared("bert")
+def test_placement_check_refuses_foreign_fake_quants(pt2e):
+    exported, _, _ = pt2e.prepared("bert")
     x86 = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
     foreign = prepare_qat_pt2e(copy.deepcopy(exported), x86)
     with pytest.raises(PlacementError, match="not elastic"):
         check_placement(exported, foreign)
 
 
-def test_reused_relu_gets_one_partition_per_call():
-    exported, _, _ = prepared("resnet18")
+def test_reused_relu_gets_one_partition_per_call(pt2e):
+    exported, _, _ = pt2e.prepared("resnet18")
     gm = split_reused_modules(copy.deepcopy(exported))
     relus = [n for n in gm.graph.nodes if n.op == "call_function"
              and list(n.meta.get("nn_module_stack", {}).values())[-1:][0][0] == "layer1.0.relu"]
@@ -161,9 +166,9 @@ def test_reused_relu_gets_one_partition_per_call():
 
 
 # --- the supernet ----------------------------------------------------------------------------------------------
-def test_supernet_layers_groups_and_train_eval():
-    _, gm, _ = prepared("resnet18")
-    sn = PT2ESupernet(gm)                                  # also enables gm.train() / gm.eval() (torchao disables them)
+def test_supernet_layers_groups_and_train_eval(pt2e):
+    _, gm, _ = pt2e.prepared("resnet18")
+    sn = eq.Supernet(gm)                                   # also enables gm.train() / gm.eval() (torchao disables them)
     assert len(sn.layers) == 21 and sn.layers[0].name == "conv1" and sn.layers[-1].name == "fc"
     assert sn.layers[0].input is not None and sn.layers[-1].kind == "Linear"
     assert sn.fixed_groups == {sn.layers[0].weight, sn.layers[0].input, sn.layers[-1].weight, sn.layers[-1].input}
@@ -175,8 +180,8 @@ def test_supernet_layers_groups_and_train_eval():
     assert all(m.training for m in gm.modules())
 
 
-def test_train_eval_switch_dropout():
-    sn = supernet("bert")
+def test_train_eval_switch_dropout(pt2e):
+    sn = pt2e.supernet("bert")
     drops = [m for m in sn.model.modules() if isinstance(m, nn.Dropout)]
     assert drops and all(m.training for m in drops)
     x = batches("bert")[0][0]
@@ -189,15 +194,15 @@ def test_train_eval_switch_dropout():
 
 
 # --- BatchNorm -------------------------------------------------------------------------------------------------
-def test_batchnorm_stays_a_module_and_weights_are_quantized_unfolded():
-    exported, gm, _ = prepared("resnet18")
+def test_batchnorm_stays_a_module_and_weights_are_quantized_unfolded(pt2e):
+    exported, gm, _ = pt2e.prepared("resnet18")
     assert not [n for n in gm.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in gm.modules()) == 20
     assert set(exported.state_dict()) <= set(gm.state_dict())         # BN parameters and buffers keep their names
     weights = fake_quant_placement(gm)["weights"]
     assert all(w.endswith(".weight") and ".bn" not in w for w in weights)
 
-    sn = supernet("resnet18")
+    sn = pt2e.supernet("resnet18")
     lay = sn.layers[1]
     seen = []
     hook = sn.groups[lay.weight].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
@@ -213,8 +218,8 @@ def test_batchnorm_stays_a_module_and_weights_are_quantized_unfolded():
     assert torch.equal(seen[0], seen[1])                 # the quantized tensor does not depend on BN statistics
 
 
-def test_sandwich_step_updates_bn_statistics_once():
-    sn = supernet("resnet18")
+def test_sandwich_step_updates_bn_statistics_once(pt2e):
+    sn = pt2e.supernet("resnet18")
     bn = sn.model.get_submodule("layer1.0.bn1")
     n0 = int(bn.num_batches_tracked)
     opt = torch.optim.Adam(sn.model.parameters(), 1e-3)
@@ -225,13 +230,13 @@ def test_sandwich_step_updates_bn_statistics_once():
 
 # --- training and evaluation through the core functions --------------------------------------------------------
 @pytest.mark.parametrize("name", ["resnet18", "bert", "vit"])
-def test_sandwich_steps_have_finite_gradients(name):
-    sn = supernet(name)
+def test_sandwich_steps_have_finite_gradients(pt2e, name):
+    sn = pt2e.supernet(name)
     opt = torch.optim.Adam(sn.model.parameters(), 1e-3)
     before = {k: v.detach().clone() for k, v in sn.model.named_parameters()}
     g = torch.Generator().manual_seed(0)
     for x, y in batches(name, n=2, b=4, seed=2):
-        losses = eq.sandwich_step(sn, x, y, opt, generator=g, wdr=eq.WDRLoss())
+        losses = eq.sandwich_step(sn, x, y, opt, generator=g)                   # the default recipe: with WDR
         assert all(bool(torch.isfinite(v).all()) for k, v in losses.items())
         assert float(losses["wdr"]) > 0                                # WDR sees the layers' weights
     grads = {k: p.grad for k, p in sn.model.named_parameters() if p.grad is not None}
@@ -244,25 +249,31 @@ def test_sandwich_steps_have_finite_gradients(name):
     assert any(k in changed for k in layer_params) and any(k in changed for k in scales)
 
 
-def test_evaluate_restores_state_and_measures():
-    sn = supernet("resnet18")
+def test_evaluate_restores_state_and_measures(pt2e):
+    sn = pt2e.supernet("resnet18")
     data = batches("resnet18", n=2, b=4, seed=4)
     state = {k: v.clone() for k, v in sn.model.state_dict().items()}
     accs = eq.evaluate_configs(sn, {"w8a8": sn.uniform(8, 8), "w4a4": sn.uniform(4, 4)}, data, data)
-    assert set(accs) == {"w8a8", "w4a4"} and all(0.0 <= a <= 1.0 for a in accs.values())
     assert sn.model.training
     after = sn.model.state_dict()
     assert all(torch.equal(state[k], after[k]) for k in state)
+    for name, (w, a) in (("w8a8", (8, 8)), ("w4a4", (4, 4))):      # by hand: BN re-estimated, eval mode, count
+        ref = pt2e.supernet("resnet18")
+        cfg = ref.uniform(w, a)
+        ref.apply(cfg)
+        ref.recalibrate_bn(data)
+        correct = sum(int((eval_output(ref, cfg, x).argmax(1) == y).sum()) for x, y in data)
+        assert accs[name] == pytest.approx(correct / sum(len(y) for _, y in data), abs=1e-12), name
 
 
-def test_checkpoint_round_trip(tmp_path):
-    sn = supernet("bert")
+def test_checkpoint_round_trip(pt2e, tmp_path):
+    sn = pt2e.supernet("bert")
     opt = torch.optim.Adam(sn.model.parameters(), 1e-3)
     x, y = batches("bert", n=1, b=4, seed=5)[0]
     eq.sandwich_step(sn, x, y, opt, generator=torch.Generator().manual_seed(0))
     path = tmp_path / "pt2e.pt"
     eq.save_checkpoint(path, sn, opt)
-    fresh = supernet("bert", calibrate=False)
+    fresh = pt2e.supernet("bert", calibrate=False)
     assert not fresh.is_calibrated()
     eq.load_checkpoint(path, fresh, torch.optim.Adam(fresh.model.parameters(), 1e-3))
     cfg = sn.sample(torch.Generator().manual_seed(1))
@@ -271,8 +282,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 # --- convert_pt2e ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(MODELS))
-def test_convert_pt2e_equals_supernet_eval(name):
-    sn = supernet(name)
+def test_convert_pt2e_equals_supernet_eval(pt2e, name):
+    sn = pt2e.supernet(name)
     data = batches(name, n=2, b=4, seed=6)
     if name == "resnet18":                                              # trained: BN statistics moved
         opt = torch.optim.Adam(sn.model.parameters(), 1e-3)
@@ -296,10 +307,10 @@ def test_convert_pt2e_equals_supernet_eval(name):
 
 # --- freeze and ONNX Runtime -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["resnet18", "bert", "vit"])
-def test_onnx_runtime_parity_of_a_frozen_subnet(name, tmp_path):
-    sn = supernet(name)
+def test_onnx_runtime_parity_of_a_frozen_subnet(pt2e, name, tmp_path):
+    sn = pt2e.supernet(name)
     cfg = sn.sample(torch.Generator().manual_seed(8))
-    example = prepared(name)[2]
+    example = pt2e.prepared(name)[2]
     frozen = sn.freeze(cfg)
     x = batches(name, n=1, b=EXAMPLE_BATCH + 2, seed=9)[0][0]            # the ONNX batch dimension is dynamic
     with torch.no_grad():
@@ -320,10 +331,10 @@ def test_onnx_runtime_parity_of_a_frozen_subnet(name, tmp_path):
         assert row_diff.max() <= 1e-5
 
 
-def test_core_supernet_and_freeze_dispatch_to_pt2e():
-    _, gm, _ = prepared("bert")
+def test_core_supernet_and_freeze_dispatch_to_pt2e(pt2e):
+    _, gm, _ = pt2e.prepared("bert")
     sn = eq.Supernet(gm)
-    assert type(sn) is PT2ESupernet
+    assert isinstance(sn.frontend, PT2EFrontend)
     sn.calibrate([x for x, _ in batches("bert")])
     cfg = sn.uniform(4, 8)
     x = batches("bert", n=1)[0][0]
@@ -339,8 +350,8 @@ def _layer_facts(cm: CostModel) -> dict[str, tuple]:
             for lay in cm.layers}
 
 
-def test_cost_model_on_pt2e_resnet18_equals_the_fx_flow():
-    sn = supernet("resnet18", calibrate=False)
+def test_cost_model_on_pt2e_resnet18_equals_the_fx_flow(pt2e):
+    sn = pt2e.supernet("resnet18", calibrate=False)
     x = _image(torch.Generator().manual_seed(10), 1)
     state = {k: v.clone() for k, v in sn.model.state_dict().items()}
     sn.model.train()
@@ -370,8 +381,8 @@ def test_cost_model_on_pt2e_resnet18_equals_the_fx_flow():
     assert cm(sn.uniform(4, 4)).bitops < cm(sn.uniform(8, 4)).bitops < cm(sn.uniform(8, 8)).bitops
 
 
-def test_cost_model_on_pt2e_bert_by_hand():
-    sn = supernet("bert", calibrate=False)
+def test_cost_model_on_pt2e_bert_by_hand(pt2e):
+    sn = pt2e.supernet("bert", calibrate=False)
     cm = CostModel.from_supernet(sn, _tokens(torch.Generator().manual_seed(11), 1))
     tokens, hidden, inter = 16, 32, 64
     block = [tokens * hidden * hidden] * 4 + [tokens * hidden * inter, tokens * inter * hidden]  # q k v o, ffn
@@ -393,8 +404,8 @@ def test_cost_model_on_pt2e_bert_by_hand():
     assert c4.bitops == 16 * sum(macs) + 48 * (macs[0] + macs[-1]) + 16 * (macs[1] + macs[2])
 
 
-def test_search_on_a_pt2e_supernet():
-    sn = supernet("bert")
+def test_search_on_a_pt2e_supernet(pt2e):
+    sn = pt2e.supernet("bert")
     x = _tokens(torch.Generator().manual_seed(13), 1)
     cm = CostModel.from_supernet(sn, x)
     top, low = cm(sn.max_config()).bitops, cm(sn.min_config()).bitops
@@ -403,9 +414,9 @@ def test_search_on_a_pt2e_supernet():
     def predictor(cfgs):                   # a stand-in for an accuracy predictor: more bits, more accuracy
         return [float(np.mean([c.bits for c in cfg.groups.values()])) for cfg in cfgs]
 
-    res = evolution_search(predictor, sn, {"max_bitops": limit}, example_inputs=x, population=16, generations=4,
-                           seed=0)
-    rnd = random_search(predictor, sn, {"max_bitops": limit}, cost_model=cm, n=16, seed=0)
+    res = evolution_search(predictor, sn, {"max_bitops": limit}, EvolutionConfig(population=16, generations=4, seed=0),
+                           example_inputs=x)
+    rnd = random_search(predictor, sn, {"max_bitops": limit}, RandomSearchConfig(n=16, seed=0), cost_model=cm)
     for r in (res, rnd):
         sn.validate(r.best.config)
         assert r.best.costs == cm(r.best.config).to_dict()
@@ -420,46 +431,20 @@ def test_search_on_a_pt2e_supernet():
     assert out.shape == (4, 3) and bool(torch.isfinite(out).all())
 
 
-# --- DistributedDataParallel -----------------------------------------------------------------------------------
-DDP_STEPS = 2
-
-
-def test_ddp_two_ranks_on_a_pt2e_graph(tmp_path):
-    here = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(here / "_ddp_pt2e_worker.py"), str(tmp_path), str(DDP_STEPS)],
-                          env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1))
-    assert r0["pt2e"] and r0["wrapped"] == "GraphModule" and r0["layers"] == 3   # DDP wrapped the PT2E graph
-    assert r0["configs"] == r1["configs"] and len(r0["configs"]) == DDP_STEPS    # the same subnets on both ranks
-    assert len({json.dumps(c) for c in r0["configs"]}) == DDP_STEPS
-    assert r0["losses"] != r1["losses"]                                  # each rank trained on its own data
-    b0, b1, a0, a1 = (torch.load(tmp_path / f"{w}_{r}.pt") for w in ("before", "after") for r in (0, 1))
-    assert b0.keys() == a0.keys() == a1.keys()
-    assert not [k for k in b0 if not torch.equal(b0[k], b1[k])]          # calibration statistics were gathered
-    differ = [k for k in a0 if not torch.equal(a0[k], a1[k])]
-    assert not differ, differ[:5]                                       # parameters and buffers identical
-    changed = {k for k in a0 if not torch.equal(a0[k], b0[k])}
-    assert {"conv1.weight", "conv2.weight", "fc.weight", "fc.bias", "bn1.weight", "bn1.running_mean"} <= changed
-    assert any(".scale_" in k for k in changed)                          # learned quantizer scales moved too
-
-
-def test_every_registered_target_exports_a_pt2e_subnet(tmp_path):
+def test_every_registered_target_exports_a_pt2e_subnet(pt2e, tmp_path):
     """Each export target of the registry takes a PT2E supernet with cfg= as it takes an FX one: its check passes
     and its files are written; the PyTorch-side targets compute the frozen subnet's numbers."""
     from eqnet_plugin.adapters import get_target, target_names, to_brevitas, to_pytorch_quantization
-    sn = supernet("bert")
+    sn = pt2e.supernet("bert")
     x = batches("bert", n=1)[0][0]
     cfg = sn.uniform(8, 8, symmetric=True, per_channel=True)          # a subnet every built-in target runs
     frozen = sn.freeze(cfg)
     written = {}
     for name in target_names():
         t = get_target(name)
-        opts = {"unsigned_activations": "rescale"} if "unsigned_activations" in t.options else {}
+        opts = {"unsigned_activations": UnsignedActivations.RESCALE} if "unsigned_activations" in t.options else {}
         assert t.check(sn, cfg=cfg, **opts) == [], name
-        written[name] = t.export(sn, prepared("bert")[2], tmp_path / name, cfg=cfg, **opts)
+        written[name] = t.export(sn, pt2e.prepared("bert")[2], tmp_path / name, cfg=cfg, **opts)
         assert written[name] and all(os.path.getsize(p) > 0 for p in written[name].values()), name
     pq = torch.load(written["pytorch-quantization"]["model"], weights_only=False)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Bad inputs the command line guards against (README: "Bad inputs we guard against"): damaged checkpoints, resumes
+"""Bad inputs the command line guards against (docs/bad_inputs.md): damaged checkpoints, resumes
 with other settings, mismatched image sizes, out-of-range numbers, records of another supernet, exports some targets
 refuse, unwritable output folders. Each ends with exit status 2, one line that names the fix, and nothing written.
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def partial(tmp_path_factory):
     """OUT of an `eqnet train` interrupted in its second epoch: its checkpoint is the one of epoch 1 (step 5)."""
-    import eqnet_plugin.train as T
+    import eqnet_plugin.train.loops as T           # the module whose train_supernet calls sandwich_step
     out = tmp_path_factory.mktemp("partial")
     real, calls = T.sandwich_step, []
 
@@ -74,10 +75,12 @@ def test_partial_run_checkpoint_evaluates(partial, capsys):
 
 
 def test_checkpoint_without_run_spec_takes_model_and_data(partial, tmp_path, capsys):
-    """A checkpoint without a run spec (earlier release, or save_checkpoint directly): --model and --data rebuild
-    it, and the error without them says so."""
+    """A checkpoint without a run spec (save_checkpoint called directly): --model and --data rebuild it, and the
+    error without them says so."""
+    from eqnet_plugin.train.checkpoint import _content_sha256
     ckpt = torch.load(partial / "supernet.pt", weights_only=True)
-    del ckpt["extra"]["run"], ckpt["sha256"]         # as an earlier release wrote it
+    del ckpt["extra"]["run"]                         # as save_checkpoint without a run spec writes it
+    ckpt["sha256"] = _content_sha256(ckpt)
     old = tmp_path / "old.pt"
     torch.save(ckpt, old)
     rc, _, err = run(capsys, "eval", "--checkpoint", old, *FAST)
@@ -217,7 +220,7 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, capsys, monkey
 
     def denied(*a, **k):                               # what a read-only folder answers (also when run as root)
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(cli.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
     for cmd in (["demo", "--budget", "tiny"], ["train", *TRAIN]):
         rc, out, err = run(capsys, *cmd, "--out", tmp_path / "ro")
         assert_one_line_error(rc, err, "--out", str(tmp_path), "Permission denied")

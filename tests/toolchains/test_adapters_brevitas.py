@@ -110,11 +110,10 @@ def test_to_brevitas_accepts_supernet_and_cfg(tiny_resnet):
 
 
 def _point(bits, signed, zp, scale, axis=None):
-    from eqnet_plugin.quant.primitives import int_range
-    qmin, qmax = int_range(bits, signed)
+    from eqnet_plugin.quant.grid import Grid
     scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
     zp = torch.as_tensor(zp, dtype=torch.int32).reshape(-1).expand(scale.shape).clone()
-    return QParams(scale, zp, qmin, qmax, bits, axis, bool((zp == 0).all()))
+    return QParams(scale, zp, Grid(bits, bool((zp == 0).all()), axis is not None, signed), axis)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -125,7 +124,7 @@ def test_quantizers_bit_exact_every_grid(bits):
 
     from eqnet_plugin.adapters.brevitas import _act_quant, _brevitas_layer
     from eqnet_plugin.export.freeze import QuantConv2d
-    from eqnet_plugin.quant.primitives import int_range
+    from eqnet_plugin.quant.grid import Grid
 
     g = torch.Generator().manual_seed(bits)
     s = 0.37 / 2 ** bits
@@ -143,8 +142,7 @@ def test_quantizers_bit_exact_every_grid(bits):
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.1)
     scales = 0.2 / 2 ** bits * (1 + torch.rand(4, generator=g))
     zps = torch.tensor([0, 1, -1, half - 1], dtype=torch.int32).clamp(-half, half - 1)
-    qmin, qmax = int_range(bits, True)
-    conv.weight_quant = QuantPoint("w", QParams(scales, zps, qmin, qmax, bits, 0, False))
+    conv.weight_quant = QuantPoint("w", QParams(scales, zps, Grid(bits, False, True, signed=True), 0))
     layer = _brevitas_layer(conv, exact=True).eval()
     xin = torch.randn(3, 2, 5, 5, generator=g)
     with torch.no_grad():
@@ -186,7 +184,7 @@ def test_errors(tiny_resnet, monkeypatch, tmp_path):
     # per-channel along a non-output axis cannot be expressed
     g = next(iter(frozen.qparams))
     qp = frozen.qparams[g]
-    bad = QParams(qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.bits, 1, qp.symmetric)
+    bad = QParams(qp.scale, qp.zero_point, qp.grid.replace(per_channel=True), 1)
     from eqnet_plugin.adapters.brevitas import _weight_quant
     with pytest.raises(ValueError, match="axis 1"):
         _weight_quant(bad, 4, True)

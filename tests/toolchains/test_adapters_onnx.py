@@ -24,7 +24,6 @@ from eqnet_plugin.export.freeze import freeze
 from eqnet_plugin.app.models import TinyMobileNetV2, TinyResNet
 
 from _ort import ort_int8_kernels_exact
-from _supernets import trained_torchvision
 from _supernets import train_steps as _train
 
 SPACE = ElasticSpace(weight_bits=(4, 6, 8), act_bits=(4, 6, 8))
@@ -262,13 +261,14 @@ def test_accepts_supernet_forms(tiny, tmp_path):
     ex = (inputs["digits"][:2],)
     x = inputs["digits"][:64].numpy()
     outs = []
-    for i, args in enumerate([(freeze(sn, cfg),), ((sn, cfg),)]):
-        outs.append(_session(export_onnx(*args, ex, tmp_path / f"{i}.onnx")).run(None, {"input": x})[0])
+    outs.append(_session(export_onnx(freeze(sn, cfg), ex, tmp_path / "f.onnx")).run(None, {"input": x})[0])
     outs.append(_session(export_onnx(sn, ex, tmp_path / "c.onnx", cfg=cfg)).run(None, {"input": x})[0])
     for o in outs[1:]:
         np.testing.assert_array_equal(outs[0], o)
     with pytest.raises(TypeError, match="FrozenSubnet"):
         export_onnx(sn.model, ex, tmp_path / "d.onnx")
+    with pytest.raises(TypeError, match="FrozenSubnet"):                  # a (supernet, cfg) tuple is no exporter input
+        export_onnx((sn, cfg), ex, tmp_path / "e.onnx")
 
 
 def test_errors_leave_nothing_behind(tiny, tmp_path):
@@ -340,7 +340,7 @@ def test_parity_torchvision(torchvision_nets, tmp_path, model):
 
 
 @pytest.fixture(scope="module")
-def trained_torchvision_nets():
+def trained_torchvision_nets(trained_torchvision):
     """The same torchvision architectures after 30 Adam steps on digits at 32x32 (`trained_torchvision`, about
     10-25 s each here): real features and logit margins, so float-rounding differences no longer cascade."""
     xt, _, xs = _digits(32, channels=3)

@@ -22,7 +22,7 @@ from eqnet_plugin.app import models
 from eqnet_plugin.adapters.pytorch_quantization import pq_amax, to_pytorch_quantization
 from _supernets import moved_bn_supernet
 from eqnet_plugin.export.freeze import FrozenSubnet, QParams, QuantPoint, freeze
-from eqnet_plugin.quant.primitives import int_range
+from eqnet_plugin.quant.grid import Grid
 
 SYMMETRIC_SPACE = ElasticSpace(weight_bits=(4, 8), act_bits=(4, 8), weight_symmetric=(True,), act_symmetric=(True,))
 
@@ -159,8 +159,8 @@ def test_full_range_grids(bits):
     g = torch.Generator().manual_seed(bits)
     s = 0.3 / 2 ** bits
     for signed in (True, False):
-        qmin, qmax = int_range(bits, signed)
-        qp = QParams(torch.tensor([s]), torch.zeros(1, dtype=torch.int32), qmin, qmax, bits, None, True)
+        qp = QParams(torch.tensor([s]), torch.zeros(1, dtype=torch.int32), Grid(bits, True, False, signed), None)
+        qmin, qmax = qp.qmin, qp.qmax
         q = quant_nn.TensorQuantizer(_desc(qp, 1))
         lo = qmin - 3 if signed else 0                      # it raises on negative input when unsigned
         x = torch.cat([torch.arange(qmin, qmax + 1, dtype=torch.float32),
@@ -181,7 +181,7 @@ def test_refuses_asymmetric(tiny_resnet):
     frozen = freeze(tiny_resnet, tiny_resnet.uniform(8, 8))
     group = next(g for g in frozen.qparams if g not in frozen.quant_points())       # a weight group
     qp = frozen.qparams[group]
-    asym = dataclasses.replace(qp, zero_point=torch.ones_like(qp.zero_point), symmetric=False)
+    asym = dataclasses.replace(qp, zero_point=torch.ones_like(qp.zero_point), grid=qp.grid.replace(symmetric=False))
     bad = FrozenSubnet(frozen.graph, frozen.config, {**frozen.qparams, group: asym}, frozen.layers)
     with pytest.raises(ValueError, match=f"symmetric quantization only.*{group}"):
         to_pytorch_quantization(bad)

@@ -14,8 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from eqnet_plugin import ElasticSpace, Supernet, prepare_qat
 from eqnet_plugin.adapters.onnx_qdq import export_onnx
-from eqnet_plugin.adapters.tensorrt import (RULES, TensorRTCompatibilityError, assert_tensorrt_onnx,
-                                            check_tensorrt_onnx, export_to_tensorrt, tensorrt_subnet_problems)
+from eqnet_plugin.adapters.tensorrt import (RULES, TensorRTCompatibilityError, UnsignedActivations,
+                                            assert_tensorrt_onnx, check_tensorrt_onnx, export_to_tensorrt,
+                                            tensorrt_subnet_problems)
 from eqnet_plugin.app.data import digits_splits
 from _supernets import perturb_bn
 from eqnet_plugin.export.freeze import freeze
@@ -161,9 +162,9 @@ def test_export_passes_checker_and_matches(setup, tmp_path, cfg_name, opset):
     frozen = freeze(sn, cfg)
     acts = [frozen.qparams[g] for g in sn.act_groups]
     assert all(q.signed and (q.qmin, q.qmax) == (-128, 127) and int(q.zero_point.abs().max()) == 0 for q in acts)
-    assert tensorrt_subnet_problems(frozen, opset, unsigned_activations="refuse") == []
+    assert tensorrt_subnet_problems(frozen, opset, unsigned_activations=UnsignedActivations.REFUSE) == []
     path = export_to_tensorrt(frozen, (setup["inputs"]["digits"][:2],), tmp_path / "trt.onnx", opset=opset,
-                              unsigned_activations="refuse")
+                              unsigned_activations=UnsignedActivations.REFUSE)
     assert check_tensorrt_onnx(path) == []
     model = onnx.load(path)
     int4 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT4 and t.name.endswith("_quantized")]
@@ -221,13 +222,13 @@ def test_unsigned_activations_refused_or_rescaled(setup, tmp_path):
     ex = (setup["inputs"]["digits"][:2],)
     problems = tensorrt_subnet_problems(freeze(sn, cfg))
     assert problems and all(p.startswith("unsigned-activation") for p in problems)
-    with pytest.raises(TensorRTCompatibilityError, match="rescale.*signed_activations=True"):
+    with pytest.raises(TensorRTCompatibilityError, match="RESCALE.*signed_activations=True"):
         export_to_tensorrt(freeze(sn, cfg), ex, tmp_path / "t.onnx")
-    path = export_to_tensorrt((sn, cfg), ex, tmp_path / "t.onnx", unsigned_activations="rescale")
+    path = export_to_tensorrt(sn, ex, tmp_path / "t.onnx", cfg=cfg, unsigned_activations=UnsignedActivations.RESCALE)
     assert check_tensorrt_onnx(path) == []
     # lossy by design (one bit of resolution); measured, not exact
     res = _parity(sn, cfg, freeze(sn, cfg), path, setup["inputs"]["digits"])
     print(f"[tensorrt parity] unsigned activations rescaled: {res}")
     assert res["top1"] >= 0.95 and res["within_1lsb"] < 1.0, res
-    with pytest.raises(ValueError, match="unsigned_activations"):
-        export_to_tensorrt(freeze(sn, cfg), ex, tmp_path / "t2.onnx", unsigned_activations="clamp")
+    with pytest.raises(TypeError, match="UnsignedActivations"):
+        export_to_tensorrt(freeze(sn, cfg), ex, tmp_path / "t2.onnx", unsigned_activations="rescale")

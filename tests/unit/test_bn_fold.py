@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
-from eqnet_plugin import BatchNormStatsError, Supernet, WDRLoss, elastic_qconfig_mapping, evaluate, freeze
+from eqnet_plugin import BatchNormStatsError, SandwichConfig, Supernet, elastic_qconfig_mapping, evaluate, freeze
 from eqnet_plugin.quant.bn_fold import ConvertFxError, fold_weight
 from eqnet_plugin.app.data import digits_loaders
 from eqnet_plugin.app.models import TinyResNet
@@ -37,7 +37,7 @@ def trained():
     opt = torch.optim.Adam(gm.parameters(), 3e-3)
     g = torch.Generator().manual_seed(0)
     for step, (x, y) in enumerate(train):
-        sandwich_step(sn, x, y, opt, generator=g, wdr=WDRLoss())
+        sandwich_step(sn, x, y, opt, generator=g)
         if step == 19:
             break
     return sn, train, test, bn
@@ -154,34 +154,29 @@ def test_convert_fx_is_refused_with_the_right_path(trained):
         convert_fx(copy.deepcopy(sn.model))
 
 
-def test_checkpoint_from_before_the_fixed_fold_loads(tiny_resnet_supernet):
-    """A state_dict without `fold_var` (first release): the fold takes the saved running variance."""
+def test_state_dict_without_fold_var_is_refused(tiny_resnet_supernet):
+    """A state_dict without `fold_var` is not a supernet's: strict loading names the missing buffers."""
     sn = tiny_resnet_supernet()
     state = {k: v for k, v in sn.model.state_dict().items() if not k.endswith("fold_var")}
     fresh = tiny_resnet_supernet()
-    for m in fresh.bn_modules:
-        m.running_var.fill_(3.0)
-    fresh.model.load_state_dict(state)
-    for m in fresh.model.modules():
-        if hasattr(m, "fold_var"):
-            assert torch.equal(m.fold_var, m.bn.running_var)
+    with pytest.raises(RuntimeError, match="fold_var"):
+        fresh.model.load_state_dict(state)
 
 
 def test_running_fold_ablation_is_torch_ao_arithmetic(tiny_resnet_supernet, random_batches):
-    """bn_fold="running" (the first release): the quantizer sees the running-variance fold, as torch.ao does."""
-    from eqnet_plugin.quant.bn_fold import use_running_bn_fold
+    """The ablation hook `use_running_bn_fold`: the quantizer sees the running-variance fold, as torch.ao does."""
+    from eqnet_plugin.quant.bn_fold import running_fold_modules, use_running_bn_fold
     sn = tiny_resnet_supernet()
     gm = copy.deepcopy(sn.model)
-    use_running_bn_fold(gm)
-    old = Supernet(gm, bn_fold="running")
-    assert not old.fixed_fold and not any(hasattr(m, "fold_var") for m in gm.modules())
+    assert not running_fold_modules(gm)
+    switched = use_running_bn_fold(gm)
+    assert len(switched) == 9 and sorted(switched) == sorted(running_fold_modules(gm))   # TinyResNet's Conv-BNs
+    assert not any(hasattr(m, "fold_var") for m in gm.modules())
     x = random_batches(n=1)[0][0]
     sn.model.eval()
     gm.eval()
     with torch.no_grad():
         assert torch.equal(sn.model(x), gm(x))               # identical while fold_var == running_var
-    with pytest.raises(ValueError, match="bn_fold"):
-        Supernet(copy.deepcopy(gm), bn_fold="frozen")
 
 
 def test_activate_without_with_warns(tiny_resnet_supernet):
@@ -223,11 +218,10 @@ def test_sandwich_step_validates_the_batch_and_refuses_nan(tiny_resnet_supernet,
     def exploding(logits, targets):
         return nn.functional.cross_entropy(logits, targets) * float("inf")
     with pytest.raises(FloatingPointError, match="optimizer step was skipped"):
-        sandwich_step(sn, x, y, opt, criterion=exploding)
-    params = dict(sn.model.named_parameters())
-    for k, v in state.items():
-        if k in params:
-            assert torch.equal(params[k], v), k
+        sandwich_step(sn, x, y, opt, recipe=SandwichConfig(criterion=exploding))
+    params = dict(sn.model.named_parameters())                # the skipped step moved no parameter
+    assert params and params.keys() <= state.keys()
+    assert not [k for k, p in params.items() if not torch.equal(p, state[k])]
 
 
 def test_sandwich_step_returns_logits_and_uses_the_criterion(tiny_resnet_supernet, random_batches):
@@ -238,8 +232,8 @@ def test_sandwich_step_returns_logits_and_uses_the_criterion(tiny_resnet_superne
     def criterion(logits, targets):
         seen.append(logits.shape)
         return nn.functional.cross_entropy(logits, targets, label_smoothing=0.1)
-    out = sandwich_step(sn, x, y, torch.optim.SGD(sn.model.parameters(), lr=0.01), criterion=criterion,
-                        generator=torch.Generator().manual_seed(0))
+    out = sandwich_step(sn, x, y, torch.optim.SGD(sn.model.parameters(), lr=0.01),
+                        recipe=SandwichConfig(criterion=criterion), generator=torch.Generator().manual_seed(0))
     assert out["logits"].shape == (8, 10) and not out["logits"].requires_grad
     assert len(seen) == 3                                     # H, R and L all use it
     assert np.isfinite(float(out["total"]))
@@ -249,8 +243,8 @@ def test_dead_channel_does_not_set_the_per_tensor_weight_range():
     """A channel behind a ReLU that never fires has zero running variance; folding with it multiplies its weights
     by 1/sqrt(eps) and a per-tensor weight cell of that layer rounds every live channel to zero. The fixed fold
     gives dead channels their layer's median variance (exact in float), so per-tensor subnets keep working, while
-    torch.ao's running-variance fold (bn_fold="running") collapses the output."""
-    from eqnet_plugin.quant.bn_fold import fold_variance
+    torch.ao's running-variance fold (the `use_running_bn_fold` ablation) collapses the output."""
+    from eqnet_plugin.quant.bn_fold import fold_variance, use_running_bn_fold
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
@@ -274,10 +268,12 @@ def test_dead_channel_does_not_set_the_per_tensor_weight_range():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             gm = prepare_qat_fx(copy.deepcopy(model).train(), elastic_qconfig_mapping(), (x,))
-        sn = Supernet(gm, bn_fold=fold)
+        sn = Supernet(gm)
         if fold == "fixed":
             dw = [m for m in gm.modules() if hasattr(m, "fold_var")][1]
             assert torch.equal(dw.fold_var, fv)
+        else:
+            use_running_bn_fold(gm)
         sn.calibrate([x])
         gm.eval()
         with torch.no_grad(), sn.activate(sn.uniform(4, 8, per_channel=False)):

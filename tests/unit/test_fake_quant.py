@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import pytest
@@ -12,25 +11,14 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from eqnet_plugin import ElasticFakeQuantize, ElasticSpace
 from eqnet_plugin.export.freeze import QParams
+from eqnet_plugin.quant.grid import Grid
 from eqnet_plugin.quant.primitives import fake_quantize, grid_search_qparams, int_range
 
 CELLS = [(b, sym, pc) for b in range(2, 9) for sym in (True, False) for pc in (True, False)]
 
 
 def _calibrated_weight(c: int = 6, seed: int = 0) -> tuple[ElasticFakeQuantize, torch.Tensor]:
-    """A calibrated weight quantizer (fresh copy each call; calibrated once) and its (c, 3, 3, 3) weight."""
-    fq, w = _calibrate_weight(c, seed)
-    return copy.deepcopy(fq), w.clone()
-
-
-def _calibrated_act(signed: bool, space: ElasticSpace | None = None) -> tuple[ElasticFakeQuantize, torch.Tensor]:
-    """A calibrated activation quantizer (fresh copy each call) and its (4, 5, 6, 6) input (ReLU'd if unsigned)."""
-    fq, x = _calibrate_act(signed, space)
-    return copy.deepcopy(fq), x.clone()
-
-
-@functools.lru_cache(maxsize=None)
-def _calibrate_weight(c: int, seed: int) -> tuple[ElasticFakeQuantize, torch.Tensor]:
+    """A freshly calibrated weight quantizer (deterministic in `seed`) and its (c, 3, 3, 3) weight."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(c, 3, 3, 3, generator=g) * torch.linspace(0.2, 2.0, c)[:, None, None, None]
     fq = ElasticFakeQuantize(is_weight=True)
@@ -43,8 +31,8 @@ def _calibrate_weight(c: int, seed: int) -> tuple[ElasticFakeQuantize, torch.Ten
     return fq, w
 
 
-@functools.lru_cache(maxsize=None)
-def _calibrate_act(signed: bool, space: ElasticSpace | None) -> tuple[ElasticFakeQuantize, torch.Tensor]:
+def _calibrated_act(signed: bool, space: ElasticSpace | None = None) -> tuple[ElasticFakeQuantize, torch.Tensor]:
+    """A freshly calibrated activation quantizer and its (4, 5, 6, 6) input (ReLU'd if unsigned)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 5, 6, 6, generator=g) * 2
     x = x if signed else x.relu()
@@ -216,7 +204,7 @@ def test_signed_override_on_post_relu_data():
         assert (fq.quant_min, fq.quant_max) == (0, 2 ** bits - 1)            # the quint8 container
         scale, zp = fq.calculate_qparams()
         assert zp.item() == 1 << (bits - 1)
-        assert torch.equal(scale, grid_search_qparams(flat, bits, signed=True, symmetric=True, per_channel=False)[0])
+        assert torch.equal(scale, grid_search_qparams(flat, Grid(bits, True, False, signed=True))[0])
         out = fq(x)
         assert torch.equal(out, torch.fake_quantize_per_tensor_affine(x, scale.item(), int(zp), 0, 2 ** bits - 1))
         codes = torch.round(out / scale)                                     # signed codes, zero point 0
@@ -299,19 +287,16 @@ def test_state_dict_round_trip_into_fresh_module():
     assert torch.equal(fresh_act(x), act(x))
 
 
-def test_first_release_table_state_dict_loads():
-    """State dicts of the first release held one (C, n_bits) table per (symmetry, granularity); they still load."""
-    fq, w = _calibrated_weight(c=6)
-    fq.set_cell(3, False, True)
+def test_table_state_dict_is_refused():
+    """One (C, n_bits) table per (symmetry, granularity) is not this module's layout: strict loading names the
+    missing per-cell parameters."""
+    fq, _ = _calibrated_weight(c=6)
     old = {k: v for k, v in fq.state_dict().items() if not k.endswith("b")}
     for tag in ("sym_channel", "sym_tensor", "asym_channel", "asym_tensor"):
         for kind in ("scale", "zero_point") if tag.startswith("asym") else ("scale",):
             old[f"{kind}_{tag}"] = _table(fq, kind, tag)                      # (C, 7) or (1, 7)
-    fresh = ElasticFakeQuantize(is_weight=True)
-    fresh.load_state_dict(old)                                                # strict
-    assert fresh.cell == (3, False, True) and torch.equal(fresh(w), fq(w))
-    assert {n: torch.equal(p, getattr(fq, n)) for n, p in fresh.named_parameters()} == \
-        {n: True for n, _ in fq.named_parameters()}
+    with pytest.raises(RuntimeError, match="scale_sym_channel_8b"):
+        ElasticFakeQuantize(is_weight=True).load_state_dict(old)
 
 
 def test_deepcopy_keeps_active_cell_and_output():

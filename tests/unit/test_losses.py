@@ -9,8 +9,6 @@ import torch.nn.functional as F
 
 from eqnet_plugin.train.losses import (WDRLoss, distill_kl, gpg_losses, gpg_term, kurtosis, skewness, wdr_penalty)
 
-from _tiny import tiny_supernet
-
 
 def _np_log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
@@ -61,8 +59,8 @@ def test_wdr_penalty_empty_raises():
 
 
 @pytest.fixture(scope="module")
-def supernet():
-    return tiny_supernet(calibrate=False)
+def supernet(tiny_digits_supernet):
+    return tiny_digits_supernet(calibrate=False)
 
 
 @pytest.mark.parametrize("exclude_first", [True, False])

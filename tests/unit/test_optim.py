@@ -9,16 +9,16 @@ import torch
 
 from eqnet_plugin import SubnetOptimizer, Supernet
 from eqnet_plugin.train.losses import WDRLoss, gpg_losses
-from eqnet_plugin.train import cosine_scheduler, qat_step, sample_sandwich, sandwich_step
+from eqnet_plugin.train import SandwichConfig, cosine_scheduler, qat_step, sample_sandwich, sandwich_step
 
-from _tiny import tiny_data, tiny_supernet
+from _tiny import tiny_data, tiny_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base():
-    return tiny_supernet()
+def base(tiny_digits_supernet):
+    return tiny_digits_supernet()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_with_sgd_it_equals_one_sgd_step_on_the_summed_gradient(base, batches):
     opt_b = torch.optim.SGD(b.model.parameters(), lr=0.05)
     cfgs = sample_sandwich(a, torch.Generator().manual_seed(3))
     for sn, opt in ((a, opt_a), (b, opt_b)):       # one step: later ones may flip a rounding on float noise
-        sandwich_step(sn, *batches[0], opt, configs=cfgs, wdr=WDRLoss(), grad_clip_value=None)
+        sandwich_step(sn, *batches[0], opt, configs=cfgs,
+                      recipe=SandwichConfig(grad_clip_value=None))
     assert_same_params(a, b, rtol=1e-5, atol=1e-6)
     assert not opt_a.stashed() and all(p.grad is None for p in a.model.parameters())
 
@@ -59,7 +60,7 @@ def test_each_subnet_takes_its_own_adam_step(base, batches):
     gen = torch.Generator().manual_seed(5)
     for x, y in batches:
         cfgs = sample_sandwich(a, gen)
-        sandwich_step(a, x, y, opt_a, configs=cfgs, wdr=WDRLoss())
+        sandwich_step(a, x, y, opt_a, configs=cfgs)
         logits = []
         for cfg in cfgs:
             with b.activate(cfg):
@@ -78,8 +79,7 @@ def test_each_subnet_takes_its_own_adam_step(base, batches):
     c = fresh(base)
     first = [p.detach().clone() for p in c.model.parameters()]
     opt_c = SubnetOptimizer(c.model.parameters(), torch.optim.Adam, lr=1e-2)
-    sandwich_step(c, *batches[0], opt_c, configs=sample_sandwich(c, torch.Generator().manual_seed(5)),
-                  wdr=WDRLoss())
+    sandwich_step(c, *batches[0], opt_c, configs=sample_sandwich(c, torch.Generator().manual_seed(5)))
     moved = max(float((p.detach() - q).abs().max()) for p, q in zip(c.model.parameters(), first))
     assert moved > 1.5e-2
 
@@ -103,7 +103,7 @@ def test_the_scheduler_drives_every_subnet_and_checkpoints_resume_exactly(base, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")                 # e.g. "lr_scheduler.step() before optimizer.step()"
         for x, y in batches[:2]:
-            sandwich_step(sn, x, y, opt, generator=gen, wdr=WDRLoss())
+            sandwich_step(sn, x, y, opt, generator=gen)
             sched.step()
     lr = opt.param_groups[0]["lr"]
     assert lr < 1e-2
@@ -112,11 +112,11 @@ def test_the_scheduler_drives_every_subnet_and_checkpoints_resume_exactly(base, 
     copy_sn.model.load_state_dict(sn.model.state_dict())
     gen_state = gen.get_state()
     x, y = batches[2]
-    sandwich_step(sn, x, y, opt, generator=gen, wdr=WDRLoss())
+    sandwich_step(sn, x, y, opt, generator=gen)
     assert all(o.param_groups[0]["lr"] == lr for o in opt.inner)      # the scheduled rate reached every subnet
     opt2 = SubnetOptimizer(copy_sn.model.parameters(), torch.optim.Adam, lr=1e-2)
     opt2.load_state_dict(saved)
-    sandwich_step(copy_sn, x, y, opt2, generator=torch.Generator().set_state(gen_state), wdr=WDRLoss())
+    sandwich_step(copy_sn, x, y, opt2, generator=torch.Generator().set_state(gen_state))
     assert_same_params(sn, copy_sn, rtol=0, atol=0)
 
 
@@ -148,14 +148,13 @@ def test_bad_arguments_name_the_fix(base, batches):
 
 
 def test_train_supernet_checkpoints_resume_only_into_a_subnet_optimizer(base, tmp_path):
-    from eqnet_plugin.train import CheckpointError, load_checkpoint, train_supernet
+    from eqnet_plugin.train import CheckpointError, TrainConfig, load_checkpoint, train_supernet
 
-    from _tiny import tiny_loader
     sn = fresh(base)
     opt = SubnetOptimizer(sn.model.parameters(), torch.optim.Adam, lr=1e-3)
     path = tmp_path / "ckpt.pt"
-    train_supernet(sn, tiny_loader(tiny_data(n_train=64)[0], batch_size=32), opt, 1, checkpoint_path=path,
-                   generator=torch.Generator().manual_seed(0), progress=False)
+    train_supernet(sn, tiny_loader(tiny_data(n_train=64)[0], batch_size=32), opt,
+                   TrainConfig(epochs=1, checkpoint_path=path), generator=torch.Generator().manual_seed(0))
     other = fresh(base)
     with pytest.raises(CheckpointError, match="SubnetOptimizer"):
         load_checkpoint(path, other, torch.optim.Adam(other.model.parameters(), lr=1e-3))

@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eqnet_plugin.quant.grid import Grid
 from eqnet_plugin.quant.primitives import (EPS, fake_quantize, fake_quantize_reference, grid_search_qparams, int_range,
                                      lsq_grad_factor)
 
@@ -202,7 +203,7 @@ def test_grid_search_beats_every_coarse_candidate(dist, bits, signed, symmetric)
     rng = np.random.default_rng(bits * 7 + symmetric)
     x = {"normal": rng.normal(size=3000), "laplace": rng.laplace(size=3000), "uniform": rng.uniform(-1, 2, 3000),
          "relu": np.maximum(rng.normal(size=3000), 0)}[dist].astype(np.float32)
-    s, z = grid_search_qparams(torch.from_numpy(x), bits, signed, symmetric, per_channel=False)
+    s, z = grid_search_qparams(torch.from_numpy(x), Grid(bits, symmetric, False, signed))
     assert s.shape == z.shape == (1,)
     qmin, qmax = int_range(bits, signed)
     got = _err64(x.astype(np.float64), s.item(), z.item(), qmin, qmax)
@@ -222,7 +223,7 @@ def test_grid_search_finds_known_optimum(signed, symmetric):
     z0 = 0 if symmetric else qmin + 3
     ks = torch.arange(-qmax if symmetric else qmin, qmax + 1, dtype=torch.float32)
     x = (ks - z0) * s0
-    s, z = grid_search_qparams(x, bits, signed, symmetric, per_channel=False)
+    s, z = grid_search_qparams(x, Grid(bits, symmetric, False, signed))
     assert s.item() == pytest.approx(s0, rel=1e-6) and z.item() == z0
     assert torch.equal(fake_quantize(x, s, z, qmin, qmax), x)
 
@@ -232,9 +233,9 @@ def test_grid_search_per_channel_equals_rowwise_per_tensor():
     x = torch.randn(6, 200, generator=g) * torch.linspace(0.1, 3, 6)[:, None]
     x[2] = 0.0                                              # an all-zero channel gets the smallest scale
     for symmetric in (True, False):
-        s, z = grid_search_qparams(x, 4, True, symmetric, per_channel=True)
+        s, z = grid_search_qparams(x, Grid(4, symmetric, True, signed=True))
         assert s.shape == z.shape == (6,)
         for c in range(6):
-            sc, zc = grid_search_qparams(x[c], 4, True, symmetric, per_channel=False)
+            sc, zc = grid_search_qparams(x[c], Grid(4, symmetric, False, signed=True))
             assert torch.equal(s[c:c + 1], sc) and torch.equal(z[c:c + 1], zc)
         assert s[2].item() == EPS and (s >= EPS).all()

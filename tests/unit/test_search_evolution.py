@@ -10,9 +10,9 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 import eqnet_plugin as eq
 from eqnet_plugin.app.models import TinyResNet
-from eqnet_plugin.search import (PROFILES, BackendProfile, Constraints, CostModel, SearchResult, SearchSpace,
-                                 evolution_search, get_profile, measure_top, pareto_front, random_search,
-                                 refine_search, sample_feasible)
+from eqnet_plugin.search import (PROFILES, BackendProfile, Constraints, CostModel, EvolutionConfig, RandomSearchConfig,
+                                 Record, RefineConfig, SearchResult, SearchSpace, evolution_search, get_profile,
+                                 measure_top, pareto_front, random_search, refine_search, sample_feasible)
 from eqnet_plugin.quant.space import QuantChoice
 
 
@@ -46,9 +46,9 @@ def _assert_runs_on(cfg, sn, profile):
         return
     for g, ch in cfg.groups.items():
         w = sn.groups[g].is_weight
-        assert ch.bits in (p.weight_bits if w else p.act_bits)
-        assert ch.symmetric in (p.weight_symmetric if w else p.act_symmetric)
-        assert (ch.per_channel in p.weight_per_channel) if w else not ch.per_channel
+        assert ch.bits in (p.space.weight_bits if w else p.space.act_bits)
+        assert ch.symmetric in (p.space.weight_symmetric if w else p.space.act_symmetric)
+        assert (ch.per_channel in p.space.weight_per_channel) if w else not ch.per_channel
     (wsym,), (pc,) = cfg.scheme(sn.weight_groups)
     (asym,), _ = cfg.scheme(sn.act_groups)                       # one global scheme per subnet
 
@@ -63,15 +63,15 @@ def test_profiles_restrict_the_space(net):
     qnn = SearchSpace.from_supernet(sn, "qnn")
     assert {c.flags() for c in qnn.conditions} == {(True, True, False), (False, True, False)}
     assert len(SearchSpace.from_supernet(sn, "brevitas").conditions) == 8
-    custom = BackendProfile("npu", weight_bits=(2, 4, 8), act_bits=(4, 8), weight_per_channel=(False,))
+    custom = BackendProfile("npu", eq.ElasticSpace(weight_bits=(2, 4, 8), act_bits=(4, 8), weight_per_channel=(False,)))
     sp = SearchSpace.from_supernet(sn, custom)
     assert all(not c.per_channel for c in sp.conditions)
     with pytest.raises(ValueError, match="unknown backend profile"):
         get_profile("tpu")
     with pytest.raises(ValueError, match="fixed_bits"):                  # fixed groups at 8 bits, profile 2/4 only
-        SearchSpace.from_supernet(sn, BackendProfile("w2", weight_bits=(2, 4)))
-    with pytest.raises(ValueError, match="weight_bits"):
-        BackendProfile("bad", weight_bits=(1,))
+        SearchSpace.from_supernet(sn, BackendProfile("w2", eq.ElasticSpace(weight_bits=(2, 4))))
+    with pytest.raises(ValueError, match="space must be an ElasticSpace"):
+        BackendProfile("bad", (1,))
     space = eq.ElasticSpace(weight_symmetric=(False,))
     gm = prepare_qat_fx(TinyResNet(widths=(4, 8)).train(), eq.elastic_qconfig_mapping(space),
                         (torch.randn(2, 1, 8, 8),))
@@ -122,14 +122,15 @@ def test_every_returned_config_meets_constraints_and_profile(net, profile, frac,
     hi = cm.batch(np.tile(sp.max_bits(), (c, 1)), sp.cond_flags[:, :1], sp.cond_flags[:, 1:2])
     key = which[4:]
     limit = float(lo[key].min() + frac * (hi[key].max() - lo[key].min()))
-    res = evolution_search(SumOfBits(), sn, {which: limit}, cost_model=cm, profile=profile, population=20,
-                           generations=15, seed=seed)
+    res = evolution_search(SumOfBits(), sn, {which: limit}, EvolutionConfig(population=20, generations=15, seed=seed),
+                           cost_model=cm, profile=profile)
     for cand in (res.best, *res.pareto):
         _assert_runs_on(cand.config, sn, profile)
         assert getattr(cm(cand.config), key) <= limit * (1 + 1e-9)
         assert cand.costs == cm(cand.config).to_dict()
     assert res.best.predicted_accuracy == max(c.predicted_accuracy for c in res.pareto)
-    rnd = random_search(SumOfBits(), sn, {which: limit}, cost_model=cm, profile=profile, n=50, seed=seed)
+    rnd = random_search(SumOfBits(), sn, {which: limit}, RandomSearchConfig(n=50, seed=seed),
+                        cost_model=cm, profile=profile)
     _assert_runs_on(rnd.best.config, sn, profile)
     assert getattr(cm(rnd.best.config), key) <= limit * (1 + 1e-9)
 
@@ -137,24 +138,24 @@ def test_every_returned_config_meets_constraints_and_profile(net, profile, frac,
 def test_same_seed_same_result_and_callable_predictor_agrees(net):
     sn, cm = net
     lim = {"max_bitops": 0.4 * cm(sn.max_config()).bitops}
-    a = evolution_search(SumOfBits(), sn, lim, cost_model=cm, population=30, generations=40, seed=7)
-    b = evolution_search(SumOfBits(), sn, lim, cost_model=cm, population=30, generations=40, seed=7)
+    a = evolution_search(SumOfBits(), sn, lim, EvolutionConfig(population=30, generations=40, seed=7), cost_model=cm)
+    b = evolution_search(SumOfBits(), sn, lim, EvolutionConfig(population=30, generations=40, seed=7), cost_model=cm)
     assert a.to_dict() | {"seconds": 0} == b.to_dict() | {"seconds": 0}
-    c = evolution_search(sum_of_bits_fn, sn, lim, cost_model=cm, population=30, generations=40, seed=7)
+    c = evolution_search(sum_of_bits_fn, sn, lim, EvolutionConfig(population=30, generations=40, seed=7), cost_model=cm)
     assert c.best == a.best and c.history == a.history
-    d = evolution_search(SumOfBits(), sn, lim, cost_model=cm, population=30, generations=40, seed=8)
+    d = evolution_search(SumOfBits(), sn, lim, EvolutionConfig(population=30, generations=40, seed=8), cost_model=cm)
     assert d.to_dict()["pareto"] != a.to_dict()["pareto"]
 
 
 def test_finds_the_optimum_without_constraints_and_beats_random(net):
     sn, cm = net
     sp = SearchSpace.from_supernet(sn)
-    res = evolution_search(SumOfBits(), sn, None, cost_model=cm, population=50, generations=80, seed=0)
+    res = evolution_search(SumOfBits(), sn, None, EvolutionConfig(population=50, generations=80, seed=0), cost_model=cm)
     assert res.best.predicted_accuracy == sp.max_bits().sum() + 0.5            # every group at 8 bits, per-channel
     assert list(res.history) == sorted(res.history)                           # elitism: never gets worse
     lim = {"max_bitops": 0.3 * cm(sn.max_config()).bitops}
-    ga = evolution_search(SumOfBits(), sn, lim, cost_model=cm, population=50, generations=100, seed=0)
-    rnd = random_search(SumOfBits(), sn, lim, cost_model=cm, n=ga.evaluations, seed=0)
+    ga = evolution_search(SumOfBits(), sn, lim, EvolutionConfig(population=50, generations=100, seed=0), cost_model=cm)
+    rnd = random_search(SumOfBits(), sn, lim, RandomSearchConfig(n=ga.evaluations, seed=0), cost_model=cm)
     assert ga.best.predicted_accuracy > rnd.best.predicted_accuracy
 
 
@@ -174,15 +175,16 @@ def test_impossible_constraint_raises_and_bad_settings(net):
     with pytest.raises(ValueError, match="example_inputs"):
         evolution_search(SumOfBits(), sn, None)
     with pytest.raises(ValueError, match="population"):
-        evolution_search(SumOfBits(), sn, None, cost_model=cm, population=1)
+        evolution_search(SumOfBits(), sn, None, EvolutionConfig(population=1), cost_model=cm)
     with pytest.raises(ValueError, match="finite"):
-        evolution_search(lambda cfgs: [float("nan")] * len(cfgs), sn, None, cost_model=cm, generations=1)
+        evolution_search(lambda cfgs: [float("nan")] * len(cfgs), sn, None, EvolutionConfig(generations=1),
+                         cost_model=cm)
 
 
 def test_result_json_and_png(net, tmp_path):
     sn, cm = net
-    res = evolution_search(SumOfBits(), sn, {"max_bitops": 0.5 * cm(sn.max_config()).bitops}, cost_model=cm,
-                           example_inputs=None, population=20, generations=10, seed=0)
+    res = evolution_search(SumOfBits(), sn, {"max_bitops": 0.5 * cm(sn.max_config()).bitops},
+                           EvolutionConfig(population=20, generations=10, seed=0), cost_model=cm, example_inputs=None)
     res.save(tmp_path / "r.json")
     d = json.loads((tmp_path / "r.json").read_text())
     assert d["version"] == 1 and eq.SubnetConfig.from_dict(d["best"]["config"]) == res.best.config
@@ -203,7 +205,7 @@ def test_measure_top_picks_the_best_measured_candidate(net, tmp_path):
     candidate is measured once, and the result keeps its constraints and round-trips through JSON."""
     sn, cm = net
     lim = {"max_bitops": 0.4 * cm(sn.max_config()).bitops}
-    res = evolution_search(SumOfBits(), sn, lim, cost_model=cm, population=30, generations=30, seed=0)
+    res = evolution_search(SumOfBits(), sn, lim, EvolutionConfig(population=30, generations=30, seed=0), cost_model=cm)
     preds = [c.predicted_accuracy for c in res.top]
     assert len(res.top) == 32 and res.top[0] == res.best and preds == sorted(preds, reverse=True)
     assert len({c.config for c in res.top}) == len(res.top)                  # distinct subnets
@@ -240,15 +242,16 @@ class RefittedSumOfBits(SumOfBits):
 def test_refine_search_measures_each_subnet_once_and_keeps_the_best(net):
     sn, cm = net
     lim = {"max_bitops": 0.4 * cm(sn.max_config()).bitops}
-    records = [sn.max_config(), sn.min_config()]
+    records = [Record(0, sn.max_config(), 0.0, {}), Record(1, sn.min_config(), 1.0, {})]
     calls = []
 
     def measure(cfg):
         calls.append(cfg)
         return -sum(cfg.groups[g].bits for g in sn.act_groups)
     fake = RefittedSumOfBits()
-    res = refine_search(fake, records, [0.0, 1.0], measure, sn, lim, rounds=3, k=5, cost_model=cm, population=20,
-                        generations=10)
+    res = refine_search(fake, records, measure, sn, lim,
+                        RefineConfig(rounds=3, k=5, search=EvolutionConfig(population=20, generations=10)),
+                        cost_model=cm)
     assert len(calls) == len(set(calls)) <= 15                               # each subnet measured once
     assert fake.fits[0] == 2 and fake.fits == sorted(fake.fits) and fake.fits[-1] > 2   # records grow per round
     assert res.best.measured_accuracy == max(-sum(c.groups[g].bits for g in sn.act_groups) for c in calls)
@@ -258,7 +261,7 @@ def test_refine_search_measures_each_subnet_once_and_keeps_the_best(net):
         _assert_runs_on(c.config, sn, None)
         assert c.costs["bitops"] <= lim["max_bitops"]
     with pytest.raises(ValueError, match="rounds"):
-        refine_search(fake, records, [0.0, 1.0], measure, sn, lim, rounds=0, cost_model=cm)
+        RefineConfig(rounds=0)
 
 
 def test_pareto_front_small_case():

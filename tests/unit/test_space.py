@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from eqnet_plugin.quant.grid import Grid, Scheme
 from eqnet_plugin.quant.space import (CONFIG_VERSION, ElasticSpace, QuantChoice, SubnetConfig, atomic_write_text)
 
 
@@ -133,6 +134,50 @@ def test_subnet_config_rejects_bad_construction_and_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON .*written by SubnetConfig.to_json"):
         SubnetConfig.from_json(bad)
+
+
+def test_grid_is_the_choice_type_and_binds_its_integer_range():
+    assert QuantChoice is Grid
+    g = Grid(4, symmetric=False, per_channel=True)
+    assert g.to_dict() == {"bits": 4, "symmetric": False, "per_channel": True}      # a subnet's JSON, unchanged
+    with pytest.raises(ValueError, match=r"signed is not bound; use grid.bind\(signed=...\)"):
+        g.int_range
+    assert g.bind(True).int_range == (-8, 7) and g.bind(False).int_range == (0, 15)
+    assert (g.bind(True).qmin, g.bind(True).qmax) == (-8, 7)
+    assert Grid.from_dict(g.bind(False).to_dict()) == g.bind(False)
+    with pytest.raises(ValueError, match="signed='yes' must be True, False or None"):
+        Grid(4, signed="yes")
+    with pytest.raises(ValueError, match="a bound grid; a SubnetConfig holds choices with signed=None"):
+        SubnetConfig({"a": Grid(4, signed=True)})
+    with pytest.raises(ValueError, match="group 'a' maps to .*a bound grid"):
+        SubnetConfig.from_dict({"version": 1, "groups": {"a": {"bits": 4, "signed": True}}})
+
+
+def test_scheme_parses_the_cli_names_once():
+    assert Scheme.names() == ("sym", "sym-pc", "asym", "asym-pc", "wsym-aasym", "wsym-pc-aasym")
+    flags = {s.value: (s.weight_symmetric, s.per_channel, s.act_symmetric) for s in Scheme}
+    assert flags == {"sym": (True, False, True), "sym-pc": (True, True, True), "asym": (False, False, False),
+                     "asym-pc": (False, True, False), "wsym-aasym": (True, False, False),
+                     "wsym-pc-aasym": (True, True, False)}
+    assert Scheme.parse(" SYM-PC ") is Scheme.SYM_PC and Scheme.parse(Scheme.ASYM) is Scheme.ASYM
+    assert Scheme.SYM_PC.weight_grid(4) == Grid(4, True, True) and Scheme.SYM_PC.act_grid(8) == Grid(8, True, False)
+    with pytest.raises(ValueError, match="unknown scheme 'pc'; choose one of sym, sym-pc, asym"):
+        Scheme.parse("pc")
+
+
+def test_qparams_carry_a_bound_grid_that_matches_the_axis():
+    import torch
+
+    from eqnet_plugin.export.ir import QParams
+
+    s, z = torch.ones(3), torch.zeros(3, dtype=torch.int32)
+    qp = QParams(s, z, Grid(4, True, True, signed=True), 0)
+    assert (qp.qmin, qp.qmax, qp.bits, qp.symmetric, qp.signed, qp.per_channel) == (-8, 7, 4, True, True, True)
+    assert qp.to_dict()["qmin"] == -8 and qp.to_dict()["signed"] is True
+    with pytest.raises(ValueError, match="needs a bound Grid"):
+        QParams(s, z, Grid(4, True, True), 0)
+    with pytest.raises(ValueError, match="grid.per_channel=True but axis=None"):
+        QParams(s, z, Grid(4, True, True, signed=True), None)
 
 
 def test_atomic_write_leaves_old_file_on_error(tmp_path, monkeypatch):

@@ -185,9 +185,10 @@ def test_calibrate_initializes_every_cell_and_restores_modes(tiny_resnet_superne
     assert sn.model.training
     for fq in sn.groups.values():
         assert fq.observer_enabled.item() == 0 and fq.fake_quant_enabled.item() == 1
-        for name, p in fq.named_parameters():
-            if name.startswith("scale"):
-                assert (p != 1).all() and (p > 0).all(), name                 # every column initialized
+        scales = {name: p for name, p in fq.named_parameters() if name.startswith("scale")}
+        assert scales, dict(fq.named_parameters()).keys()
+        for name, p in scales.items():
+            assert (p != 1).all() and (p > 0).all(), name                     # every column initialized
     acts = [sn.groups[g] for g in sn.act_groups]
     assert acts[0].signed.item() == 1                                       # raw input: signed
     assert any(fq.signed.item() == 0 for fq in acts)                        # after ReLU: unsigned

@@ -7,17 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eqnet_plugin import QuantChoice, SubnetConfig, SubnetOptimizer, Supernet
+from eqnet_plugin import QATConfig, QuantChoice, SandwichConfig, SubnetConfig, SubnetOptimizer, Supernet, TrainConfig
 from eqnet_plugin.train.losses import WDRLoss, gpg_losses
 from eqnet_plugin.train import (bn_batches_from, cosine_scheduler, evaluate, evaluate_configs, load_checkpoint,
                                 lsq_qat, qat_step, sample_sandwich, sandwich_step, train_float, train_supernet)
 
-from _tiny import tiny_data, tiny_loader, tiny_supernet
+from _tiny import tiny_data, tiny_loader
 
 
 @pytest.fixture(scope="module")
-def base():
-    return tiny_supernet()
+def base(tiny_digits_supernet):
+    return tiny_digits_supernet()
 
 
 @pytest.fixture(scope="module")
@@ -41,22 +41,22 @@ def scheme_config(sn: Supernet, bits: int, symmetric: bool, per_channel: bool) -
                                         per_channel and sn.groups[g].is_weight) for g in sn.groups})
 
 
-@pytest.mark.parametrize("gpg", [True, False])
-def test_sandwich_step_equals_manual_step(base, data, gpg):
+@pytest.mark.parametrize("lam", [0.5, 0.0])
+def test_sandwich_step_equals_manual_step(base, data, lam):
     a, b = fresh(base), fresh(base)
     x, y = batch(data)
     configs = sample_sandwich(a, torch.Generator().manual_seed(1))
     opt_a = torch.optim.SGD(a.model.parameters(), lr=0.1)
     opt_b = torch.optim.SGD(b.model.parameters(), lr=0.1)
-    out = sandwich_step(a, x, y, opt_a, configs=configs, wdr=WDRLoss(), gpg=gpg)
+    out = sandwich_step(a, x, y, opt_a, configs=configs, recipe=SandwichConfig(lam=lam))
 
     logits = []
     for cfg in configs:
         with b.activate(cfg):
             logits.append(b.model(x))
-    if gpg:
-        want = gpg_losses(*logits, y, lam=0.5, temperature=1.0)
-    else:
+    if lam:
+        want = gpg_losses(*logits, y, lam=lam, temperature=1.0)
+    else:                                                       # lam=0: every subnet on the label loss alone
         want = {k: F.cross_entropy(z, y) for k, z in zip("hrl", logits)}
     reg = WDRLoss()(b)
     total = want["h"] + want["r"] + want["l"] + reg
@@ -85,17 +85,36 @@ def test_sandwich_sampling_follows_the_generator(base):
     assert sample_sandwich(base, torch.Generator().manual_seed(1)) != (h, r, lo)
 
 
-def test_subnet_scheme_sampling_shares_one_scheme_per_subnet(base):
-    seen = set()
-    for seed in range(6):
-        for cfg in sample_sandwich(base, torch.Generator().manual_seed(seed), scheme="subnet"):
-            syms, pcs = cfg.scheme(base.weight_groups)
-            assert len(syms) == 1 and len(pcs) == 1
-            assert cfg.scheme(base.act_groups)[0] == syms
-            seen.add((syms.pop(), pcs.pop()))
-    assert len(seen) == 4                                   # every (symmetry, granularity) gets drawn
-    with pytest.raises(ValueError, match="scheme"):
-        sample_sandwich(base, None, scheme="layer")
+def test_bare_step_uses_the_default_recipe(base, data):
+    """One default per knob: a step without a recipe is ``SandwichConfig()``'s, WDR included."""
+    x, y = batch(data)
+    configs = sample_sandwich(base, torch.Generator().manual_seed(1))
+    a, b = fresh(base), fresh(base)
+    bare = sandwich_step(a, x, y, torch.optim.SGD(a.model.parameters(), lr=0.1), configs=configs)
+    full = sandwich_step(b, x, y, torch.optim.SGD(b.model.parameters(), lr=0.1), configs=configs,
+                         recipe=SandwichConfig())
+    assert bare["wdr"].item() > 0 and bare["wdr"].item() == full["wdr"].item()
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    with pytest.raises(TypeError, match="SandwichConfig"):
+        sandwich_step(a, x, y, torch.optim.SGD(a.model.parameters(), lr=0.1), recipe={"lam": 0.5})
+
+
+def test_train_and_qat_configs_are_validated():
+    for bad in (dict(epochs=0), dict(epochs=1, max_steps=0), dict(epochs=1, eval_every=0),
+                dict(epochs=1, checkpoint_every=-1), dict(epochs=1.5)):
+        with pytest.raises(ValueError, match="TrainConfig"):
+            TrainConfig(**bad)
+    with pytest.raises(TypeError, match="recipe"):
+        TrainConfig(epochs=1, recipe={"wdr": None})
+    with pytest.raises(TypeError, match="checkpoint_extra"):
+        TrainConfig(epochs=1, checkpoint_extra={"cfg": object()})
+    with pytest.raises(TypeError, match="eval_configs"):
+        TrainConfig(epochs=1, eval_configs={"w4a4": (4, 4)})
+    with pytest.raises(ValueError, match="QATConfig"):
+        QATConfig(epochs=0)
+    with pytest.raises(TypeError, match="TrainConfig"):
+        train_supernet(None, None, None, 2)
 
 
 @pytest.mark.parametrize("per_subnet", [False, True])
@@ -109,7 +128,8 @@ def test_sandwich_step_makes_no_host_sync(base, data, monkeypatch, per_subnet):
         raise AssertionError("host synchronization (.item/.tolist/bool) inside sandwich_step")
     monkeypatch.setattr(torch.Tensor, "item", forbidden)
     monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
-    out = sandwich_step(sn, x, y, opt, generator=torch.Generator().manual_seed(0), wdr=WDRLoss(), grad_clip=1.0)
+    out = sandwich_step(sn, x, y, opt, generator=torch.Generator().manual_seed(0),
+                        recipe=SandwichConfig(grad_clip=1.0))
     monkeypatch.undo()
     assert torch.isfinite(out["total"])
 
@@ -150,7 +170,6 @@ def test_evaluate_recalibrates_bn_and_restores_everything(base, data):
     active = sn.current_config()
     loader = torch.utils.data.DataLoader(val, batch_size=128)
     acc = evaluate(sn, cfg, loader, bn)
-    assert 0.0 <= acc <= 1.0
     after = sn.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert sn.current_config() == active and sn.model.training
@@ -175,9 +194,10 @@ def test_train_supernet_history_eval_and_checkpoint(base, data, tmp_path):
     sched = cosine_scheduler(opt, 2 * len(loader))
     cfgs = {"w4a4": sn.uniform(4, 4), "w2a2": sn.uniform(2, 2)}
     ckpt = tmp_path / "sn.pt"
-    hist = train_supernet(sn, loader, opt, 2, scheduler=sched, val_loader=[val.tensors], eval_configs=cfgs,
-                          checkpoint_path=ckpt, generator=torch.Generator().manual_seed(0), progress=True,
-                          num_bn_batches=2, checkpoint_extra={"run": {"model": "tiny"}})
+    config = TrainConfig(epochs=2, eval_configs=cfgs, checkpoint_path=ckpt, progress=True, num_bn_batches=2,
+                         checkpoint_extra={"run": {"model": "tiny"}})
+    hist = train_supernet(sn, loader, opt, config, scheduler=sched, val_loader=[val.tensors],
+                          generator=torch.Generator().manual_seed(0))
     assert hist["step"] == 2 * len(loader) and hist["epoch"] == 2
     assert [e["epoch"] for e in hist["eval"]] == [1, 2] and set(hist["eval"][0]["acc"]) == set(cfgs)
     assert [t["epoch"] for t in hist["train"]] == [0, 1]
@@ -186,7 +206,7 @@ def test_train_supernet_history_eval_and_checkpoint(base, data, tmp_path):
     extra = load_checkpoint(ckpt, fresh(base), restore_rng=False)["extra"]
     assert extra["run"] == {"model": "tiny"} and extra["epoch"] == 2 and extra["history"]["step"] == hist["step"]
     # already finished: resuming does nothing more
-    again = train_supernet(sn, loader, opt, 2, scheduler=sched, checkpoint_path=ckpt, progress=False)
+    again = train_supernet(sn, loader, opt, TrainConfig(epochs=2, checkpoint_path=ckpt), scheduler=sched)
     assert again["step"] == hist["step"]
 
 
@@ -196,11 +216,11 @@ def test_qat_step_and_lsq_qat_train_one_config(base, data):
     cfg = scheme_config(sn, 2, symmetric=True, per_channel=True)
     x, y = batch(data)
     opt = torch.optim.Adam(sn.model.parameters(), lr=1e-3)
-    out = qat_step(sn, cfg, x, y, opt, wdr=WDRLoss())
+    out = qat_step(sn, cfg, x, y, opt, recipe=SandwichConfig(wdr=WDRLoss()))
     assert out["wdr"].item() > 0 and out["total"].item() == pytest.approx(out["loss"].item() + out["wdr"].item())
     unused = [n for n, p in sn.model.named_parameters() if "asym" in n]
     assert unused and all(dict(sn.model.named_parameters())[n].grad is None for n in unused)
-    hist = lsq_qat(sn, cfg, tiny_loader(train), opt, 2)
+    hist = lsq_qat(sn, cfg, tiny_loader(train), opt, QATConfig(epochs=2, recipe=SandwichConfig(wdr=None)))
     assert hist["step"] == 8 and len(hist["loss"]) == 2 and sn.current_config() == cfg
 
 
@@ -210,19 +230,9 @@ def test_train_float_lowers_the_loss(data):
     model = TinyResNet(widths=(8, 16, 16))
     train, val = data
     hist = train_float(model, tiny_loader(train, batch_size=32), 3, lr=3e-3, val_loader=[val.tensors])
-    assert hist["loss"][-1] < hist["loss"][0] and 0.0 <= hist["val_acc"] <= 1.0
-
-
-def test_drop_in_example_runs_with_a_tiny_budget():
-    import os
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = Path(__file__).resolve().parents[2] / "examples" / "drop_in_qat.py"
-    proc = subprocess.run([sys.executable, str(script), "--float-epochs", "0", "--epochs", "1", "--max-steps", "2",
-                           "--image-size", "8", "--threads", "1"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    accs = dict(re.findall(r"accuracy (.+): ([0-9.]+)", proc.stdout))
-    assert len(accs) == 4 and all(0.0 <= float(v) <= 1.0 for v in accs.values()), proc.stdout
+    assert hist["loss"][-1] < hist["loss"][0]
+    model.eval()
+    with torch.no_grad():
+        by_hand = (model(val.tensors[0]).argmax(1) == val.tensors[1]).double().mean().item()
+    assert hist["val_acc"] == pytest.approx(by_hand, abs=1e-12)     # the final model, in eval mode
+    assert hist["val_acc"] >= 0.4                                   # three epochs learned (measured 0.61; chance 0.1)

@@ -1,13 +1,10 @@
-"""Models and data by name: compact models, torchvision classification models, ``package.module:callable``;
-``digits``, ``fashion-mnist`` / ``mnist`` IDX files, CIFAR-10 batches and ImageFolder trees."""
+"""Data by name (``digits``, ``fashion-mnist`` / ``mnist`` IDX files, CIFAR-10 batches and ImageFolder trees) and
+what the pipeline needs around its models (models by name: `eqnet_plugin.app.models.build_model`)."""
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -15,70 +12,8 @@ from torch.utils.data import TensorDataset
 
 from ..data import DataSplits, cifar10_splits, digits_splits, fashion_mnist_splits, image_folder_splits, mnist_splits
 
-COMPACT_MODELS = ("tiny_resnet", "tiny_mobilenet_v2")
 
-
-# --- models and data ------------------------------------------------------------------------------------------
-def _torchvision_models() -> list[str]:
-    import torchvision
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def _call_with_supported(fn: Callable, **kwargs) -> nn.Module:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return fn(**{k: v for k, v in kwargs.items() if var_kw or k in params})
-
-
-def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """A float model by name (see module docstring), randomly initialized (global torch RNG).
-
-    Raises:
-        ValueError: unknown name, a callable that cannot be imported or does not return an nn.Module.
-    """
-    if name in COMPACT_MODELS:
-        from ..models import build_model as compact
-        return compact(name, num_classes, in_channels)
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"model {name!r}: cannot import module {module_name!r} ({e}); give "
-                             "package.module:callable of an importable module") from None
-        fn = getattr(module, attr, None)
-        if not callable(fn):
-            raise ValueError(f"model {name!r}: {module_name} has no callable {attr!r}")
-        model = _call_with_supported(fn, num_classes=num_classes, in_channels=in_channels)
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
-        return model
-    try:
-        names = _torchvision_models()
-    except ImportError:
-        names = []
-    if name in names:
-        import torchvision
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    close = [n for n in names if n.startswith(name[:4])][:6]
-    raise ValueError(f"unknown model {name!r}: use {' or '.join(COMPACT_MODELS)}, a torchvision classification model "
-                     f"(e.g. resnet18, mobilenet_v2{', ' + ', '.join(close) if close else ''}) or "
-                     "package.module:callable")
-
-
-def model_in_channels(model: nn.Module) -> int | None:
-    """Input channels of the first conv layer (None when the model starts otherwise)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return int(m.in_channels)
-        if isinstance(m, nn.Linear):
-            return None
-    return None
-
-
+# --- data by name ---------------------------------------------------------------------------------------------
 def _repeat_channels(splits: DataSplits, channels: int) -> DataSplits:
     """1-channel data repeated to `channels` channels (for models with an RGB stem, e.g. torchvision's)."""
     def rep(ds: TensorDataset) -> TensorDataset:

@@ -8,16 +8,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from ...quant.grid import Scheme
 from ...quant.space import MAX_BITS, MIN_BITS, ElasticSpace, SubnetConfig
 from ...supernet import Supernet
 
 DEFAULT_IMAGE_SIZE = {"digits": 16, "fashion-mnist": 28, "mnist": 28}
 DEFAULT_FOLDER_IMAGE_SIZE = 32
 
-# scheme name -> (weight symmetric, weight per-channel, activation symmetric)
-SCHEMES: dict[str, tuple[bool, bool, bool]] = {
-    "sym": (True, False, True), "sym-pc": (True, True, True), "asym": (False, False, False),
-    "asym-pc": (False, True, False), "wsym-aasym": (True, False, False), "wsym-pc-aasym": (True, True, False)}
+SCHEMES: tuple[str, ...] = Scheme.names()      # the command-line names of the uniform schemes (`Scheme`)
 _UNIFORM_RE = re.compile(r"^w(\d+)a(\d+)(?:@([a-z0-9-]+))?$")
 
 
@@ -76,12 +74,12 @@ class RunSpec:
 
 
 # --- subnets --------------------------------------------------------------------------------------------------
-def uniform_config(supernet: Supernet, w_bits: int, a_bits: int, scheme: str = "sym") -> SubnetConfig:
-    """A uniform subnet in a named scheme (`SCHEMES`): e.g. ``uniform_config(sn, 8, 8, "sym-pc")`` (TensorRT)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    w_sym, pc, a_sym = SCHEMES[scheme]
-    return supernet.uniform(w_bits, a_bits, symmetric=w_sym, per_channel=pc, act_symmetric=a_sym)
+def uniform_config(supernet: Supernet, w_bits: int, a_bits: int, scheme: Scheme = Scheme.SYM) -> SubnetConfig:
+    """A uniform subnet in a scheme: e.g. ``uniform_config(sn, 8, 8, Scheme.SYM_PC)`` (TensorRT). A scheme name
+    (``"sym-pc"``) is parsed with `Scheme.parse` (ValueError naming the valid ones)."""
+    s = Scheme.parse(scheme)
+    return supernet.uniform(w_bits, a_bits, symmetric=s.weight_symmetric, per_channel=s.per_channel,
+                            act_symmetric=s.act_symmetric)
 
 
 def parse_subnet(text: str, supernet: Supernet) -> SubnetConfig:
@@ -107,7 +105,7 @@ def parse_subnet(text: str, supernet: Supernet) -> SubnetConfig:
             raise ValueError(f"subnet {text!r}: {' and '.join(out)} outside the space of this supernet, which allows "
                              f"weight bits {', '.join(map(str, sp.weight_bits))} and activation bits "
                              f"{', '.join(map(str, sp.act_bits))}")
-        cfg = uniform_config(supernet, w, a, m.group(3) or "sym")
+        cfg = uniform_config(supernet, w, a, Scheme.parse(m.group(3) or "sym"))
     elif os.path.isfile(text):
         try:
             with open(text) as f:
