@@ -15,7 +15,7 @@ pipeline use.
 | Qualcomm QNN / AIMET encodings + fp32 ONNX | `export_qnn` |
 """
 from .brevitas import export_brevitas_qcdq, export_brevitas_qonnx, to_brevitas
-from ._policy import UnsignedActivations
+from ._policy import LowBit, UnsignedActivations
 from .onnx_qdq import export_onnx
 from .pytorch_quantization import to_pytorch_quantization
 from .qnn import export_qnn
@@ -25,4 +25,4 @@ from .tensorrt import TensorRTCompatibilityError, assert_tensorrt_onnx, check_te
 __all__ = ["export_onnx", "export_to_tensorrt", "check_tensorrt_onnx", "assert_tensorrt_onnx",
            "TensorRTCompatibilityError", "to_pytorch_quantization", "to_brevitas", "export_brevitas_qcdq",
            "export_brevitas_qonnx", "export_qnn", "Target", "TargetError", "register_target", "unregister_target",
-           "get_target", "target_names", "all_targets", "UnsignedActivations"]
+           "get_target", "target_names", "all_targets", "UnsignedActivations", "LowBit"]

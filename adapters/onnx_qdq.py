@@ -7,10 +7,10 @@ place torch.ao put the fake-quant we trained with (the markers of `adapters._onn
   int8 (or int4) initializer feeding one DequantizeLinear (per-channel: 1-D scale and zero point with ``axis``). This
   is the pattern ONNX Runtime's own quantizer writes, so Conv/Gemm fuse into QLinearConv/QGemm, and the weights are
   bit-exact whatever their bit-width (codes of a b-bit grid are valid int8 codes).
-  With ``low_bit="int4"`` (opset >= 21) weights of <= 4 bits are stored as INT4.
+  With ``low_bit=LowBit.INT4`` (opset >= 21) weights of <= 4 bits are stored as INT4.
 * activations: ``QuantizeLinear -> DequantizeLinear`` with a scalar scale and a zero point whose type is the grid's
   (uint8 for the unsigned grid, int8 for the signed one). Sub-8-bit grids keep the 8-bit container and add a
-  ``Clip(qmin, qmax)`` between Q and DQ. They are not written as INT4/UINT4 even with ``low_bit="int4"``: ONNX
+  ``Clip(qmin, qmax)`` between Q and DQ. They are not written as INT4/UINT4 even with ``LowBit.INT4``: ONNX
   Runtime 1.32 fuses ``DQ(uint4) -> Conv`` into a QLinearConv that rejects 4-bit inputs (the default session fails
   to load the model), its MaxPool rejects uint4 inputs, and ONNX Clip has no 4-bit types for 2/3-bit grids.
 
@@ -41,10 +41,9 @@ import torch
 from eqnet_plugin.export.ir import FrozenLayer, FrozenSubnet, QParams, as_frozen
 
 from ._onnx import POOL_OUTPUT_OPS, constants, export_marked, replace_markers, save_model_atomic
+from ._policy import LowBit
 
-__all__ = ["export_onnx", "build_qdq_model", "generic_encoding", "int_tensor", "Encoding", "LOW_BIT_MODES"]
-
-LOW_BIT_MODES = ("clip", "int4")
+__all__ = ["export_onnx", "build_qdq_model", "generic_encoding", "int_tensor", "Encoding", "LowBit"]
 MIN_QDQ_OPSET = 13          # per-axis QuantizeLinear/DequantizeLinear
 INT4_OPSET = 21             # INT4/UINT4 tensor types
 
@@ -93,15 +92,15 @@ def _np_array(values: torch.Tensor, per_channel: bool, dtype) -> np.ndarray:
     return arr if per_channel else arr.reshape(())
 
 
-def generic_encoding(qp: QParams, is_weight: bool, low_bit: str = "clip", opset: int = 17) -> Encoding:
+def generic_encoding(qp: QParams, is_weight: bool, low_bit: LowBit = LowBit.CLIP, opset: int = 17) -> Encoding:
     """The `Encoding` `export_onnx` uses for `qp` (see module docstring).
 
-    ``low_bit="int4"`` stores weights of <= 4 bits as INT4 (opset >= 21). Activations always use 8-bit containers:
+    ``LowBit.INT4`` stores weights of <= 4 bits as INT4 (opset >= 21). Activations always use 8-bit containers:
     ONNX Runtime 1.32 fuses ``DQ(uint4) -> Conv`` into a QLinearConv that rejects 4-bit inputs (invalid graph at
     the default optimization level), and its MaxPool rejects uint4 inputs.
     """
     types = _onnx_int_types()
-    use_int4 = is_weight and low_bit == "int4" and opset >= INT4_OPSET and qp.bits <= 4
+    use_int4 = is_weight and low_bit is LowBit.INT4 and opset >= INT4_OPSET and qp.bits <= 4
     container = 4 if use_int4 else 8
     dtype = types[(container, qp.signed)]
     clip = (qp.qmin, qp.qmax) if qp.bits < container and not is_weight else None   # weights: codes are constants
@@ -247,7 +246,7 @@ def _drop_unused(graph) -> None:
 
 
 def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=None, opset: int | None = None,
-                low_bit: str = "clip") -> str:
+                low_bit: LowBit = LowBit.CLIP) -> str:
     """Write `frozen` as an ONNX model with Q/DQ nodes at every quantized tensor, runnable by ONNX Runtime.
 
     Args:
@@ -255,14 +254,15 @@ def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=N
         example_inputs: tuple of input tensors for tracing (the batch dimension is exported as dynamic).
         path: output file; written atomically (nothing is left behind on error).
         cfg: the subnet, when `frozen` is a Supernet.
-        opset: ONNX opset (default 17, or 21 for ``low_bit="int4"``).
-        low_bit: ``"clip"``: sub-8-bit activations in 8-bit containers with Clip between Q and DQ, sub-8-bit
-            weights as int8 codes; ``"int4"``: in addition, weights of <= 4 bits stored as INT4 (opset >= 21).
+        opset: ONNX opset (default 17, or 21 for ``LowBit.INT4``).
+        low_bit: ``LowBit.CLIP``: sub-8-bit activations in 8-bit containers with Clip between Q and DQ, sub-8-bit
+            weights as int8 codes; ``LowBit.INT4``: in addition, weights of <= 4 bits stored as INT4 (opset >= 21).
             Activations keep 8-bit containers in both modes (see `generic_encoding`).
     Returns:
         `path` as a string.
     Raises:
-        ValueError: unknown `low_bit`, or ``low_bit="int4"`` with opset < 21.
+        TypeError: `low_bit` is not a `LowBit`.
+        ValueError: ``LowBit.INT4`` with opset < 21.
 
     Numerics: ONNX Runtime executing the graph as written (``GraphOptimizationLevel.ORT_DISABLE_ALL``) computes
     the subnet's arithmetic; results differ from torch only where a convolution's float summation order tips a
@@ -278,13 +278,13 @@ def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=N
     Example:
         >>> export_onnx(freeze(sn, cfg), (torch.randn(1, 3, 224, 224),), "runs/subnet.onnx")  # doctest: +SKIP
     """
-    if low_bit not in LOW_BIT_MODES:
-        raise ValueError(f"low_bit must be one of {LOW_BIT_MODES}, got {low_bit!r}")
+    if not isinstance(low_bit, LowBit):
+        raise TypeError(f"low_bit must be a LowBit (CLIP or INT4), got {low_bit!r}; e.g. low_bit=LowBit.INT4")
     if opset is None:
-        opset = INT4_OPSET if low_bit == "int4" else 17
-    if low_bit == "int4" and opset < INT4_OPSET:
-        raise ValueError(f"low_bit='int4' needs the INT4/UINT4 types of opset {INT4_OPSET}; pass opset="
-                         f"{INT4_OPSET} (or low_bit='clip' for 8-bit containers)")
+        opset = INT4_OPSET if low_bit is LowBit.INT4 else 17
+    if low_bit is LowBit.INT4 and opset < INT4_OPSET:
+        raise ValueError(f"LowBit.INT4 needs the INT4/UINT4 types of opset {INT4_OPSET}; pass opset="
+                         f"{INT4_OPSET} (or LowBit.CLIP for 8-bit containers)")
     frozen = as_frozen(frozen, cfg)
 
     def low_bit_layer(lay: FrozenLayer) -> bool:

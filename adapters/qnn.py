@@ -39,8 +39,8 @@ per-tensor (unsigned, any zero point; a symmetric activation is the special case
 ``strict=True`` refuses other subnets with an error naming the rule; ``strict=False`` writes any bit-width
 (2..8), for AIMET simulation (``encodings_to_onnx_qdq`` only converts 4/8/16-bit files: ONNX has no other types).
 
-`tests/toolchains/test_adapters_qnn.py` loads every version in aimet-onnx and compares its simulation with the FrozenSubnet;
-docs/targets.md (section Qualcomm QNN / AIMET) records the measured agreement and its two limits, both about
+`tests/toolchains/test_adapters_qnn.py` loads every version in aimet-onnx and compares its simulation with the
+FrozenSubnet; docs/targets.md (section Qualcomm QNN / AIMET) records the measured agreement and its two limits, both about
 rounding (AIMET rounds .5 ties away from zero where torch rounds to even; float summation order in deep nets).
 """
 from __future__ import annotations

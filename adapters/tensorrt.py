@@ -110,7 +110,8 @@ def tensorrt_subnet_problems(frozen, opset: int = 17,
             elif not qp.signed and not asymmetric and unsigned_activations is UnsignedActivations.REFUSE:
                 problems.append(f"unsigned-activation: activation group {g!r} uses the unsigned grid "
                                 f"[{qp.qmin}, {qp.qmax}] (data >= 0, e.g. after ReLU); TensorRT's INT8 is [-128, 127]. "
-                                "Pass unsigned_activations=UnsignedActivations.RESCALE (INT8 at scale*2: one bit less resolution, "
+                                "Pass unsigned_activations=UnsignedActivations.RESCALE (INT8 at scale*2: one bit "
+                                "less resolution, "
                                 "not bit-exact), or calibrate the supernet with signed_activations=True before "
                                 "training (Supernet.calibrate / `eqnet train --signed-activations`): exact")
             if qp.per_channel:

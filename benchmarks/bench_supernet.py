@@ -340,7 +340,8 @@ def _headlines(budget: str, runs: list[dict]) -> list[str]:
         time_ = (f"{ratio:.2f}x wall" + (" (not met)" if ratio > 0.3 else "") + f", {s['cpu']:.2f}x CPU"
                  if s["n_ded"] == 12 else f"{ratio:.2f}x of {s['n_ded']} dedicated runs")
         out.append(headline(f"{RECORDED[budget][0]}, {m}: worst gap to dedicated LSQ QAT at W4A4/W8A8 · W3A3 · W2A2 "
-                            "(targets 0.3 · 1.0 · 2.0 points); training time vs the dedicated runs (target 0.3x of 12)",
+                            "(targets 0.3 · 1.0 · 2.0 points); training time vs the dedicated runs "
+                            "(target 0.3x of 12)",
                             f"{gaps}; {time_}"))
     return out
 

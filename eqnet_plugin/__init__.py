@@ -25,7 +25,8 @@ from .train import (QATConfig, SandwichConfig, TrainConfig, evaluate, evaluate_c
 
 __all__ = ["ElasticSpace", "QuantChoice", "SubnetConfig", "Grid", "Scheme", "ElasticFakeQuantize",
            "elastic_qconfig_mapping", "elastic_backend_config", "prepare_qat", "Supernet", "SubnetOptimizer",
-           "SandwichConfig", "TrainConfig", "QATConfig", "WDRLoss", "gpg_losses", "sandwich_step", "evaluate", "evaluate_configs", "train_supernet", "save_checkpoint",
+           "SandwichConfig", "TrainConfig", "QATConfig", "WDRLoss", "gpg_losses", "sandwich_step", "evaluate",
+           "evaluate_configs", "train_supernet", "save_checkpoint",
            "load_checkpoint", "freeze", "FrozenSubnet", "QParams", "search", "BatchNormStatsError", "adapters",
            "export_onnx", "export_to_tensorrt", "export_qnn", "to_brevitas", "to_pytorch_quantization",
            "register_target", "get_target", "Target", "PlacementError", "__version__"]

@@ -95,7 +95,8 @@ def main(argv=None) -> list[dict]:
 
     # TensorRT: symmetric INT8, per-channel weights; unsigned post-ReLU activations rescaled to INT8
     frozen = freeze_with_bn(sn, sn.uniform(8, 8, symmetric=True, per_channel=True), batches)
-    path = export_to_tensorrt(frozen, ex, out("tensorrt", "w8a8_sym_pc.onnx"), unsigned_activations=UnsignedActivations.RESCALE)
+    path = export_to_tensorrt(frozen, ex, out("tensorrt", "w8a8_sym_pc.onnx"),
+                              unsigned_activations=UnsignedActivations.RESCALE)
     assert not check_tensorrt_onnx(path)
     record("tensorrt", "W8A8 sym per-channel", path, frozen)
     pq = to_pytorch_quantization(frozen)                                      # quant_nn modules with amax

@@ -53,8 +53,8 @@ def main(out_dir: str, steps: int) -> None:
         mismatch = str(e)
     with open(os.path.join(out_dir, f"rank_{rank}.json"), "w") as f:
         json.dump({"configs": configs, "losses": losses, "wrote": wrote, "error": error, "mismatch": mismatch,
-                   "scales": {g: [p.detach().flatten().tolist() for p in fq.parameters()] for g, fq in sn.groups.items()}},
-                  f)
+                   "scales": {g: [p.detach().flatten().tolist() for p in fq.parameters()]
+                              for g, fq in sn.groups.items()}}, f)
     dist.destroy_process_group()
 
 

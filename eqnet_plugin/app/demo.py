@@ -239,7 +239,8 @@ def _report(s: dict) -> str:
     for name, r in s["searches"].items():
         c = r["costs"]
         lim = ", ".join(f"{k} {v:.3g}" for k, v in r["constraints"].items())
-        L.append(f"| {_PROFILE_LABEL.get(name, name)} | {lim} | {r['scheme']} | {r['predicted_accuracy']:.4f} | {r['measured_accuracy']:.4f} "
+        L.append(f"| {_PROFILE_LABEL.get(name, name)} | {lim} | {r['scheme']} | {r['predicted_accuracy']:.4f} "
+                 f"| {r['measured_accuracy']:.4f} "
                  f"| {c['bitops']:.3g} ({100 * c['bitops'] / r['w8a8_bitops']:.0f}%) | {c['size_bytes']:.0f} | "
                  f"{c['avg_weight_bits']:.2f} | {c['avg_act_bits']:.2f} |")
     L += ["", "Plots: " + ", ".join(f"[{n}]({r['files']['plot']})" for n, r in s["searches"].items()), "",
@@ -251,7 +252,8 @@ def _report(s: dict) -> str:
         L.append(f"| {t} | {e['search']} | {files} | {agree} |")
     L += ["", "Each target exports the best subnet of the search under its profile (ONNX Runtime and Brevitas run "
           "anything, so they take the main search's subnet). " + _activation_note(s) + " QNN: float ONNX plus AIMET "
-          "encodings (version 1.0.0). The Brevitas QONNX file uses QONNX `Quant` nodes, which ONNX Runtime does not run.", "", "## Time per stage", "",
+          "encodings (version 1.0.0). The Brevitas QONNX file uses QONNX `Quant` nodes, which ONNX Runtime does "
+          "not run.", "", "## Time per stage", "",
           P.format_table([[k, f"{v:.1f}"] for k, v in s["seconds"].items()], ["stage", "seconds"], markdown=True), "",
           f"Next: `eqnet eval --checkpoint {d}/supernet.pt` (more subnets), `eqnet search --checkpoint "
           f"{d}/supernet.pt --profile qnn --max-size-bytes ...` (other constraints), `eqnet export --checkpoint "

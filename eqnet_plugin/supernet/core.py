@@ -355,9 +355,9 @@ class Supernet:
                 interpretation (its `signed` buffer is 1; symmetric cells are calibrated on
                 [-2^(b-1), 2^(b-1)-1] with zero point 0; asymmetric cells are unchanged). Use it for supernets
                 meant for TensorRT, which runs only INT8 activations with zero point 0: symmetric subnets with
-                8-bit activations then export exactly (`export_to_tensorrt(..., unsigned_activations="refuse")` accepts
-                it), at the cost of one bit of resolution on post-ReLU tensors. The choice is stored in the
-                quantizers' `signed` buffers, so it is part of the model's state_dict and checkpoints.
+                8-bit activations then export exactly (`export_to_tensorrt`, whose default refuses the unsigned
+                grid, accepts it), at the cost of one bit of resolution on post-ReLU tensors. The choice is stored in
+                the quantizers' `signed` buffers, so it is part of the model's state_dict and checkpoints.
             overwrite: re-initialize a supernet whose cells were calibrated (or trained and loaded) already;
                 without it that is refused, since it would overwrite the learned scales.
         Returns:

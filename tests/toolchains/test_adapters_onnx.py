@@ -18,7 +18,7 @@ from torch import nn
 
 from eqnet_plugin import ElasticSpace, Supernet, elastic_backend_config, prepare_qat
 from eqnet_plugin.adapters._onnx import MARKER_DOMAIN
-from eqnet_plugin.adapters.onnx_qdq import export_onnx
+from eqnet_plugin.adapters.onnx_qdq import LowBit, export_onnx
 from eqnet_plugin.app.data import digits_splits
 from eqnet_plugin.export.freeze import freeze
 from eqnet_plugin.app.models import TinyMobileNetV2, TinyResNet
@@ -233,13 +233,13 @@ def test_export_structure(tiny, tmp_path):
 
 
 def test_int4_mode(tiny, tmp_path):
-    """low_bit='int4': 4-bit weights as INT4 initializers (opset 21); same numbers as 8-bit containers."""
+    """LowBit.INT4: 4-bit weights as INT4 initializers (opset 21); same numbers as 8-bit containers."""
     nets, inputs = tiny
     sn = nets["tiny_resnet"]
     cfg = _configs(sn)["w4a4_sym_pc"]
     frozen = freeze(sn, cfg)
     clip = export_onnx(frozen, (inputs["digits"][:2],), tmp_path / "clip.onnx")
-    int4 = export_onnx(frozen, (inputs["digits"][:2],), tmp_path / "int4.onnx", low_bit="int4")
+    int4 = export_onnx(frozen, (inputs["digits"][:2],), tmp_path / "int4.onnx", low_bit=LowBit.INT4)
     model = onnx.load(int4)
     assert next(o.version for o in model.opset_import if o.domain == "") == 21
     four_bit = {lay.weight for lay in sn.layers if frozen.qparams[lay.weight].bits == 4}
@@ -251,7 +251,7 @@ def test_int4_mode(tiny, tmp_path):
     np.testing.assert_array_equal(a, b)
     _session(int4, DEFAULT).run(None, {"input": x})       # the default session accepts it too
     with pytest.raises(ValueError, match="opset"):
-        export_onnx(frozen, (inputs["digits"][:2],), tmp_path / "bad.onnx", low_bit="int4", opset=17)
+        export_onnx(frozen, (inputs["digits"][:2],), tmp_path / "bad.onnx", low_bit=LowBit.INT4, opset=17)
 
 
 def test_accepts_supernet_forms(tiny, tmp_path):
@@ -275,8 +275,8 @@ def test_errors_leave_nothing_behind(tiny, tmp_path):
     nets, inputs = tiny
     frozen = freeze(nets["tiny_resnet"], _configs(nets["tiny_resnet"])["w8a8_sym_pc"])
     target = tmp_path / "out" / "m.onnx"
-    with pytest.raises(ValueError, match="low_bit"):
-        export_onnx(frozen, (inputs["digits"][:2],), target, low_bit="int3")
+    with pytest.raises(TypeError, match="LowBit"):
+        export_onnx(frozen, (inputs["digits"][:2],), target, low_bit="int4")      # strings are parsed at the edge
     with pytest.raises(Exception):
         export_onnx(frozen, (torch.randn(2, 3, 16, 16),), target)          # wrong channel count: export fails
     assert not target.exists() and (not target.parent.exists() or not os.listdir(target.parent))

@@ -219,7 +219,8 @@ def _doc(cmd: str) -> str:
                   "BitOps / size / average-bit constraints and a backend profile. Writes search.json, best.json, "
                   "pareto.png, records.jsonl and cqap.pt to OUT.",
         "export": "Freeze a subnet (BN folded, QParams) and export it: onnx (Q/DQ for ONNX Runtime), tensorrt "
-                  "(explicit-quantization ONNX; the supernet must be trained with --signed-activations), brevitas (QCDQ + QONNX ONNX), qnn (float ONNX + AIMET "
+                  "(explicit-quantization ONNX; the supernet must be trained with --signed-activations), brevitas "
+                  "(QCDQ + QONNX ONNX), qnn (float ONNX + AIMET "
                   "encodings). With --finetune-steps the subnet is first trained alone for that many steps from "
                   "the supernet's weights (the checkpoint is not changed).",
         "demo": "Float pretraining, supernet training, the uniform accuracy table, search with a Pareto plot and "
