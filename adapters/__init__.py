@@ -18,11 +18,11 @@ from .brevitas import export_brevitas_qcdq, export_brevitas_qonnx, to_brevitas
 from ._policy import LowBit, UnsignedActivations
 from .onnx_qdq import export_onnx
 from .pytorch_quantization import to_pytorch_quantization
-from .qnn import export_qnn
+from .qnn import aimet_quantsim, export_qnn
 from .targets import Target, TargetError, all_targets, get_target, register_target, target_names, unregister_target
 from .tensorrt import TensorRTCompatibilityError, assert_tensorrt_onnx, check_tensorrt_onnx, export_to_tensorrt
 
 __all__ = ["export_onnx", "export_to_tensorrt", "check_tensorrt_onnx", "assert_tensorrt_onnx",
            "TensorRTCompatibilityError", "to_pytorch_quantization", "to_brevitas", "export_brevitas_qcdq",
-           "export_brevitas_qonnx", "export_qnn", "Target", "TargetError", "register_target", "unregister_target",
-           "get_target", "target_names", "all_targets", "UnsignedActivations", "LowBit"]
+           "export_brevitas_qonnx", "export_qnn", "aimet_quantsim", "Target", "TargetError", "register_target",
+           "unregister_target", "get_target", "target_names", "all_targets", "UnsignedActivations", "LowBit"]

@@ -321,7 +321,7 @@ def export_qnn(frozen, example_inputs: tuple, out_dir_or_prefix, *, cfg=None, en
     Returns:
         `QnnExport(onnx_path, encodings_path, tensors)`.
     Raises:
-        ValueError: unknown encoding version, a rule broken under strict=True, a non-full-range grid.
+        ValueError: unknown encoding version, or a rule broken under strict=True.
     Example:
         >>> out = export_qnn(freeze(sn, sn.uniform(8, 8, act_symmetric=False)), (x,), "artifacts/qnn/resnet")
         ... # doctest: +SKIP

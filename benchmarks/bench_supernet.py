@@ -16,7 +16,9 @@ Every subnet is evaluated on the test split after BN recalibration on fixed trai
 training only (the float model and the calibration are shared by all runs).
 
 Commands (budget; wall time on 2 cores):
-    python benchmarks/bench_supernet.py --budget fashion --jobs 2      # 2 models x 2 seeds, 1500 steps; 66 min
+    python benchmarks/bench_supernet.py --budget fashion --jobs 2 --save-supernets
+                                                                       # 2 models x 2 seeds, 1500 steps; 66 min;
+                                                                       # keeps the supernets bench_search needs
     python benchmarks/bench_supernet.py --budget fashion-x2 --jobs 2   # TinyMobileNetV2 at 2x width, 4 configs,
                                                                        # 2 seeds; 47 min (12 of them float starts)
     python benchmarks/bench_supernet.py --budget full --jobs 2         # digits, 2 models x 3 seeds; 14 min

@@ -25,8 +25,7 @@ import torch
 
 import eqnet_plugin as eq
 from eqnet_plugin.adapters import (check_tensorrt_onnx, export_brevitas_qcdq, export_brevitas_qonnx, export_onnx,
-                                   UnsignedActivations, export_qnn, export_to_tensorrt, to_brevitas,
-                                   to_pytorch_quantization)
+                                   export_qnn, export_to_tensorrt, to_brevitas, to_pytorch_quantization)
 from eqnet_plugin.adapters.qnn import ENCODING_VERSIONS
 from eqnet_plugin.app.data import digits_splits
 from eqnet_plugin.app.models import TinyResNet
@@ -45,7 +44,7 @@ def supernet_and_data(checkpoint: str | None):
     gm = eq.prepare_qat(TinyResNet(), (x[:1],))         # = prepare_qat_fx(model, elastic_qconfig_mapping(), ex)
     sn = eq.Supernet(gm)
     batches = [x[:128], x[128:256]]
-    sn.calibrate(batches)                               # initialize every cell; no training needed to export
+    sn.calibrate(batches, signed_activations=True)      # every cell; signed activations: TensorRT runs them exactly
     return sn, batches, splits.test.tensors[0][:128]
 
 
@@ -85,7 +84,7 @@ def main(argv=None) -> list[dict]:
         if frozen is not None:
             with torch.no_grad():
                 ref = frozen(x)
-            out_group = [g for g in frozen.qparams if not frozen.qparams_is_weight(g)][-1]
+            out_group = [g for g in frozen.qparams if not frozen.is_weight(g)][-1]
             row["top1"], row["max_lsb"] = ort_parity(path, ref, x, float(frozen.qparams[out_group].scale.max()))
         rows.append(row)
 
@@ -93,10 +92,10 @@ def main(argv=None) -> list[dict]:
     frozen = freeze_with_bn(sn, sn.uniform(4, 4, symmetric=False), batches)
     record("onnxruntime", "W4A4 asym", export_onnx(frozen, ex, out("onnxruntime", "w4a4_asym.onnx")), frozen)
 
-    # TensorRT: symmetric INT8, per-channel weights; unsigned post-ReLU activations rescaled to INT8
+    # TensorRT: symmetric INT8, per-channel weights, activations on the signed grid (a supernet trained with
+    # --signed-activations; otherwise export_to_tensorrt refuses, naming the flag)
     frozen = freeze_with_bn(sn, sn.uniform(8, 8, symmetric=True, per_channel=True), batches)
-    path = export_to_tensorrt(frozen, ex, out("tensorrt", "w8a8_sym_pc.onnx"),
-                              unsigned_activations=UnsignedActivations.RESCALE)
+    path = export_to_tensorrt(frozen, ex, out("tensorrt", "w8a8_sym_pc.onnx"))
     assert not check_tensorrt_onnx(path)
     record("tensorrt", "W8A8 sym per-channel", path, frozen)
     pq = to_pytorch_quantization(frozen)                                      # quant_nn modules with amax

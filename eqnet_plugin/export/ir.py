@@ -219,7 +219,7 @@ class FrozenSubnet(nn.Module):
         """Activation QuantPoints by group name (weights' QuantPoints live inside their layers)."""
         out: dict[str, QuantPoint] = {}
         for _, m in self.graph.named_modules():
-            if isinstance(m, QuantPoint) and not self.qparams_is_weight(m.name):
+            if isinstance(m, QuantPoint) and not self.is_weight(m.name):
                 out.setdefault(m.name, m)
         return out
 
@@ -229,8 +229,6 @@ class FrozenSubnet(nn.Module):
         if group not in self.qparams:
             raise KeyError(f"{group!r} is not a quantized tensor of this subnet; known: {sorted(self.qparams)}")
         return any(lay.weight_group == group for lay in self.layers)
-
-    qparams_is_weight = is_weight          # the earlier name
 
     def weight_groups(self) -> dict[str, "FrozenLayer"]:
         """Weight group -> its `FrozenLayer`."""

@@ -78,7 +78,7 @@ def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point, qmin: int, qm
     r = torch.round(xs)                                                   # round half to even
     if isinstance(zero_point, torch.Tensor):
         z = torch.clamp(torch.round(zero_point), qmin, qmax)              # scale's shape (tiny)
-        c = torch.add(r, z).clamp_(qmin, qmax).sub_(z)                    # qc - z (3x faster than tensor bounds)
+        c = torch.add(r, z).clamp_(qmin, qmax).sub_(z)                    # qc - z (scalar clamp bounds: the fast kernel)
     else:
         z = min(max(round(float(zero_point or 0)), qmin), qmax)
         c = torch.clamp(r, qmin - z, qmax - z)                            # qc - z
@@ -192,7 +192,7 @@ def grid_search_qparams(x: torch.Tensor, grid: Grid, *, num_candidates: int = 24
             t.clamp_(qmin, qmax)
             if not symmetric:
                 t.sub_(z3[k:k + step])
-            # |e|^norm as exp(norm * log|e|): a quarter faster than pow on CPU; log 0 = -inf gives exp = 0.
+            # |e|^norm as exp(norm * log|e|), cheaper than pow on CPU; log 0 = -inf gives exp = 0.
             err[k:k + step] = t.mul_(s3[k:k + step]).sub_(x).abs_().log_().mul_(norm).exp_().mean(dim=-1)
         best = err.argmin(dim=0, keepdim=True)
         return s.gather(0, best)[0], z.gather(0, best)[0], ratios.gather(0, best)[0]

@@ -222,7 +222,7 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, d: dict) -> "SearchSpace":
         return cls(d["groups"], d["is_weight"], d["choices"], [Condition(*map(bool, c)) for c in d["conditions"]],
-                   d.get("profile", "none"))
+                   d["profile"])
 
     def __repr__(self) -> str:
         return (f"SearchSpace({len(self.group_names)} groups, {int(self.searchable.sum())} searchable, "

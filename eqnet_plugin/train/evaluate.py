@@ -12,14 +12,9 @@ from torch.utils.data import DataLoader
 
 from ..quant.space import SubnetConfig
 from ..supernet import Supernet
+from ..supernet.batches import device_of
 
 __all__ = ["accuracy", "evaluate", "evaluate_configs", "bn_batches_from"]
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -45,7 +40,7 @@ def _preserved_bn_state(model: nn.Module):
 @torch.no_grad()
 def accuracy(model: nn.Module, loader: Iterable, max_batches: int | None = None) -> float:
     """Top-1 accuracy in [0, 1] of `model` in eval mode on (inputs, targets) batches; mode restored afterwards."""
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)

@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 from . import distributed as D
 from ..quant.space import SubnetConfig
 from ..supernet import Supernet
+from ..supernet.batches import device_of
 from .checkpoint import CheckpointError, _check_plain, _set_rng_state, load_checkpoint, save_checkpoint
-from .evaluate import _device_of, _progress, accuracy, bn_batches_from, evaluate_configs
+from .evaluate import _progress, accuracy, bn_batches_from, evaluate_configs
 from .step import SandwichConfig, qat_step, sandwich_step
 
 __all__ = ["TrainConfig", "QATConfig", "train_supernet", "train_float", "lsq_qat", "cosine_scheduler"]
@@ -156,7 +157,7 @@ def train_supernet(supernet: Supernet, train_loader: DataLoader, optimizer: torc
         raise TypeError(f"train_supernet(config=...) expects a TrainConfig, got {type(config).__name__}; e.g. "
                         "eqnet_plugin.TrainConfig(epochs=10)")
     c = config
-    device = _device_of(supernet.model)
+    device = device_of(supernet.model)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     loader_gen = _loader_generator(train_loader)
     history: dict = {"step": 0, "epoch": 0, "train": [], "eval": [], "seconds": 0.0}
@@ -256,7 +257,7 @@ def train_float(model: nn.Module, train_loader: Iterable, epochs: int, lr: float
                 progress: bool = False) -> dict:
     """Plain float training (Adam, cosine decay per step, cross-entropy), e.g. the pretraining a supernet starts
     from. Returns {"loss": per-epoch mean loss, "val_acc": accuracy on `val_loader` or None, "seconds"}."""
-    device = _device_of(model)
+    device = device_of(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * len(train_loader) if max_steps is None else min(max_steps, epochs * len(train_loader))
     sched = cosine_scheduler(opt, steps)
@@ -299,7 +300,7 @@ def lsq_qat(supernet: Supernet, cfg: SubnetConfig, train_loader: Iterable, optim
         raise TypeError(f"lsq_qat(config=...) expects a QATConfig, got {type(config).__name__}; e.g. "
                         "eqnet_plugin.QATConfig(epochs=1, recipe=SandwichConfig(wdr=None))")
     supernet.apply(cfg)
-    device = _device_of(supernet.model)
+    device = device_of(supernet.model)
     history: dict = {"step": 0, "loss": []}
     t0 = time.perf_counter()
     supernet.model.train()

@@ -135,7 +135,7 @@ def test_evaluate_and_freeze_match_the_cpu(flow):
     assert abs(cpu["acc"] - gpu["acc"]) <= 2 / n                    # at most two near-tie samples flip
     want, got = cpu["out"], gpu["out"].cpu()
     frozen = cpu["frozen"]
-    out_group = [g for g in frozen.qparams if not frozen.qparams_is_weight(g)][-1]
+    out_group = [g for g in frozen.qparams if not frozen.is_weight(g)][-1]
     lsb = float(frozen.qparams[out_group].scale.max())
     assert float(((got - want).abs() <= lsb * 1.001).double().mean()) >= 0.999     # within one output LSB
     assert float((got.argmax(1) == want.argmax(1)).double().mean()) >= 0.99

@@ -154,7 +154,7 @@ def _check_names(frozen, out, version: str) -> None:
         params = doc["param_encodings"] if version == "0.6.1" else [e["name"] for e in doc["param_encodings"]]
         assert set(params) == {f"{lay.name}.weight" for lay in frozen.layers}
     for grp, ts in out.tensors.items():
-        if not frozen.qparams_is_weight(grp):
+        if not frozen.is_weight(grp):
             assert all(t in ("input", "output") or t.startswith(grp) for t in ts), (grp, ts)
 
 

@@ -32,8 +32,17 @@ def test_under_400_lines_with_a_summary_first():
 
 @pytest.mark.parametrize("name", SECTIONS)
 def test_every_section_has_its_script(name):
-    assert (BENCH / f"{name}.py").is_file(), f"BENCHMARKS.md section {name!r} has no benchmarks/{name}.py"
+    script = BENCH / f"{name}.py"
+    assert script.is_file(), f"BENCHMARKS.md section {name!r} has no benchmarks/{name}.py"
     assert f"<!-- {name}:start -->\n## {name}\n" in TEXT
+    source = script.read_text()
+    assert f'"{name}"' in source and ("update_section(" in source or "render(" in source), \
+        f"benchmarks/{name}.py does not write its BENCHMARKS.md section"
+
+
+def test_every_benchmark_script_has_its_section():
+    scripts = sorted(p.stem for p in BENCH.glob("bench_*.py"))
+    assert scripts == sorted(SECTIONS), f"scripts {scripts} vs BENCHMARKS.md sections {SECTIONS}"
 
 
 def test_summary_is_the_sections_headlines(report):

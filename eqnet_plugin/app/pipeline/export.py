@@ -97,7 +97,8 @@ def export_problems(frozen, target: str, options: Mapping[str, object] | None = 
     (e.g. ``{"encoding_version": "2.0.0"}``); those `target` does not have are ignored.
 
     Raises:
-        ValueError: unknown target or option value.
+        ValueError: unknown target or option name; TypeError: an option value of the wrong type (e.g. a string
+            where the target takes an enum such as `UnsignedActivations`).
     """
     t = get_target(target)
     return t.check(frozen, **_target_options(t, options))

@@ -1,7 +1,7 @@
 """TensorRT check for a GPU machine: export subnets with `export_to_tensorrt`, build strongly typed engines, and
 compare TensorRT's outputs with ONNX Runtime (the graph as written) and with the supernet in torch.
 
-Run through ``benchmarks/device_tensorrt.sh``. Exits 0 with a "SKIP:" line when `tensorrt` or CUDA is missing
+Run through ``tests/device/tensorrt_engine.sh`` (the device lane; pytest does not collect it). Exits 0 with a "SKIP:" line when `tensorrt` or CUDA is missing
 (this is a device script, not a test); exits 1 when TensorRT rejects an export or the outputs disagree by more
 than the bar, printing why. Results go to ``<out>/device_tensorrt.json``.
 """
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _import_adapters():
