@@ -22,6 +22,9 @@ Commands (budget; wall time on 2 cores):
     python benchmarks/bench_supernet.py --budget fashion-x2 --jobs 2   # TinyMobileNetV2 at 2x width, 4 configs,
                                                                        # 2 seeds; 47 min (12 of them float starts)
     python benchmarks/bench_supernet.py --budget full --jobs 2         # digits, 2 models x 3 seeds; 14 min
+    python benchmarks/bench_supernet.py --budget torchvision           # torchvision ResNet-18 and MobileNetV2 at
+                                                                       # full width, 2 seeds; hours: resumes unit by
+                                                                       # unit (benchmarks/_supernet_torchvision.py)
     python benchmarks/bench_supernet.py --budget fashion-small         # smoke run, writes nothing; ~2 min (est.)
     python benchmarks/bench_supernet.py --report-only                  # rebuild the section; seconds
 
@@ -46,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import headline, load_results, machine, save_run, update_section  # noqa: E402
+import _supernet_torchvision  # noqa: E402
 
 from eqnet_plugin import Supernet, elastic_backend_config, elastic_qconfig_mapping  # noqa: E402
 from eqnet_plugin.quant.bn_fold import use_running_bn_fold  # noqa: E402
@@ -229,7 +233,7 @@ def run_split(model_name: str, seed: int, cfg: dict, lr: float, batch_size: int,
 
 # The budgets recorded in BENCHMARKS.md, in the section's order: title, and whether only the summary table is shown
 RECORDED = {"fashion": ("Fashion-MNIST", False),
-            "fashion-x2": ("Fashion-MNIST, twice the width", False),
+            "fashion-x2": ("Fashion-MNIST, twice the width", True),
             "full": ("digits, the quick check", True)}
 HEADLINE_BUDGETS = ("fashion", "fashion-x2")                     # the budgets in BENCHMARKS.md's summary table
 TARGETS = (("W4A4/W8A8", 0.3), ("W3A3", 1.0), ("W2A2", 2.0))     # worst gap (points) per bit-width group
@@ -357,7 +361,11 @@ def section(results: dict) -> str:
     for budget in HEADLINE_BUDGETS:
         if budget in results:
             out += _headlines(budget, results[budget]["runs"])
+    tv_heads, tv_body = (_supernet_torchvision.section(results[_supernet_torchvision.KEY])
+                         if _supernet_torchvision.KEY in results else ([], []))
+    out += tv_heads
     out.append("")
+    out += tv_body
     for budget, (title, compact) in RECORDED.items():
         if budget not in results:
             continue
@@ -407,7 +415,7 @@ def _print_run(r: dict) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    p.add_argument("--budget", choices=sorted(BUDGETS) + [_supernet_torchvision.KEY], default="small")
     p.add_argument("--models", nargs="*", default=None)
     p.add_argument("--seeds", nargs="*", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="override the budget's QAT epochs")
@@ -427,6 +435,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--image-size", type=int, default=None, help="default: 16 for digits, 28 for Fashion-MNIST")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="torchvision budget: where to train (cpu, cuda)")
+    p.add_argument("--smoke", action="store_true", help="torchvision budget: a few steps of every unit, nothing "
+                                                         "recorded")
     p.add_argument("--jobs", type=int, default=1, help="run (model, seed) pairs in this many processes")
     p.add_argument("--resume", action="store_true", help="reuse finished runs saved in runs/ by an interrupted run")
     p.add_argument("--report-only", action="store_true",
@@ -436,6 +447,15 @@ def main(argv=None) -> None:
         text = section(load_results("bench_supernet"))
         print(text)
         update_section("bench_supernet", text)
+        return
+    if args.budget == _supernet_torchvision.KEY:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        _supernet_torchvision.Bench(
+            args.device, lambda m: print(m, flush=True), smoke=args.smoke,
+            on_save=lambda: update_section("bench_supernet", section(load_results("bench_supernet")))).run(
+            tuple(args.models or _supernet_torchvision.MODELS),
+            tuple(args.seeds if args.seeds is not None else _supernet_torchvision.SEEDS))
         return
     if args.image_size is None:
         args.image_size = 28 if BUDGETS[args.budget]["data"] == "fashion-mnist" else 16
