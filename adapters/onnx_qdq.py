@@ -26,13 +26,22 @@ pool itself is `ExactGlobalAvgPool` (float64 sum, ``Cast -> ReduceSum -> Div -> 
 depend on the summation order either. Remaining differences come from convolutions summing in another order and
 tipping a value across a rounding boundary, which is why parity is measured in LSBs (tests).
 
+``rounding=Rounding.INTEGER_KERNELS`` writes instead the form ONNX Runtime fuses at every bit-width: plain
+``QuantizeLinear -> Clip(int) -> DequantizeLinear`` (no reciprocal Mul, no float bias Add; ORT runs the Clip on the
+uint8/int8 codes between QLinearConv/QLinearAdd kernels), sub-8-bit weight codes stored times ``2**(8 - bits)`` at
+scale ``s / 2**(8 - bits)`` (the same values; ORT's int32 bias is then rounded as finely as at 8 bits), float
+Relu/ReLU6 clamps folded into the integer Clip, and the float64 pool only where an activation grid is sub-8-bit.
+Run as written (ORT_DISABLE_ALL) it computes the subnet like the default form; ORT's default session runs its own
+integer arithmetic (int32 bias, integer requantization), which moves sub-8-bit outputs by more LSBs than at 8 bits.
+
 Shared quantizers: torch.ao re-uses one fake-quant for an op's input and output (ReLU -> average pool -> ...); each
 use gets its own Q/DQ pair with the same scale and zero point, as in training.
 """
 from __future__ import annotations
 
+import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -43,9 +52,24 @@ from eqnet_plugin.export.ir import FrozenLayer, FrozenSubnet, QParams, as_frozen
 from ._onnx import POOL_OUTPUT_OPS, constants, export_marked, replace_markers, save_model_atomic
 from ._policy import LowBit
 
-__all__ = ["export_onnx", "build_qdq_model", "generic_encoding", "int_tensor", "Encoding", "LowBit"]
+__all__ = ["export_onnx", "build_qdq_model", "generic_encoding", "int_tensor", "Encoding", "LowBit", "Rounding"]
 MIN_QDQ_OPSET = 13          # per-axis QuantizeLinear/DequantizeLinear
 INT4_OPSET = 21             # INT4/UINT4 tensor types
+
+
+class Rounding(enum.Enum):
+    """Which arithmetic `export_onnx` writes sub-8-bit activations and global pools in.
+
+    TRAINING: rounds exactly as training (reciprocal-form Q, float64 global pool, float bias Adds for sub-8-bit
+        layers); ONNX Runtime runs it graph-as-written in float (its reference parity is the tests'), sub-8-bit
+        layers are not fused into integer kernels.
+    INTEGER_KERNELS: every layer in the pattern ONNX Runtime fuses into its INT8 kernels (QLinearConv, QGemm,
+        QLinearAdd, QLinearGlobalAveragePool), the sub-8-bit range as an integer Clip between Q and DQ (ONNX
+        Runtime's Clip runs on uint8/int8 codes); ``x / scale`` rounding and a float32 pool, i.e. the arithmetic of
+        ONNX Runtime's default session for 8-bit layers, for every bit-width.
+    """
+    TRAINING = "training"
+    INTEGER_KERNELS = "integer_kernels"
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,9 @@ class Encoding:
         clip: integer range to Clip to between Q and DQ (sub-8-bit grids in 8-bit containers), else None.
         reciprocal: write an activation's Q as ``Mul(x, 1/scale) -> QuantizeLinear(scale 1)``, which rounds
             ``x * (1 / scale)`` exactly as training does, instead of ONNX's ``x / scale`` (the two differ on ties).
+        code_shift: weights only: codes stored times ``2**code_shift`` (`scale` and `zero_point` already account for
+            it): a b-bit grid written as 8-bit codes with a finer step, the same values, so that a runtime rounding
+            the bias at ``s_in * s_w`` (ONNX Runtime's integer kernels) rounds it as finely as for 8-bit weights.
     """
 
     dtype: int
@@ -68,6 +95,7 @@ class Encoding:
     axis: int | None
     clip: tuple[int, int] | None = None
     reciprocal: bool = False
+    code_shift: int = 0
 
 
 def _onnx_int_types():
@@ -172,6 +200,7 @@ def build_qdq_model(frozen: FrozenSubnet, example_inputs: tuple, opset: int,
                 raise RuntimeError(f"weight marker {group!r} does not read a constant ({src!r}); please report the "
                                    "model (weights computed in the graph are not supported)")
             codes = qp.quantize(torch.from_numpy(w.copy())).numpy()             # int32 codes on qp's grid
+            codes = codes * (1 << enc.code_shift)
             q_name = f"{group}.weight_quantized"
             new_inits[q_name] = int_tensor(q_name, enc.dtype, codes)
             weight_outputs[dst] = layer_of_weight[group]
@@ -245,8 +274,68 @@ def _drop_unused(graph) -> None:
     graph.initializer.extend(keep_inits)
 
 
+def _int_type(value: np.ndarray) -> int:
+    from onnx import TensorProto
+    return TensorProto.INT8 if value.dtype == np.int8 else TensorProto.UINT8
+
+
+def _drop_redundant_clamps(model) -> int:
+    """Bypass each float Relu / Clip whose only consumer is a QuantizeLinear followed by an integer Clip that
+    already clamps at least as far (``lo <= (qmin - zp) * s`` and ``hi >= (qmax - zp) * s``): the codes are the same
+    (a clamped value rounds to a code beyond the integer Clip's bound), and ONNX Runtime, which removes a Relu/Clip
+    before Q only when it covers the whole 8-bit container, can then fuse the layer (MobileNetV2's ReLU6 at
+    sub-8-bit grids). A float Clip whose upper bound lies inside the grid moves that bound onto the integer Clip
+    (``round(min(x, hi) / s) = min(round(x / s), round(hi / s))``). Returns the number of nodes bypassed."""
+    from ._onnx import constants
+
+    graph = model.graph
+    const = constants(graph)
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    producer = {o: n for n in graph.node for o in n.output}
+    graph_outputs = {o.name for o in graph.output}
+    bypass = {}
+    for q in graph.node:
+        users = consumers.get(q.output[0], []) if q.op_type == "QuantizeLinear" else []
+        clamp = producer.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
+        if len(users) != 1 or users[0].op_type != "Clip" or clamp is None or clamp.op_type not in ("Relu", "Clip") \
+                or len(consumers.get(clamp.output[0], [])) != 1 or clamp.output[0] in graph_outputs:
+            continue
+        scale, zp = const(q.input[1]), const(q.input[2]) if len(q.input) > 2 else np.zeros((), np.uint8)
+        qmin, qmax = const(users[0].input[1]), const(users[0].input[2])
+        if scale is None or zp is None or qmin is None or qmax is None or scale.size != 1:
+            continue
+        lo_q = (float(qmin) - float(zp)) * float(scale)
+        hi_q = (float(qmax) - float(zp)) * float(scale)
+        if clamp.op_type == "Relu":
+            lo, hi = 0.0, np.inf
+        else:
+            lo_v = const(clamp.input[1]) if len(clamp.input) > 1 and clamp.input[1] else np.array(-np.inf)
+            hi_v = const(clamp.input[2]) if len(clamp.input) > 2 and clamp.input[2] else np.array(np.inf)
+            if lo_v is None or hi_v is None:
+                continue
+            lo, hi = float(lo_v), float(hi_v)
+        if lo <= lo_q and hi >= hi_q:
+            bypass[clamp.output[0]] = clamp.input[0]
+        elif clamp.op_type == "Clip" and lo <= lo_q:
+            # round(min(x, hi) / s) = min(round(x / s), round(hi / s)): move the bound onto the integer Clip
+            code = int(np.clip(np.rint(np.float32(hi) / scale.astype(np.float32)) + int(zp), int(qmin), int(qmax)))
+            name = f"{users[0].output[0]}.qmax_tight"
+            graph.initializer.append(int_tensor(name, _int_type(qmax), np.array(code)))
+            users[0].input[2] = name
+            bypass[clamp.output[0]] = clamp.input[0]
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name in bypass:
+                n.input[i] = bypass[name]
+    _drop_unused(graph)
+    return len(bypass)
+
+
 def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=None, opset: int | None = None,
-                low_bit: LowBit = LowBit.CLIP) -> str:
+                low_bit: LowBit = LowBit.CLIP, rounding: Rounding = Rounding.TRAINING) -> str:
     """Write `frozen` as an ONNX model with Q/DQ nodes at every quantized tensor, runnable by ONNX Runtime.
 
     Args:
@@ -258,10 +347,13 @@ def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=N
         low_bit: ``LowBit.CLIP``: sub-8-bit activations in 8-bit containers with Clip between Q and DQ, sub-8-bit
             weights as int8 codes; ``LowBit.INT4``: in addition, weights of <= 4 bits stored as INT4 (opset >= 21).
             Activations keep 8-bit containers in both modes (see `generic_encoding`).
+        rounding: ``Rounding.TRAINING`` rounds as training does (the parity-tested form);
+            ``Rounding.INTEGER_KERNELS`` writes every layer, sub-8-bit ones included, in the pattern ONNX Runtime
+            fuses into INT8 kernels (same speed at every bit-width; ONNX Runtime's integer arithmetic, see `Rounding`).
     Returns:
         `path` as a string.
     Raises:
-        TypeError: `low_bit` is not a `LowBit`.
+        TypeError: `low_bit` is not a `LowBit` or `rounding` not a `Rounding`.
         ValueError: ``LowBit.INT4`` with opset < 21.
 
     Numerics: ONNX Runtime executing the graph as written (``GraphOptimizationLevel.ORT_DISABLE_ALL``) computes
@@ -280,6 +372,9 @@ def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=N
     """
     if not isinstance(low_bit, LowBit):
         raise TypeError(f"low_bit must be a LowBit (CLIP or INT4), got {low_bit!r}; e.g. low_bit=LowBit.INT4")
+    if not isinstance(rounding, Rounding):
+        raise TypeError(f"rounding must be a Rounding (TRAINING or INTEGER_KERNELS), got {rounding!r}; e.g. "
+                        "rounding=Rounding.INTEGER_KERNELS")
     if opset is None:
         opset = INT4_OPSET if low_bit is LowBit.INT4 else 17
     if low_bit is LowBit.INT4 and opset < INT4_OPSET:
@@ -291,7 +386,26 @@ def export_onnx(frozen, example_inputs: tuple, path: str | os.PathLike, *, cfg=N
         groups = [lay.weight_group] + ([lay.input_group] if lay.input_group else [])
         return any(frozen.qparams[g].bits < 8 for g in groups)
 
-    model = build_qdq_model(frozen, example_inputs, opset,
-                            lambda group, qp, is_weight: generic_encoding(qp, is_weight, low_bit, opset),
-                            float_bias_add=low_bit_layer, exact_pool=True)
+    exact = rounding is Rounding.TRAINING
+
+    def encode(group: str, qp: QParams, is_weight: bool) -> Encoding:
+        enc = generic_encoding(qp, is_weight, low_bit, opset)
+        if exact:
+            return enc
+        if is_weight and qp.bits < 8 and enc.dtype in (TensorProto.INT8, TensorProto.UINT8):
+            k = 8 - qp.bits          # b-bit codes * 2^k stay in the 8-bit range; scale / 2^k is exact
+            return replace(enc, scale=(enc.scale / np.float32(2 ** k)).astype(np.float32),
+                           zero_point=(enc.zero_point.astype(np.int32) << k).astype(enc.zero_point.dtype),
+                           code_shift=k)
+        return replace(enc, reciprocal=False)
+
+    from onnx import TensorProto
+
+    # the exact (float64) pool and its reciprocal-form Q where a sub-8-bit grid makes its rounding ties matter; an
+    # all-8-bit subnet keeps the pool ONNX Runtime fuses into QLinearGlobalAveragePool
+    exact_pool = exact or any(frozen.qparams[g].bits < 8 for g in frozen.qparams if not frozen.is_weight(g))
+    model = build_qdq_model(frozen, example_inputs, opset, encode,
+                            float_bias_add=low_bit_layer if exact else None, exact_pool=exact_pool)
+    if not exact:
+        _drop_redundant_clamps(model)
     return save_model_atomic(model, path)

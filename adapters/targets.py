@@ -23,6 +23,23 @@ Add your own with `register_target`:
     ...                        write=write))  # doctest: +SKIP
 
 Each target imports its third-party packages lazily (in `check` and `export`), so the registry itself is cheap.
+
+The export report. `Target.export` writes ``report.json`` next to the files (`eqnet_plugin.adapters.report`: bytes
+on disk, the bits the weights are stored in vs the bits the subnet uses, agreement with the subnet on
+``ReportConfig.inputs``, latency at batch 1 against the same network in float). A target gets agreement and latency
+by setting ``runtime`` to a `Runtime`:
+
+    Runtime(name, load, requires=(module, ...), write_float=None, note="")
+
+* ``load(files, threads) -> run``: `files` is {kind: path} as `write` returned them (inside the export's staging
+  folder); ``run(x)`` takes a numpy batch and returns the first output as numpy.
+* ``write_float(frozen, example_inputs, folder) -> files``: writes the same network in float for `load` (the latency
+  baseline, run interleaved with the export in the same run); None: no latency.
+* ``requires``: modules the runtime needs; when one is missing the report says so and measures nothing.
+
+`onnx_runtime(kind)` is the ONNX Runtime one (the float baseline is the marker export with every marker removed).
+A target without a runtime here says why in ``runtime_note``; ``storage_note`` is a sentence for targets that
+cannot store fewer bits than their containers (TensorRT: INT8 conv weights).
 """
 from __future__ import annotations
 
@@ -39,9 +56,10 @@ from eqnet_plugin.export.ir import FrozenSubnet, as_example_inputs, as_frozen
 from eqnet_plugin.quant.space import Scheme
 
 from ._policy import UnsignedActivations
+from .report import ReportConfig, Runtime, build_report, onnx_runtime, torch_runtime, write_report
 
-__all__ = ["Target", "TargetError", "register_target", "unregister_target", "get_target", "target_names",
-           "all_targets"]
+__all__ = ["Target", "TargetError", "Runtime", "ReportConfig", "register_target", "unregister_target", "get_target",
+           "target_names", "all_targets"]
 
 RulesFn = Callable[[FrozenSubnet, Mapping[str, object]], list]
 WriteFn = Callable[[FrozenSubnet, tuple, Path, Mapping[str, object]], Mapping[str, "str | os.PathLike"]]
@@ -76,6 +94,9 @@ class Target:
         signed_activations: the target runs activations only on the signed grid (TensorRT: INT8, zero point 0):
             the pipeline and the demo calibrate a supernet meant for it with ``signed_activations=True``
             (`eqnet_plugin.app.pipeline.signed_activations_for`), so its export is exact.
+        runtime: how the written files run here (`Runtime`: agreement and latency in the report); None: none.
+        runtime_note: why there is no runtime here (the report's sentence when `runtime` is None).
+        storage_note: a sentence for the report where the target cannot store fewer bits than its containers.
     """
 
     name: str
@@ -88,6 +109,9 @@ class Target:
     scheme: Scheme = Scheme.SYM
     ort_checkable: tuple[str, ...] = ()
     signed_activations: bool = False
+    runtime: Runtime | None = None
+    runtime_note: str = ""
+    storage_note: str = ""
 
     def _options(self, options: Mapping[str, object]) -> dict[str, object]:
         unknown = sorted(set(options) - set(self.options))
@@ -119,9 +143,15 @@ class Target:
         frozen = as_frozen(model, cfg)
         return list(self.rules(frozen, opts)) if self.rules is not None else []
 
-    def export(self, model, example_inputs, out_dir: str | os.PathLike, *, cfg=None, **options) -> dict[str, str]:
+    def export(self, model, example_inputs, out_dir: str | os.PathLike, *, cfg=None,
+               report: ReportConfig | None = ReportConfig(), **options) -> dict[str, str]:
         """Check the subnet, then write this target's files into `out_dir` (created if needed); returns
         {kind: path}. All files appear together or none do (a failed export leaves `out_dir` as it was).
+
+        Args:
+            report: what the export report (``report.json``, kind "report"; module docstring) measures: pass
+                ``ReportConfig(inputs=batch)`` for the agreement with the subnet; ``latency_rounds=0`` for no
+                latency; None writes no report.
 
         Raises:
             ImportError: a package the target needs is missing (the message names the install command).
@@ -145,6 +175,11 @@ class Target:
             outside = [str(p) for p in written.values() if p.resolve().parent != staging.resolve()]
             if outside:
                 raise RuntimeError(f"target {self.name} wrote outside its folder: {outside}")
+            if report is not None:
+                if "report" in written:
+                    raise RuntimeError(f"target {self.name} wrote a file of kind 'report', which the report uses")
+                rep = build_report(self, frozen, example_inputs, written, report)
+                written["report"] = write_report(rep, staging / "report.json")
             dests = {k: out / p.name for k, p in written.items()}
             with atomic_files(list(dests.values())) as tmps:
                 for src, tmp in zip(written.values(), tmps):
@@ -267,18 +302,85 @@ def _qnn_write(frozen, ex, folder, opts):
 
 
 register_target(Target("onnx", "Q/DQ ONNX for ONNX Runtime (sub-8-bit grids via Clip)", profile="brevitas",
-                       write=_onnx_write, requires=(("onnx", _EXPORT_HINT),), ort_checkable=("onnx",)))
+                       write=_onnx_write, requires=(("onnx", _EXPORT_HINT),), ort_checkable=("onnx",),
+                       runtime=onnx_runtime("onnx")))
 register_target(Target("tensorrt", "TensorRT explicit-quantization ONNX, checked against TensorRT's Q/DQ rules",
                        profile="tensorrt", write=_tensorrt_write, rules=_tensorrt_rules,
                        requires=(("onnx", _EXPORT_HINT),), options={"unsigned_activations": UnsignedActivations.REFUSE},
-                       scheme=Scheme.SYM_PC, ort_checkable=("onnx",), signed_activations=True))
+                       scheme=Scheme.SYM_PC, ort_checkable=("onnx",), signed_activations=True,
+                       runtime_note="TensorRT has no runtime here (it needs an NVIDIA GPU): no agreement or latency",
+                       storage_note="TensorRT runs conv and linear weights as INT8: weights under 8 bits take "
+                                    "as many bytes as 8-bit ones"))
 register_target(Target("pytorch-quantization", "NVIDIA pytorch-quantization model (TensorRT's PyTorch toolkit)",
                        profile="tensorrt", write=_pq_write, rules=_pq_rules,
-                       requires=(("pytorch_quantization", 'pip install -e ".[tensorrt]"'),), scheme=Scheme.SYM_PC))
+                       requires=(("pytorch_quantization", 'pip install -e ".[tensorrt]"'),), scheme=Scheme.SYM_PC,
+                       runtime=torch_runtime("model"), storage_note="pytorch-quantization keeps float weights and "
+                       "fake-quantizes them: the file is as large as the float network's"))
 register_target(Target("brevitas", "Brevitas model exported as QCDQ and QONNX ONNX", profile="brevitas",
                        write=_brevitas_write, rules=_brevitas_rules,
                        requires=(("brevitas", 'pip install -e ".[brevitas]"'), ("onnx", _EXPORT_HINT),
-                                 ("onnxoptimizer", 'pip install -e ".[brevitas]"')), ort_checkable=("qcdq",)))
+                                 ("onnxoptimizer", 'pip install -e ".[brevitas]"')), ort_checkable=("qcdq",),
+                       runtime=onnx_runtime("qcdq", "ONNX Runtime runs model_qcdq.onnx")))
 register_target(Target("qnn", "float ONNX + AIMET encodings for Qualcomm QNN", profile="qnn", write=_qnn_write,
                        rules=_qnn_rules, requires=(("onnx", _EXPORT_HINT),), options={"encoding_version": "1.0.0"},
-                       scheme=Scheme.WSYM_PC_AASYM))
+                       scheme=Scheme.WSYM_PC_AASYM,
+                       runtime=onnx_runtime("onnx", "model.onnx holds the float network (QNN applies model.encodings "
+                                                    "when it compiles it): ONNX Runtime runs it in float, so agreement "
+                                                    "and latency are those of the float network"),
+                       storage_note="model.onnx keeps float weights; QNN's converter stores them at the encodings' "
+                                    "bit-widths"))
+
+
+def _openvino_rules(frozen, opts):
+    from .openvino import openvino_problems
+    return openvino_problems(frozen)
+
+
+def _openvino_write(frozen, ex, folder, opts):
+    from .openvino import export_openvino
+    return export_openvino(frozen, ex, folder)
+
+
+def _openvino_load(files, threads):
+    from .openvino import load_openvino
+    return load_openvino(files, threads)
+
+
+def _openvino_float(frozen, ex, folder):
+    from .report import write_float_onnx
+    return write_float_onnx(frozen, ex, folder)
+
+
+register_target(Target("openvino", "OpenVINO IR (model.xml/.bin) from our Q/DQ ONNX, INT8 on OpenVINO's CPU plugin",
+                       profile="openvino", write=_openvino_write, rules=_openvino_rules,
+                       requires=(("onnx", _EXPORT_HINT), ("openvino", 'pip install -e ".[openvino]"')),
+                       scheme=Scheme.SYM_PC,
+                       runtime=Runtime("OpenVINO", _openvino_load, requires=("openvino",),
+                                       write_float=_openvino_float)))
+
+
+def _executorch_rules(frozen, opts):
+    from .executorch import executorch_problems
+    return executorch_problems(frozen)
+
+
+def _executorch_write(frozen, ex, folder, opts):
+    from .executorch import export_executorch
+    return export_executorch(frozen, ex, folder)
+
+
+def _executorch_load(files, threads):
+    from .executorch import load_executorch
+    return load_executorch(files, threads)
+
+
+def _executorch_float(frozen, ex, folder):
+    from .executorch import write_float_executorch
+    return write_float_executorch(frozen, ex, folder)
+
+
+register_target(Target("executorch", "ExecuTorch .pte with the XNNPACK delegate (int8 conv/linear kernels, CPU)",
+                       profile="openvino", write=_executorch_write, rules=_executorch_rules,
+                       requires=(("executorch", 'pip install -e ".[executorch]"'),), scheme=Scheme.SYM_PC,
+                       runtime=Runtime("ExecuTorch (XNNPACK)", _executorch_load, requires=("executorch",),
+                                       write_float=_executorch_float)))

@@ -1,21 +1,26 @@
-"""One QAT training step of torchvision ResNet-18 (32x32, batch 32, CPU, 2 threads): float vs torch.ao vs elastic.
+"""Training-step cost of the supernet on torchvision ResNet-18 and MobileNetV2 vs torch.ao's default QAT step (FX).
 
-Variants (each its own model copy, same weights, same batch, SGD with momentum):
-  * float: the plain model.
-  * torch.ao default QAT: ``prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86"), ex)`` (fused moving-average
-    observer + fake-quant); the baseline of every ratio.
-  * torch.ao learnable: ``torch.ao.quantization._learnable_fake_quantize._LearnableFakeQuantize`` for activations
-    (per-tensor affine) and weights (per-channel symmetric), calibrated once, then in parameter-learning mode (LSQ).
-  * elastic W8A8: ``prepare_qat_fx(model, elastic_qconfig_mapping(), ex)``, calibrated, ``sn.uniform(8, 8,
-    per_channel=True)``.
-  * elastic random: the same, one random subnet (``sn.sample(torch.Generator().manual_seed(0))``).
+Models and batch as benchmarks/_supernet_torchvision.py: ``torchvision.models.resnet18(num_classes=10)`` and
+``torchvision.models.mobilenet_v2(num_classes=10)``, 3x28x28 inputs, batch 64, CPU. Every variant is its own copy
+of the same float weights and sees the same batch; optimizer Adam (lr 1e-3) unless named otherwise.
+  * torch.ao default QAT (the baseline of every ratio): ``prepare_qat_fx(model, get_default_qat_qconfig_mapping(
+    "x86"), ex)``; forward + cross-entropy + backward + ``Adam.step()``.
+  * elastic: ``prepare_qat_fx(model, elastic_qconfig_mapping(), ex, backend_config=elastic_backend_config())`` (the
+    backend config for MobileNetV2 only), ``Supernet``, calibrated once on the step's batch, then
+      - qat_step: `qat_step` of one subnet (W4A4 sym/channel) with ``SandwichConfig()``, one Adam;
+      - sandwich, 3 passes: `sandwich_step`, ``SandwichConfig(lam=0, wdr=None)`` (plain CE per subnet), one Adam;
+      - + GPG: ``SandwichConfig(wdr=None)`` (R learns from H, L from R), one Adam;
+      - + WDR: ``SandwichConfig()``, one Adam;
+      - + SubnetOptimizer = the full sandwich step: ``SandwichConfig()`` with ``SubnetOptimizer(..., Adam)``, the
+        README's recipe (each step samples H/R/L from its own seeded generator).
+Rounds interleave all variants of a model (one step each), after warm-up steps; medians per variant.
+Calibration cost: ``benchmarks/_calibration_cost.calibration_cost`` (``sn.calibrate`` vs one torch.ao observer pass
+over the same 16 batches of 64 at 28x28, interleaved rounds, medians).
 
-Timings are medians over steps; rounds interleave the variants so machine noise hits all of them alike.
-
-Command (budget: 20 interleaved rounds of one step per variant, per thread count; wall time on 2 cores about 3 min,
-estimated):
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_step.py --threads 2 1   # writes the `bench_step` section
-    python benchmarks/bench_step.py [--rounds 20] [--steps 1] [--no-write] [--no-fq]
+Command (budget: per model 1 warm-up step and 3 interleaved rounds of one step per variant, then calibration cost
+with 1 timed round after 1 warm-up round; wall time at one thread on 2 heavily loaded CPU cores about 7 min, estimated):
+    OMP_NUM_THREADS=1 python benchmarks/bench_step.py                 # writes the `bench_step` section of BENCHMARKS.md
+    python benchmarks/bench_step.py [--rounds 3] [--warmup 1] [--calib-rounds 1] [--models resnet18] [--no-write]
 """
 from __future__ import annotations
 
@@ -34,202 +39,161 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import headline, machine, update_section  # noqa: E402
 
-BATCH, SIZE, CLASSES = 32, 32, 10
+BATCH, SIZE, CLASSES = 64, 28, 10
+MODELS = ("resnet18", "mobilenet_v2")
+CALIB_BATCHES = 16
+BASE = "torch.ao default QAT"
+SANDWICH = "sandwich (+ SubnetOptimizer: full step)"
 
 
-def _fx():
-    from torch.ao.quantization import get_default_qat_qconfig_mapping
+def _float_model(name: str) -> nn.Module:
+    import torchvision
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None, num_classes=CLASSES).train()
+
+
+def _prepare(model: nn.Module, mapping, ex, backend_config=None) -> torch.fx.GraphModule:
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
-    return get_default_qat_qconfig_mapping, prepare_qat_fx
-
-
-def _prepare(model: nn.Module, mapping, ex) -> torch.fx.GraphModule:
-    _, prepare_qat_fx = _fx()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return prepare_qat_fx(copy.deepcopy(model).train(), mapping, ex)
+        return prepare_qat_fx(copy.deepcopy(model).train(), mapping, ex, backend_config=backend_config).train()
 
 
-def build_default(model, ex):
-    get_map, _ = _fx()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _prepare(model, get_map("x86"), ex)
+def variants(name: str, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """{label: step()} for one model; each step() runs one training step and returns its wall seconds."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
 
-
-def build_learnable(model, ex, calib):
-    """torch.ao `_LearnableFakeQuantize` everywhere torch.ao's default mapping puts a moving-average fake-quant."""
-    from torch.ao.quantization import QConfig, QConfigMapping
-    from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize as LFQ
-    from torch.ao.quantization.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
-
-    act = LFQ.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8,
-                        qscheme=torch.per_tensor_affine, use_grad_scaling=True)
-    # channel_len must be known at construction: 1 here, resized to each layer's C_out after prepare.
-    weight = LFQ.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
-                           dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0, channel_len=1,
-                           use_grad_scaling=True)
-    gm = _prepare(model, QConfigMapping().set_global(QConfig(activation=act, weight=weight)), ex)
-    for m in gm.modules():
-        wfq = getattr(m, "weight_fake_quant", None)
-        if isinstance(wfq, LFQ):
-            c = m.weight.shape[0]
-            wfq.scale = nn.Parameter(torch.ones(c))
-            wfq.zero_point = nn.Parameter(torch.zeros(c))
-    with torch.no_grad():                       # static estimate once, then learn the ranges (LSQ)
-        gm(calib)
-    for m in gm.modules():
-        if isinstance(m, LFQ):
-            m.enable_param_learning()
-    return gm
-
-
-def build_elastic(model, ex, calib, config: str):
     import eqnet_plugin as eq
-    _, prepare_qat_fx = _fx()
-    gm = _prepare(model, eq.elastic_qconfig_mapping(), ex)
-    sn = eq.Supernet(gm)
-    sn.calibrate([calib])
-    cfg = sn.uniform(8, 8, per_channel=True) if config == "w8a8" else sn.sample(torch.Generator().manual_seed(0))
-    sn.apply(cfg)
-    return gm
+    from eqnet_plugin.train import SandwichConfig, qat_step, sandwich_step
+    from eqnet_plugin.train.optim import SubnetOptimizer
+    model, ex = _float_model(name), (x[:1],)
+    ao = _prepare(model, get_default_qat_qconfig_mapping("x86"), ex)
+    ao_opt = torch.optim.Adam(ao.parameters(), lr=1e-3)
 
-
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    model.train()
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
+    def ao_step() -> None:
+        loss = nn.functional.cross_entropy(ao(x), y)
+        ao_opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        return time.perf_counter() - t0
-    return step
+        ao_opt.step()
+
+    bc = eq.elastic_backend_config() if "mobilenet" in name else None
+    calibrated = _prepare(model, eq.elastic_qconfig_mapping(), ex, bc)
+    eq.Supernet(calibrated).calibrate([x])
+
+    def elastic(recipe, subnet_opt: bool = False, single: bool = False):
+        sn = eq.Supernet(copy.deepcopy(calibrated))
+        params = sn.model.parameters()
+        opt = SubnetOptimizer(params, torch.optim.Adam, lr=1e-3) if subnet_opt else torch.optim.Adam(params, lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        cfg = sn.uniform(4, 4, per_channel=True)
+        if single:
+            return lambda: qat_step(sn, cfg, x, y, opt, recipe=recipe)
+        return lambda: sandwich_step(sn, x, y, opt, recipe=recipe, generator=g)
+
+    steps = {BASE: ao_step,
+             "qat_step (one subnet, W4A4)": elastic(SandwichConfig(), single=True),
+             "sandwich, 3 passes (CE only, one Adam)": elastic(SandwichConfig(lam=0.0, wdr=None)),
+             "+ GPG (one Adam)": elastic(SandwichConfig(wdr=None)),
+             "+ WDR (one Adam)": elastic(SandwichConfig()),
+             SANDWICH: elastic(SandwichConfig(), subnet_opt=True)}
+
+    def timed(fn):
+        def run() -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return run
+    return {k: timed(fn) for k, fn in steps.items()}
 
 
-def fake_quant_table(rounds: int, reps: int = 2) -> str:
-    """One fake-quant forward + backward (input and qparam gradients) alone, torch.ao's fused kernel vs elastic."""
-    from torch.ao.quantization.fake_quantize import (default_fused_act_fake_quant,
-                                                     default_fused_per_channel_wt_fake_quant)
-
-    from eqnet_plugin import ElasticFakeQuantize
+def step_table(name: str, rounds: int, warmup: int) -> tuple[str, dict[str, float]]:
     g = torch.Generator().manual_seed(0)
-    shapes = {"activation 32x64x32x32, per-tensor": (torch.randn(32, 64, 32, 32, generator=g), False),
-              "weight 512x512x3x3, per-channel": (torch.randn(512, 512, 3, 3, generator=g) * 0.05, True)}
-    rows = ["| tensor | torch.ao fused observer + fake-quant (ms) | torch learnable kernel (ms) | elastic sym (ms) "
-            "| elastic asym (ms) | elastic sym / torch.ao |", "|---|---:|---:|---:|---:|---:|"]
-    for label, (x, per_channel) in shapes.items():
-        c = x.shape[0]
-        fused = (default_fused_per_channel_wt_fake_quant if per_channel else default_fused_act_fake_quant)().train()
-        s = torch.full((c if per_channel else 1,), float(x.abs().max()) / 100, requires_grad=True)
-        z = torch.zeros(c if per_channel else 1, requires_grad=True)
-        qmin, qmax = (-128, 127) if per_channel else (0, 255)
-        if per_channel:
-            def learnable(t):
-                return torch._fake_quantize_learnable_per_channel_affine(t, s, z, 0, qmin, qmax, 0.01)
-        else:
-            def learnable(t):
-                return torch._fake_quantize_learnable_per_tensor_affine(t, s, z, qmin, qmax, 0.01)
-        el = {}
-        for sym in (True, False):
-            fq = ElasticFakeQuantize(is_weight=per_channel)
-            fq.materialize(c)
-            fq.set_cell(8, sym, per_channel)
-            with torch.no_grad():
-                for name, p in fq.named_parameters():
-                    p.fill_(float(s[0]) if name.startswith("scale") else 3.0)
-            el[sym] = fq
-        fns = {"fused": fused, "learnable": learnable, "sym": el[True], "asym": el[False]}
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        grad = torch.randn(x.shape, generator=g)
-        for _ in range(rounds + 1):                                     # the first round warms up
-            for k, fn in fns.items():
-                for _ in range(reps):
-                    xi = x.clone().requires_grad_(True)
-                    t0 = time.perf_counter()
-                    fn(xi).backward(grad)
-                    times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v[reps:]) * 1e3 for k, v in times.items()}
-        rows.append(f"| {label} | {med['fused']:.2f} | {med['learnable']:.2f} | {med['sym']:.2f} | "
-                    f"{med['asym']:.2f} | {med['sym'] / med['fused']:.2f}x |")
-    return "\n".join(rows)
-
-
-def step_table(variants: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int, steps_per: int,
-               warmup: int) -> tuple[str, float]:
-    """Median step time per variant (interleaved rounds); returns the markdown table and the worst elastic ratio."""
-    steps = {k: make_step(m, x, y) for k, m in variants.items()}
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
+    y = torch.randint(CLASSES, (BATCH,), generator=g)
+    steps = variants(name, x, y)
     for st in steps.values():
         for _ in range(warmup):
             st()
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(rounds):
         for k, st in steps.items():
-            times[k] += [st() for _ in range(steps_per)]
+            times[k].append(st())
     med = {k: statistics.median(v) for k, v in times.items()}
-    base = med["torch.ao default QAT"]
-    rows = ["| variant | median step (ms) | vs torch.ao default QAT | vs float |", "|---|---:|---:|---:|"]
+    base = med[BASE]
+    rows = ["| variant | median step (ms) | vs torch.ao default QAT | added by this row (ms) |", "|---|---:|---:|---:|"]
+    prev = None
     for k, v in med.items():
-        rows.append(f"| {k} | {v * 1e3:.1f} | {v / base:.2f}x | {v / med['float']:.2f}x |")
-    ratio = max(med["elastic W8A8 (sym, per-channel)"], med["elastic random subnet"]) / base
-    return "\n".join(rows), ratio
+        if k.startswith("sandwich, 3"):
+            added = f"{(v - 3 * base) * 1e3:+.0f} vs 3 x torch.ao"
+        else:
+            added = "" if prev is None else f"{(v - prev) * 1e3:+.0f}"
+        rows.append(f"| {k} | {v * 1e3:.0f} | {v / base:.2f}x | {added} |")
+        prev = v if k.startswith(("sandwich", "+")) else None
+    return "\n".join(rows), med
+
+
+def calibration_rows(models, rounds: int) -> str:
+    from _calibration_cost import calibration_cost
+    rows = ["| model | batches (28x28) | sn.calibrate (s) | torch.ao observer pass (s) | ratio |",
+            "|---|---|---:|---:|---:|"]
+    for m in models:
+        c = calibration_cost(m, SIZE, CALIB_BATCHES, BATCH, rounds)
+        rows.append(f"| {m} | {CALIB_BATCHES} x {BATCH} | {c['calibrate_s']:.2f} | {c['torch_ao_s']:.2f} "
+                    f"| {c['ratio']:.1f}x |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds (each runs every variant)")
-    ap.add_argument("--steps", type=int, default=1, help="timed steps per variant per round")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the first round")
-    ap.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts to measure, e.g. 2 1")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every variant once)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before the first round")
+    ap.add_argument("--calib-rounds", type=int, default=1, help="timed calibration rounds (0: skip that table)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    ap.add_argument("--no-fq", action="store_true", help="skip the fake-quant-alone table")
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.warmup < 0 or args.calib_rounds < 0:
+        raise SystemExit("--rounds must be >= 1, --warmup and --calib-rounds >= 0")
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    torch.set_num_threads(args.threads[0])
-    md_machine = machine()
-
-    import torchvision
-    g = torch.Generator().manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=CLASSES)
-    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
-    y = torch.randint(CLASSES, (BATCH,), generator=g)
-    ex = (x[:1],)
-    variants = {
-        "float": copy.deepcopy(model),
-        "torch.ao default QAT": build_default(model, ex),
-        "torch.ao _LearnableFakeQuantize": build_learnable(model, ex, x),
-        "elastic W8A8 (sym, per-channel)": build_elastic(model, ex, x, "w8a8"),
-        "elastic random subnet": build_elastic(model, ex, x, "random"),
-    }
-    n = args.rounds * args.steps
-    parts, heads = [], []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        table, ratio = step_table(variants, x, y, args.rounds, args.steps, args.warmup)
-        heads.append(headline(f"FX QAT training step, ResNet-18, CPU, {threads} thread{'s' if threads > 1 else ''}: "
-                              "worst elastic variant vs torch.ao default QAT (target <= 1.10x)", f"{ratio:.2f}x"))
-        print(f"{threads} threads\n{table}\nelastic (worst of W8A8/random) = {ratio:.2f}x torch.ao default QAT "
-              "(target <= 1.10x)")
-        parts.append(f"**{threads} thread{'s' if threads > 1 else ''}** (worst elastic variant: {ratio:.2f}x "
-                     f"torch.ao default QAT; target <= 1.10x)\n\n{table}\n")
-        if not args.no_fq:
-            fq = fake_quant_table(args.rounds)
-            print(fq)
-            parts.append(f"One fake-quant alone at {threads} thread{'s' if threads > 1 else ''}, forward + backward "
-                         f"with scale/zero-point gradients (median of {args.rounds * 2}, interleaved):\n\n{fq}\n")
-    if not args.no_write:
-        md = (f"## bench_step\n\nOne FX QAT training step of ResNet-18: float vs torch.ao vs elastic.\n\n"
-              + "\n".join(heads) + "\n\n"
-              f"torchvision ResNet-18 (num_classes={CLASSES}), {SIZE}x{SIZE} inputs, batch {BATCH}, forward + "
-              f"cross-entropy + backward + SGD step, CPU. Median of {n} steps per variant ({args.rounds} interleaved "
-              f"rounds of {args.steps}, after {args.warmup} warm-up steps); ratios are within one run.\n\n"
-              f"Machine: {md_machine}; load average when the run started: {load}; OMP_WAIT_POLICY={policy}.\n\n"
-              + "\n".join(parts) + f"\nRerun: `{'OMP_WAIT_POLICY=' + policy + ' ' if policy != 'unset' else ''}"
-              f"python benchmarks/bench_step.py --threads {' '.join(map(str, args.threads))}`\n")
-        update_section("bench_step", md)
+    t_start = time.perf_counter()
+    heads, parts = [], []
+    for name in args.models:
+        table, med = step_table(name, args.rounds, args.warmup)
+        ratio = med[SANDWICH] / med[BASE]
+        print(f"{name}\n{table}\nsandwich / torch.ao = {ratio:.2f}x", flush=True)
+        heads.append(headline(f"FX sandwich step / torch.ao default QAT step, {name}, 28x28 batch 64, CPU "
+                              "(three passes: about 3.0)", f"{ratio:.2f}x"))
+        parts.append(f"**{name}** (full sandwich step: {ratio:.2f}x torch.ao's default QAT step)\n\n{table}\n")
+    calib = calibration_rows(args.models, args.calib_rounds) if args.calib_rounds else None
+    wall = time.perf_counter() - t_start
+    print(f"wall time {wall:.0f} s")
+    if args.no_write:
+        return
+    cmd = f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/bench_step.py"
+    cmd += "" if list(args.models) == list(MODELS) else " --models " + " ".join(args.models)
+    for flag, v, d in (("--rounds", args.rounds, 3), ("--warmup", args.warmup, 1),
+                       ("--calib-rounds", args.calib_rounds, 1)):
+        cmd += f" {flag} {v}" if v != d else ""
+    md = ("## bench_step\n\nFX training-step cost on torchvision ResNet-18 and MobileNetV2: the supernet's sandwich "
+          "step and its parts vs torch.ao's default QAT step; calibration cost.\n\n" + "\n".join(heads) + "\n\n"
+          f"`torchvision.models.<name>(num_classes={CLASSES})`, {SIZE}x{SIZE} 3-channel inputs, batch {BATCH} (the "
+          "settings of the torchvision supernet benchmark), CPU. Baseline: `prepare_qat_fx` with "
+          "`get_default_qat_qconfig_mapping(\"x86\")`, forward + cross-entropy + backward + Adam. Elastic: "
+          "`prepare_qat_fx(model, elastic_qconfig_mapping(), ex, backend_config=elastic_backend_config())` (backend "
+          "config for MobileNetV2), calibrated. Rows below the baseline: `qat_step` of one W4A4 subnet with "
+          "`SandwichConfig()`; then the sandwich step built up: three passes with plain CE and one Adam "
+          "(`SandwichConfig(lam=0, wdr=None)`), + GPG, + WDR (`SandwichConfig()`), + `SubnetOptimizer` (the "
+          "README's recipe; the headline). \"added\" is the change from the row above (first sandwich row: its "
+          "time minus three baseline steps).\n\n"
+          f"Budget: {args.warmup} warm-up steps per variant, then median of {args.rounds} interleaved rounds of one "
+          f"step per variant; ratios are within one run. Wall time of the whole run: {wall / 60:.1f} min. "
+          f"Machine: {machine()}; load average when the run started: {load}.\n\n" + "\n".join(parts))
+    if calib:
+        md += (f"\nCalibration cost (`benchmarks/_calibration_cost.py`): `sn.calibrate` over {CALIB_BATCHES} "
+               f"batches of {BATCH} vs one pass of torch.ao's default QAT observers over the same batches "
+               f"(median of {args.calib_rounds} round(s) after one warm-up round):\n\n{calib}\n")
+    md += f"\nRerun: `{cmd}`\n"
+    update_section("bench_step", md)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Layout of the output folder::
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -150,7 +151,8 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, budget: str | DemoBudg
     chosen = {"brevitas": main.result.best.config}           # search profile -> its chosen subnet
     for prof in profiles:
         res = P.search_experiment(exp, out / "search" / prof,
-                                  P.SearchSettings(profile=prof, bitops_fraction=budget.target_bitops_fraction,
+                                  P.SearchSettings(profile=prof, bitops_fraction=max(
+                                      budget.target_bitops_fraction, P.default_bitops_fraction(prof)),
                                                    population=budget.population, generations=budget.generations,
                                                    seed=spec.seed), predictor=cqap)
         summary["searches"][prof] = _search_summary(res, exp.supernet, out)
@@ -167,6 +169,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, budget: str | DemoBudg
         runnable = [files[k] for k in tg.ort_checkable if k in files]
         if runnable:
             entry["ort_top1_agreement"] = P.onnx_agreement(runnable[0], frozen, exp.test_loader)
+        entry["report"] = json.loads(Path(files["report"]).read_text())
         exports[target] = entry
     times["export"] = time.perf_counter() - t
     summary["exports"] = exports
@@ -250,6 +253,12 @@ def _report(s: dict) -> str:
         files = ", ".join(f"[{k}]({v})" for k, v in e["files"].items())
         agree = f"{e['ort_top1_agreement']:.4f}" if "ort_top1_agreement" in e else "n/a (float ONNX + encodings)"
         L.append(f"| {t} | {e['search']} | {files} | {agree} |")
+    from eqnet_plugin.adapters.report import REPORT_HEADERS, report_row
+    reports = [report_row(e["report"]) for e in s["exports"].values() if "report" in e]
+    if reports:
+        L += ["", "Export report (each target's report.json: agreement on the first test batch, latency at batch 1 "
+              "against the same network in float on the same runtime):", "",
+              P.format_table(reports, REPORT_HEADERS, markdown=True)]
     L += ["", "Each target exports the best subnet of the search under its profile (ONNX Runtime and Brevitas run "
           "anything, so they take the main search's subnet). " + _activation_note(s) + " QNN: float ONNX plus AIMET "
           "encodings (version 1.0.0). The Brevitas QONNX file uses QONNX `Quant` nodes, which ONNX Runtime does "

@@ -29,7 +29,7 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from .bn_fold import CONVERT_FX_ADVICE, ConvertFxError, convert_allowed
 from .grid import Grid, int_range
-from .primitives import EPS, fake_quantize, grid_search_qparams, lsq_grad_factor
+from .primitives import EPS, fake_quantize, grid_search_cells, lsq_grad_factor
 from .space import ElasticSpace
 
 __all__ = ["ElasticFakeQuantize"]
@@ -347,18 +347,17 @@ class ElasticFakeQuantize(FakeQuantizeBase):
 
     def _init_weight_cells(self, w: torch.Tensor) -> None:
         w = w.detach().float().movedim(self.ch_axis, 0)
-        for sym in self.sym_choices:
-            for pc in self.pc_choices:
-                x = _strided(w.reshape(w.shape[0], -1), _WEIGHT_SAMPLES_PER_CHANNEL) if pc else \
-                    _strided(w.reshape(1, -1), _SAMPLE_CAPACITY)
-                tag = _tag(sym, pc)
-                if pc:
-                    self.materialize(w.shape[0])
-                for b in self.bit_choices:
-                    s, z = grid_search_qparams(x, Grid(b, sym, pc, signed=True))
-                    getattr(self, _cell("scale", tag, b)).copy_(s)
-                    if not sym:
-                        getattr(self, _cell("zero_point", tag, b)).copy_(z)
+        for pc in self.pc_choices:
+            x = _strided(w.reshape(w.shape[0], -1), _WEIGHT_SAMPLES_PER_CHANNEL) if pc else \
+                _strided(w.reshape(1, -1), _SAMPLE_CAPACITY)
+            if pc:
+                self.materialize(w.shape[0])
+            cells = [(sym, b) for sym in self.sym_choices for b in self.bit_choices]
+            found = grid_search_cells(x, [Grid(b, sym, pc, signed=True) for sym, b in cells])
+            for (sym, b), (s, z) in zip(cells, found):
+                getattr(self, _cell("scale", _tag(sym, pc), b)).copy_(s)
+                if not sym:
+                    getattr(self, _cell("zero_point", _tag(sym, pc), b)).copy_(z)
 
     def _init_act_cells(self, x: torch.Tensor, signed: bool | None = None, negative: bool | None = None) -> None:
         if negative is None:
@@ -369,15 +368,14 @@ class ElasticFakeQuantize(FakeQuantizeBase):
         signed = negative if signed is None else signed
         self.signed.fill_(int(signed))
         self._signed = signed
-        for sym in self.sym_choices:
-            tag = _tag(sym, False)
-            for b in self.bit_choices:
-                # symmetric cells of a signed quantizer: signed grid (zero point fixed at 2^(b-1) on the
-                # unsigned container); everything else: the unsigned grid.
-                s, z = grid_search_qparams(x, Grid(b, sym, False, signed=sym and signed))
-                getattr(self, _cell("scale", tag, b)).copy_(s.reshape(1))
-                if not sym:
-                    getattr(self, _cell("zero_point", tag, b)).copy_(z.reshape(1))
+        # symmetric cells of a signed quantizer: signed grid (zero point fixed at 2^(b-1) on the unsigned
+        # container); everything else: the unsigned grid.
+        cells = [(sym, b) for sym in self.sym_choices for b in self.bit_choices]
+        found = grid_search_cells(x, [Grid(b, sym, False, signed=sym and signed) for sym, b in cells])
+        for (sym, b), (s, z) in zip(cells, found):
+            getattr(self, _cell("scale", _tag(sym, False), b)).copy_(s.reshape(1))
+            if not sym:
+                getattr(self, _cell("zero_point", _tag(sym, False), b)).copy_(z.reshape(1))
 
     def extra_repr(self) -> str:
         kind = "weight" if self.is_weight else ("activation, signed" if self._signed else "activation, unsigned")

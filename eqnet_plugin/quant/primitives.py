@@ -14,11 +14,12 @@ import torch
 from .grid import Grid, int_range
 
 __all__ = ["int_range", "lsq_grad_factor", "fake_quantize", "fake_quantize_reference", "grid_search_qparams",
-           "CALIBRATION_NORM", "EPS"]
+           "grid_search_cells", "CALIBRATION_NORM", "EPS"]
 
 EPS = 2.0 ** -20          # smallest scale a quantizer may use
 CALIBRATION_NORM = 2.4    # the paper's |x - Q(x)|^p calibration loss
-_CHUNK = 1 << 20          # values per grid-search chunk (4 MiB of float32: cache-sized, few ops)
+_CHUNK = 1 << 18          # values per grid-search block (1 MiB of float32: the temporaries stay in a core's L2)
+_SPARSE_MIN_ZEROS = 0.25  # per-tensor data with at least this fraction of exact zeros skips them (ReLU outputs)
 
 
 def lsq_grad_factor(numel: int, qmax_positive: int) -> float:
@@ -162,44 +163,114 @@ def grid_search_qparams(x: torch.Tensor, grid: Grid, *, num_candidates: int = 24
     The ratio of the data range that the grid covers is searched coarse-to-fine: `num_candidates` ratios in
     [min_ratio, 1], then `refine` ratios around the best one per channel. The integer range is the bound `grid`'s
     [qmin, qmax]; symmetric grids fix the zero point at 0. Returns float tensors of shape (C,).
+    `grid_search_cells` searches several grids of the same data (one quantizer's cells) with the same result.
 
     Raises:
         ValueError: `grid` is not bound (``signed`` None).
     """
-    qmin, qmax = grid.int_range
-    symmetric = grid.symmetric
-    x = x.detach().float()
-    x = x.reshape(x.shape[0], -1) if grid.per_channel else x.reshape(1, -1)
-    lo = x.amin(dim=1).clamp(max=0.0)                                   # (C,)
-    hi = x.amax(dim=1).clamp(min=0.0)
+    return grid_search_cells(x, [grid], num_candidates=num_candidates, refine=refine, min_ratio=min_ratio,
+                             norm=norm)[0]
 
-    def evaluate(ratios: torch.Tensor):                                # ratios (K, C)
-        if symmetric:
-            s = (torch.maximum(-lo, hi) * ratios / qmax).clamp(min=EPS)
-            z = torch.zeros_like(s)
-        else:
-            s = ((hi - lo) * ratios / (qmax - qmin)).clamp(min=EPS)
-            z = torch.clamp(torch.round(qmin - lo * ratios / s), qmin, qmax)
-        inv, s3, z3 = (1.0 / s)[..., None], s[..., None], z[..., None]
-        err = torch.empty_like(s)                                      # (K, C)
-        # Candidates in chunks of about _CHUNK values: the temporaries stay in cache, and each chunk is one buffer
-        # updated in place (this loop is most of the calibration time).
-        step = max(1, _CHUNK // max(x.numel(), 1))
-        for k in range(0, s.shape[0], step):
-            t = torch.round(x * inv[k:k + step])                      # (k, C, N)
-            if not symmetric:
-                t.add_(z3[k:k + step])
-            t.clamp_(qmin, qmax)
-            if not symmetric:
-                t.sub_(z3[k:k + step])
-            # |e|^norm as exp(norm * log|e|), cheaper than pow on CPU; log 0 = -inf gives exp = 0.
-            err[k:k + step] = t.mul_(s3[k:k + step]).sub_(x).abs_().log_().mul_(norm).exp_().mean(dim=-1)
+
+@torch.no_grad()
+def grid_search_cells(x: torch.Tensor, grids: list[Grid], *, num_candidates: int = 24, refine: int = 12,
+                      min_ratio: float = 0.1, norm: float = CALIBRATION_NORM) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`grid_search_qparams` of each of `grids` (all per-channel or all per-tensor) on the same data `x`, which is
+    prepared once (range, zero positions). Returns one (scale, zero_point) pair per grid, in order.
+
+    Raises:
+        ValueError: a grid is not bound, or the grids mix per-channel and per-tensor.
+    """
+    if len({g.per_channel for g in grids}) > 1:
+        raise ValueError("grid_search_cells: the grids mix per-channel and per-tensor; search each granularity "
+                         "separately")
+    if not grids:
+        return []
+    data = _SearchData(x, grids[0].per_channel)
+    return [data.search(g, num_candidates, refine, min_ratio, norm) for g in grids]
+
+
+class _SearchData:
+    """One quantizer's calibration data, prepared once for all its cells.
+
+    `x` is (C, N), contiguous. Per-tensor data on the CPU with many exact zeros (post-ReLU activations) also keeps
+    its nonzero values and their positions: a zero's error term is exactly 0 for every candidate (round(0) = 0, the
+    zero point is added and subtracted, |0 - 0|^p = exp(p * log 0) = 0), so the terms are computed for the nonzero
+    values only and put back in place among zeros before the mean: the same values in the same positions, so the
+    same sums bit for bit (tests/unit/test_calibration.py checks both paths against a plain reference).
+    """
+
+    def __init__(self, x: torch.Tensor, per_channel: bool) -> None:
+        x = x.detach().float()
+        self.x = (x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)).contiguous()      # (C, N)
+        self.lo = self.x.amin(dim=1).clamp(max=0.0)                                                # (C,)
+        self.hi = self.x.amax(dim=1).clamp(min=0.0)
+        self.absmax = torch.maximum(-self.lo, self.hi)
+        self.width = self.hi - self.lo
+        self.nonzero: torch.Tensor | None = None            # positions of the nonzero values (sparse path)
+        if self.x.shape[0] == 1 and self.x.device.type == "cpu" and self.x.numel():
+            idx = self.x[0].nonzero().reshape(-1)           # on the CPU: no device synchronization
+            if idx.numel() <= (1.0 - _SPARSE_MIN_ZEROS) * self.x.shape[1]:
+                self.nonzero = idx
+
+    def candidates(self, ratios: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, zero points) of the clipping `ratios` (K, C) on `grid`."""
+        qmin, qmax = grid.int_range
+        if grid.symmetric:
+            s = (self.absmax * ratios / qmax).clamp(min=EPS)
+            return s, torch.zeros_like(s)
+        s = (self.width * ratios / (qmax - qmin)).clamp(min=EPS)
+        return s, torch.clamp(torch.round(qmin - self.lo * ratios / s), qmin, qmax)
+
+    def search(self, grid: Grid, num_candidates: int, refine: int, min_ratio: float, norm: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        dev, channels = self.x.device, self.x.shape[0]
+        coarse = torch.linspace(min_ratio, 1.0, num_candidates, device=dev)[:, None].expand(-1, channels)
+        s, z = self.candidates(coarse, grid)
+        err = self.errors(s, z, grid, norm)
         best = err.argmin(dim=0, keepdim=True)
-        return s.gather(0, best)[0], z.gather(0, best)[0], ratios.gather(0, best)[0]
+        r = coarse.gather(0, best)[0]
+        step = (1.0 - min_ratio) / (num_candidates - 1)
+        fine = (r[None] + torch.linspace(-step, step, refine, device=dev)[:, None]).clamp(min_ratio / 2, 1.0)
+        fs, fz = self.candidates(fine, grid)
+        # The best coarse candidate competes again (first, so it wins ties); its error is already known.
+        s = torch.cat([s.gather(0, best), fs])
+        z = torch.cat([z.gather(0, best), fz])
+        err = torch.cat([err.gather(0, best), self.errors(fs, fz, grid, norm)])
+        best = err.argmin(dim=0, keepdim=True)
+        return s.gather(0, best)[0], z.gather(0, best)[0]
 
-    coarse = torch.linspace(min_ratio, 1.0, num_candidates, device=x.device)[:, None].expand(-1, x.shape[0])
-    _, _, r = evaluate(coarse)
-    step = (1.0 - min_ratio) / (num_candidates - 1)
-    fine = (r[None] + torch.linspace(-step, step, refine, device=x.device)[:, None]).clamp(min_ratio / 2, 1.0)
-    s, z, _ = evaluate(torch.cat([r[None], fine]))
-    return s, z
+    def errors(self, s: torch.Tensor, z: torch.Tensor, grid: Grid, norm: float) -> torch.Tensor:
+        """mean |x - Q(x)|^norm per candidate and channel, (K, C), for scales and zero points `s`, `z` (K, C).
+
+        Blocks of candidates x channels of about _CHUNK values, each computed in one reused buffer in place.
+        """
+        qmin, qmax = grid.int_range
+        x = self.x if self.nonzero is None else self.x[:, self.nonzero]                # (C, M)
+        (num_k, channels), n = s.shape, x.shape[1]
+        inv, s3, z3 = (1.0 / s)[..., None], s[..., None], z[..., None]
+        err = torch.empty_like(s)
+        rows = max(1, _CHUNK // max(x.numel(), 1))           # candidates per block
+        cols = channels if rows > 1 else max(1, min(channels, _CHUNK // max(n, 1)))   # channels per block
+        rows = min(rows, num_k)
+        buf = torch.empty(rows * cols * n, device=x.device)
+        full = None
+        if self.nonzero is not None:                         # the terms in place among the zeros
+            full = torch.zeros(rows, self.x.shape[1], device=x.device)
+        for k in range(0, num_k, rows):
+            kk = min(rows, num_k - k)
+            for c in range(0, channels, cols):
+                cc = min(cols, channels - c)
+                xb = x[c:c + cc]
+                t = torch.mul(xb, inv[k:k + kk, c:c + cc], out=buf[:kk * cc * n].view(kk, cc, n)).round_()
+                if not grid.symmetric:
+                    t.add_(z3[k:k + kk, c:c + cc])
+                t.clamp_(qmin, qmax)
+                if not grid.symmetric:
+                    t.sub_(z3[k:k + kk, c:c + cc])
+                # |e|^norm as exp(norm * log|e|), cheaper than pow on CPU; log 0 = -inf gives exp = 0.
+                t.mul_(s3[k:k + kk, c:c + cc]).sub_(xb).abs_().log_().mul_(norm).exp_()
+                if full is not None:
+                    t = full[:kk].index_copy_(1, self.nonzero, t.view(kk, n))[:, None]
+                err[k:k + kk, c:c + cc] = t.mean(dim=-1)
+        return err

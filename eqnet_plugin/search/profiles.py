@@ -12,6 +12,8 @@ Built-in profiles (within the library's 2..8-bit space):
   which the TensorRT adapter exports as int4 weight Q/DQ with int8 activation Q/DQ.
 * ``qnn`` (Qualcomm HTP via QNN/AIMET): weights 4- or 8-bit symmetric, per-channel or per-tensor; activations 8-bit
   asymmetric per-tensor. HTP also runs 16-bit activations, which lie outside the 2..8-bit space.
+* ``openvino`` (OpenVINO CPU plugin, INT8 kernels): weights 8-bit symmetric, per-channel or per-tensor; activations
+  8-bit per-tensor, unsigned with any zero point or symmetric (`eqnet_plugin.adapters.openvino`).
 * ``brevitas`` (Brevitas / FINN): the whole space, ``ElasticSpace()``.
 """
 from __future__ import annotations
@@ -59,12 +61,16 @@ PROFILES: dict[str, BackendProfile] = {
     "qnn": BackendProfile("qnn", ElasticSpace(weight_bits=(4, 8), act_bits=(8,), weight_symmetric=(True,),
                                               act_symmetric=(False,), weight_per_channel=(True, False),
                                               fixed_bits=None)),
+    "openvino": BackendProfile("openvino", ElasticSpace(weight_bits=(8,), act_bits=(8,), weight_symmetric=(True,),
+                                                        act_symmetric=(True, False), weight_per_channel=(True, False),
+                                                        fixed_bits=None)),
     "brevitas": BackendProfile("brevitas", ElasticSpace(fixed_bits=None)),
 }
 
 
 def get_profile(profile: str | BackendProfile | None) -> BackendProfile | None:
-    """A profile by name (``"tensorrt"``, ``"qnn"``, ``"brevitas"``), a `BackendProfile` as is, or None.
+    """A profile by name (``"tensorrt"``, ``"qnn"``, ``"openvino"``, ``"brevitas"``), a `BackendProfile` as is,
+    or None.
 
     Raises:
         ValueError: unknown name.

@@ -82,6 +82,9 @@ def test_export_after_finetune_leaves_checkpoint_unchanged(checkpoint, tmp_path,
     assert "after 3 steps" in text and "w4a4@sym-pc" in text
     assert "ORT top-1 agreement" in text                 # the fine-tuned subnet's export runs in ONNX Runtime
     assert (tmp_path / "exp" / "model.onnx").is_file()
+    report = json.loads((tmp_path / "exp" / "report.json").read_text())     # the export report, printed as a table
+    assert "export report" in text and "latency vs float" in text
+    assert report["agreement"]["top1"] >= 0.99 and "4" in report["weights"]["used_bits"]
     assert checkpoint.read_bytes() == before
 
 

@@ -122,7 +122,8 @@ def test_demo_report_links_plot_and_files(demo):
         assert (demo / link).is_file(), link
     summary = json.loads((demo / "summary.json").read_text())
     # every registered target (adapters/targets.py)
-    assert set(summary["exports"]) == {"onnx", "tensorrt", "pytorch-quantization", "brevitas", "qnn"}
+    assert set(summary["exports"]) == {"onnx", "tensorrt", "pytorch-quantization", "brevitas", "qnn", "openvino",
+                                       "executorch"}
     assert summary["exports"]["pytorch-quantization"]["search"] == "tensorrt"
     assert (demo / summary["exports"]["pytorch-quantization"]["files"]["model"]).is_file()
     agreement = {k: e["ort_top1_agreement"] for k, e in summary["exports"].items() if "ort_top1_agreement" in e}

@@ -98,8 +98,8 @@ def test_every_builtin_target_lists_rules_without_writing(sn, tmp_path):
 def test_targets_take_a_supernet_with_cfg(sn, x, tmp_path):
     cfg = sn.uniform(8, 8)
     files = get_target("onnx").export(sn, x[:1], tmp_path, cfg=cfg)
-    assert list(files) == ["onnx"] and os.path.getsize(files["onnx"]) > 0
-    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]            # no staging folder left behind
+    assert list(files) == ["onnx", "report"] and os.path.getsize(files["onnx"]) > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "report.json"]   # no staging folder left
 
 
 def test_pytorch_quantization_target_writes_a_loadable_model(sn, x, tmp_path):
@@ -144,7 +144,7 @@ def test_register_a_user_target(sn, x, tmp_path):
         with pytest.raises(RuntimeError, match="compiler crashed"):
             get_target("toy-npu").export(sn, x[:1], tmp_path / "out", cfg=sn.uniform(8, 8), scale=5)
         assert Path(files["meta"]).read_text() == "scale=3"
-        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.txt", "weights.pt"]
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.txt", "report.json", "weights.pt"]
     finally:
         unregister_target("toy-npu")
     assert "toy-npu" not in target_names()

@@ -51,7 +51,7 @@ def test_summary_is_the_sections_headlines(report):
     assert block.count("\n") > len(SECTIONS)          # a header, and at least one row per section
 
 
-@pytest.mark.parametrize("name", ["bench_supernet", "bench_search"])
+@pytest.mark.parametrize("name", ["bench_supernet", "bench_search", "bench_recipe"])
 def test_report_only_reproduces_the_section(report, name):
     module = __import__(name)
     rendered = report.render(name, module.section(report.load_results(name)), TEXT)

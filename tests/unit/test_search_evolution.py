@@ -77,7 +77,7 @@ def test_profiles_restrict_the_space(net):
                         (torch.randn(2, 1, 8, 8),))
     with pytest.raises(ValueError, match="weight_symmetric"):
         SearchSpace.from_supernet(eq.Supernet(gm, space), "tensorrt")
-    assert set(PROFILES) == {"tensorrt", "qnn", "brevitas"}
+    assert set(PROFILES) == {"tensorrt", "qnn", "openvino", "brevitas"}
 
 
 def test_encode_decode_round_trip_and_errors(net):

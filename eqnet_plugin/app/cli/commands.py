@@ -275,6 +275,8 @@ def cmd_export(args) -> int:
     rows = [[t, kind, path, size, "-" if agree is None else f"ORT top-1 agreement {agree:.4f}"]
             for t, kind, path, size, agree in out.files]
     _print_table(rows, ["target", "file", "path", "bytes", "check"])
+    from eqnet_plugin.adapters.report import REPORT_HEADERS, report_table
+    _print_table(report_table(out.reports), REPORT_HEADERS, "export report (report.json per target)")
     return 0
 
 

@@ -104,15 +104,22 @@ def export_problems(frozen, target: str, options: Mapping[str, object] | None = 
     return t.check(frozen, **_target_options(t, options))
 
 
+def report_inputs(exp: Experiment) -> torch.Tensor:
+    """The batch the export report measures agreement on: the experiment's first test batch."""
+    return next(iter(exp.test_loader))[0]
+
+
 def export_subnet(exp: Experiment, cfg: SubnetConfig, target: str, out_dir: str | os.PathLike, *,
-                  options: Mapping[str, object] | None = None, frozen=None) -> dict[str, str]:
+                  options: Mapping[str, object] | None = None, frozen=None, check: bool = True) -> dict[str, str]:
     """Freeze `cfg` (`freeze_subnet`, or use `frozen`) and export it for `target` into `out_dir` (`Target.export`:
-    checked first, files written atomically); returns {kind: path} of the files written, plus "config": the
-    subnet's JSON.
+    checked first, files written atomically); returns {kind: path} of the files written (with "report": the export
+    report, `eqnet_plugin.adapters.report`), plus "config": the subnet's JSON.
 
     Args:
         options: target options by name (`Target.options`, e.g. ``encoding_version`` for QNN); those `target` does
             not have are ignored.
+        check: the report measures agreement on the first test batch (`report_inputs`) and latency where the
+            target's runtime is installed; False: sizes and bits only.
 
     Raises:
         ValueError: unknown target, or a subnet the target cannot run (`TargetError`, listing every rule broken;
@@ -121,7 +128,9 @@ def export_subnet(exp: Experiment, cfg: SubnetConfig, target: str, out_dir: str 
     """
     t = get_target(target)
     frozen = frozen if frozen is not None else freeze_subnet(exp, cfg)
-    files = t.export(frozen, exp.example_inputs, out_dir, **_target_options(t, options))
+    from eqnet_plugin.adapters.report import ReportConfig
+    report = ReportConfig(inputs=report_inputs(exp)) if check else ReportConfig(latency_rounds=0)
+    files = t.export(frozen, exp.example_inputs, out_dir, report=report, **_target_options(t, options))
     config_path = Path(out_dir) / "subnet.json"
     cfg.to_json(config_path)
     files["config"] = os.fspath(config_path)
@@ -153,7 +162,8 @@ class ExportPlan:
         finetune_steps: train each subnet alone for this many LSQ QAT steps before the export (0: off;
             `finetune_subnet`).
         finetune_lr: the fine-tuning's Adam learning rate.
-        check: run the ONNX files ONNX Runtime can run and measure their top-1 agreement with PyTorch.
+        check: run the ONNX files ONNX Runtime can run and measure their top-1 agreement with PyTorch, and measure
+            each target's export report (agreement on the first test batch, latency; `export_subnet`).
     """
 
     targets: tuple[str, ...]
@@ -179,10 +189,12 @@ class ExportPlan:
 @dataclass
 class ExportOutcome:
     """What `export_targets` did: one row per file written (target, kind, path, bytes, top-1 agreement or None),
-    and per fine-tuned subnet (label, test accuracy before, after)."""
+    per fine-tuned subnet (label, test accuracy before, after), and the export report of each target (target ->
+    the ``report.json`` contents)."""
 
     files: list[tuple[str, str, str, int, float | None]]
     finetuned: list[tuple[str, float, float]]
+    reports: dict[str, dict] = field(default_factory=dict)
 
 
 def export_targets(exp: Experiment, plan: ExportPlan, *, progress: bool = False) -> ExportOutcome:
@@ -218,17 +230,19 @@ def export_targets(exp: Experiment, plan: ExportPlan, *, progress: bool = False)
             frozen_of[key] = (cfg, label, source, freeze_subnet(source, cfg))
             finetuned.append((label, evaluate(sn, cfg, exp.test_loader, exp.bn_batches),
                               evaluate(source.supernet, cfg, exp.test_loader, exp.bn_batches)))
-    rows = []
+    rows, reports = [], {}
     for t, key in jobs:
         cfg, _, source, frozen = frozen_of[key]
         files = export_subnet(source, cfg, t, Path(plan.out_dir) / t if several else plan.out_dir,
-                              options=plan.options, frozen=frozen)
+                              options=plan.options, frozen=frozen, check=plan.check)
+        with open(files["report"]) as f:
+            reports[t] = json.load(f)
         for kind, path in files.items():
             agreement = None
             if plan.check and kind in get_target(t).ort_checkable:
                 agreement = onnx_agreement(path, frozen, exp.test_loader)
             rows.append((t, kind, path, os.path.getsize(path), agreement))
-    return ExportOutcome(rows, finetuned)
+    return ExportOutcome(rows, finetuned, reports)
 
 
 @torch.no_grad()

@@ -28,7 +28,10 @@ class SearchOutcome:
 
 def default_bitops_fraction(profile: str | None) -> float:
     """The BitOps limit (a fraction of the all-8-bit subnet's) of a search given no constraint: 0.7 under the
-    ``tensorrt`` and ``qnn`` profiles (they run 4- and 8-bit cells only), 0.3 otherwise."""
+    ``tensorrt`` and ``qnn`` profiles (they run 4- and 8-bit cells only), 1.0 under ``openvino`` (8-bit cells only:
+    every subnet has the BitOps of the all-8-bit one), 0.3 otherwise."""
+    if profile == "openvino":
+        return 1.0
     return 0.7 if profile in ("tensorrt", "qnn") else 0.3
 
 
